@@ -1,0 +1,216 @@
+"""MLflow model references, registration and promotion.
+
+A model reference is one of
+    NAME                 the version holding alias ``champion``, else the newest version
+    NAME@ALIAS           the version an alias points at
+    NAME/VERSION         one version
+    models:/...          any MLflow model URI (the three forms above, or a logged model id)
+    runs:/RUN_ID/PATH    a model logged by a run, registered or not
+:func:`resolve` turns a reference into a :class:`ModelRef`; a registered one always
+ends up pinned as ``models:/NAME/VERSION``, which is what lineage tags record.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+
+import mlflow
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from ttkd.errors import TTKDError
+
+DEFAULT_ALIAS = "champion"
+_ILLEGAL_NAME = re.compile(r"[/@:]")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelRef:
+    """A resolved model: ``uri`` loads it; ``name``/``version`` are set when it is registered."""
+
+    uri: str
+    name: str | None = None
+    version: str | None = None
+    run_id: str | None = None
+
+    def __str__(self) -> str:
+        return self.uri
+
+
+def check_model_name(name: str) -> None:
+    """Refuse a registered-model name that model references could not address."""
+    if not name or _ILLEGAL_NAME.search(name):
+        raise TTKDError(f"invalid model name {name!r}: use a non-empty name without '/', '@' "
+                        f"or ':' (they separate versions, aliases and URI schemes)")
+
+
+def resolve(reference: str, client: MlflowClient | None = None) -> ModelRef:
+    """Resolve a model reference (forms in the module docstring) against the registry."""
+    client = client or MlflowClient()
+    ref = reference.strip()
+    if not ref:
+        raise TTKDError("empty model reference; give NAME, NAME@ALIAS, NAME/VERSION, "
+                        "models:/... or runs:/...")
+    if ref.startswith("runs:/"):
+        return _check_loadable(ModelRef(uri=ref, run_id=ref[len("runs:/"):].split("/")[0]))
+    if ref.startswith("models:/"):
+        ref = ref[len("models:/"):]
+        if ref.startswith("m-") and "/" not in ref and "@" not in ref:  # a logged model id
+            return _check_loadable(ModelRef(uri=reference.strip()))
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        _registered(client, name)
+        try:
+            mv = client.get_model_version_by_alias(name, alias)
+        except MlflowException:
+            aliases = sorted(client.get_registered_model(name).aliases)
+            raise TTKDError(f"model {name!r} has no alias {alias!r}; its aliases are: "
+                            f"{', '.join(aliases) or '(none)'}") from None
+    elif "/" in ref:
+        name, version = ref.rsplit("/", 1)
+        _registered(client, name)
+        versions = _versions(client, name)
+        mv = next((v for v in versions if str(v.version) == version), None)
+        if mv is None:
+            raise TTKDError(f"model {name!r} has no version {version!r}; its versions are: "
+                            f"{', '.join(str(v.version) for v in versions)}")
+    else:
+        name = ref
+        _registered(client, name)
+        try:
+            mv = client.get_model_version_by_alias(name, DEFAULT_ALIAS)
+        except MlflowException:
+            versions = _versions(client, name)
+            if not versions:
+                raise TTKDError(f"model {name!r} has no versions; register one first") from None
+            mv = versions[-1]
+    return ModelRef(uri=f"models:/{mv.name}/{mv.version}", name=mv.name,
+                    version=str(mv.version), run_id=mv.run_id)
+
+
+def _registered(client: MlflowClient, name: str) -> None:
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        known = sorted(m.name for m in client.search_registered_models(max_results=1000))
+        raise TTKDError(f"no registered model named {name!r}; registered models: "
+                        f"{', '.join(known) or '(none: run the baseline stage first)'}") from None
+
+
+def _versions(client: MlflowClient, name: str) -> list:
+    """All versions of ``name``, oldest first."""
+    found = client.search_model_versions(f"name = '{name}'", max_results=10000)
+    return sorted(found, key=lambda v: int(v.version))
+
+
+def _check_loadable(ref: ModelRef) -> ModelRef:
+    try:
+        mlflow.models.get_model_info(ref.uri)
+    except (MlflowException, OSError) as exc:
+        raise TTKDError(f"cannot find a model at {ref.uri} ({_first_line(exc)}); "
+                        f"check the run id and artifact path") from None
+    return ref
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def register(model_uri: str, name: str, tags: dict[str, str]) -> ModelRef:
+    """Register ``model_uri`` as a new version of ``name`` with ``tags``, all or nothing.
+
+    The tags are written with the version; if that fails the half-made version is
+    deleted again and the error is raised.
+    """
+    check_model_name(name)
+    client = MlflowClient()
+    mv = mlflow.register_model(model_uri, name, tags=tags)
+    try:
+        missing = set(tags) - set(client.get_model_version(name, mv.version).tags)
+        if missing:
+            raise RuntimeError(f"tags {sorted(missing)} were not stored")
+    except Exception:
+        client.delete_model_version(name, mv.version)
+        raise
+    return ModelRef(uri=f"models:/{name}/{mv.version}", name=name, version=str(mv.version),
+                    run_id=mv.run_id)
+
+
+@dataclasses.dataclass(frozen=True)
+class Promotion:
+    """What :func:`promote` did: the alias moved from ``old`` to ``new`` (or not)."""
+
+    name: str
+    alias: str
+    metric: str
+    old: str | None          # version that held the alias before, if any
+    old_value: float | None
+    new: str
+    new_value: float
+    moved: bool
+
+    def __str__(self) -> str:
+        new = f"version {self.new} ({self.metric} {self.new_value:.4g})"
+        if not self.moved:
+            return f"{self.name}@{self.alias} unchanged: already {new}"
+        old = f"version {self.old} ({self.metric} {self.old_value:.4g})" if self.old else "(unset)"
+        return f"{self.name}@{self.alias}: {old} -> {new}"
+
+
+def lower_is_better(metric: str) -> bool:
+    """Metrics named like losses or errors are minimised; everything else is maximised."""
+    return any(word in metric for word in ("loss", "error", "time"))
+
+
+def promote(reference: str, metric: str = "val_acc", alias: str = DEFAULT_ALIAS,
+            force: bool = False) -> Promotion:
+    """Point ``alias`` at a version of a registered model, judged by ``metric``.
+
+    ``reference`` is ``NAME`` (pick the best version by the metric, as logged last by
+    the run that made it) or a pinned ``NAME/VERSION`` / ``NAME@ALIAS`` (that version).
+    A version worse than the alias's current holder is refused unless ``force``.
+    """
+    client = MlflowClient()
+    ref = reference.strip().removeprefix("models:/")
+    name = re.split(r"[/@]", ref, maxsplit=1)[0]
+    if not re.fullmatch(r"[A-Za-z_][\w-]*", alias) or re.fullmatch(r"v\d+", alias):
+        raise TTKDError(f"invalid alias {alias!r}: use letters, digits, '_' or '-', not starting "
+                        f"with a digit; v<number> is reserved by MLflow")
+    _registered(client, name)
+    scores = {str(v.version): _score(client, v, metric) for v in _versions(client, name)}
+    scored = {v: s for v, s in scores.items() if s is not None}
+    if not scored:
+        raise TTKDError(f"no version of {name!r} has a metric {metric!r}; "
+                        f"pick a metric its runs logged, such as val_acc")
+    sign = -1 if lower_is_better(metric) else 1
+    if ref == name:
+        target = max(scored, key=lambda v: (sign * scored[v], int(v)))
+    else:
+        target = resolve(ref, client).version
+        if target not in scored:
+            raise TTKDError(f"{name} version {target} has no metric {metric!r}; choose another")
+    try:
+        current = str(client.get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        current = None
+    old_value = scored.get(current)
+    if current == target:
+        return Promotion(name, alias, metric, current, old_value, target, scored[target], False)
+    if old_value is not None and sign * scored[target] < sign * old_value and not force:
+        raise TTKDError(
+            f"refusing to move {name}@{alias} from version {current} ({metric} {old_value:.4g}) "
+            f"to the worse version {target} ({metric} {scored[target]:.4g}); pass force=true to do it anyway")
+    client.set_registered_model_alias(name, alias, target)
+    return Promotion(name, alias, metric, current, old_value, target, scored[target], True)
+
+
+def _score(client: MlflowClient, version, metric: str) -> float | None:
+    if not version.run_id:
+        return None
+    try:
+        value = client.get_run(version.run_id).data.metrics.get(metric)
+    except MlflowException:
+        return None  # the run was deleted
+    return value if value is not None and math.isfinite(value) else None

@@ -1,0 +1,192 @@
+"""The training engine: one loop for every stage.
+
+``fit`` trains ``model`` on ``data`` with a stage's loss. If a frozen ``partner`` is
+given (the student in ``teach``, the teacher in ``distill``) it runs beside the model
+in inference mode and its logits go to the loss. Running sums of the losses stay on
+the device and are read once per epoch, so the step loop never waits for the host.
+The engine knows nothing of MLflow: the caller gets each epoch's figures through
+``on_epoch``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import sys
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ttkd.data import ImageData, batches
+from ttkd.errors import TTKDError
+
+# loss_fn(model_logits (B, K), partner_logits (B, K) or None, labels (B,)) -> (loss, ce, kl|None)
+LossFn = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor], tuple]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 30            # passes over the training split
+    batch_size: int = 64        # images per optimiser step
+    lr: float = 0.05            # initial SGD learning rate, cosine-annealed to 0 over `epochs`
+    momentum: float = 0.9       # SGD momentum
+    weight_decay: float = 5e-4  # L2 penalty on every parameter
+    seed: int = 0               # fixes weight init, data order and augmentation
+    device: str = "auto"        # "auto": cuda if available, else cpu
+
+
+@dataclasses.dataclass(frozen=True)
+class EpochStats:
+    """One epoch's figures; accuracies and agreement in percent."""
+
+    epoch: int
+    train_loss: float
+    train_ce: float
+    train_kl: float | None     # None when the loss has no KL term
+    val_loss: float
+    val_acc: float
+    lr: float                  # learning rate used during this epoch
+    epoch_time_s: float        # training steps only, evaluation excluded
+    throughput: float          # training images per second
+    agreement: float | None    # top-1 agreement with the partner on validation; None without one
+
+    def metrics(self) -> dict[str, float]:
+        """The figures as MLflow metrics: the one place their names are set."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "epoch" and v is not None}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise TTKDError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TTKDError("device cuda was asked for but no CUDA GPU is visible; use device=cpu")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, numpy and torch (CPU and every GPU)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@torch.inference_mode()
+def predict(model: nn.Module, data: ImageData, batch_size: int) -> torch.Tensor:
+    """Logits ``(N_val, K)`` of ``model`` on the validation split.
+
+    The caller sets the mode: a model loaded from the registry is already in eval mode
+    and refuses ``.eval()``.
+    """
+    return torch.cat([model(x) for x, _ in batches(data, "val", batch_size)]).float()
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Top-1 accuracy in percent."""
+    return 100.0 * (logits.argmax(1) == labels).float().mean().item()
+
+
+def fit(
+    model: nn.Module,
+    data: ImageData,
+    loss_fn: LossFn,
+    config: TrainConfig,
+    partner: nn.Module | None = None,
+    on_epoch: Callable[[EpochStats], None] | None = None,
+) -> list[EpochStats]:
+    """Train ``model`` in place for ``config.epochs`` epochs; returns every epoch's stats.
+
+    ``data`` and both networks must already be on the training device. The partner is
+    never updated: it runs in eval mode under ``torch.inference_mode()``.
+    """
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                                weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
+    generator = torch.Generator().manual_seed(config.seed)
+    partner_pred = None if partner is None else predict(partner, data, config.batch_size).argmax(1)
+    steps = math.ceil(len(data.train_y) / config.batch_size)
+    device = data.train_x.device
+    history = []
+    for epoch in range(1, config.epochs + 1):
+        model.train()
+        sums = torch.zeros(3, device=device)  # loss, ce, kl, each summed over images
+        progress = _Progress(f"epoch {epoch}/{config.epochs}", steps)
+        started = time.perf_counter()
+        for x, y in batches(data, "train", config.batch_size, generator=generator):
+            partner_logits = None
+            if partner is not None:
+                with torch.inference_mode():
+                    partner_logits = partner(x)
+                # inference tensors cannot be saved for backward: take a normal copy
+                partner_logits = partner_logits.clone()
+            loss, ce, kl = loss_fn(model(x), partner_logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            parts = [loss, ce, kl if kl is not None else torch.zeros((), device=device)]
+            sums += torch.stack(parts).detach() * len(y)
+            progress.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - started
+        progress.close()
+        lr = scheduler.get_last_lr()[0]
+        scheduler.step()
+
+        train_loss, train_ce, train_kl = (sums / len(data.train_y)).tolist()  # one host sync
+        if not math.isfinite(train_loss):
+            raise TTKDError(f"the training loss became {train_loss} in epoch {epoch}; "
+                            f"lower lr (now {config.lr}) or check the data")
+        model.eval()
+        val_logits = predict(model, data, config.batch_size)
+        stats = EpochStats(
+            epoch=epoch, train_loss=train_loss, train_ce=train_ce,
+            train_kl=train_kl if kl is not None else None,
+            val_loss=F.cross_entropy(val_logits, data.val_y).item(),
+            val_acc=accuracy(val_logits, data.val_y), lr=lr, epoch_time_s=elapsed,
+            throughput=len(data.train_y) / elapsed,
+            agreement=None if partner_pred is None
+            else 100.0 * (val_logits.argmax(1) == partner_pred).float().mean().item(),
+        )
+        print(_summary(stats, config.epochs), flush=True)
+        history.append(stats)
+        if on_epoch is not None:
+            on_epoch(stats)
+    return history
+
+
+def _summary(s: EpochStats, epochs: int) -> str:
+    kl = f" kl {s.train_kl:.4f}" if s.train_kl is not None else ""
+    agree = f"  agreement {s.agreement:.1f}%" if s.agreement is not None else ""
+    return (f"epoch {s.epoch:>3}/{epochs}  loss {s.train_loss:.4f} (ce {s.train_ce:.4f}{kl})  "
+            f"val_loss {s.val_loss:.4f}  val_acc {s.val_acc:.2f}%{agree}  "
+            f"lr {s.lr:.4g}  {s.throughput:,.0f} img/s")
+
+
+class _Progress:
+    """A one-line progress bar on a terminal's stderr; silent when stderr is not a terminal."""
+
+    def __init__(self, label: str, total: int):
+        self.label, self.total, self.done = label, total, 0
+        self.live = sys.stderr.isatty()
+
+    def step(self) -> None:
+        self.done += 1
+        if self.live and (self.done == self.total or self.done % max(1, self.total // 50) == 0):
+            filled = 30 * self.done // self.total
+            sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (30 - filled)}] "
+                             f"{self.done}/{self.total}")
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.live:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
