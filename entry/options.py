@@ -58,11 +58,11 @@ def train_config(epochs, batch_size, lr, seed, device) -> TrainConfig:
     return TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device)
 
 
-def run(command: click.Command) -> None:
+def run(command: click.Command, args: list[str] | None = None) -> None:
     """Run ``command``; a user error becomes one line on stderr and exit status 2 (bad
     parameter) or 1 (anything else the user can fix). Set TTKD_DEBUG=1 for tracebacks."""
     try:
-        command.main(standalone_mode=False, prog_name=command.name)
+        command.main(args, standalone_mode=False, prog_name=command.name)
     except click.BadParameter as exc:
         _fail(command.name, _bad_parameter(exc), 2)
     except click.ClickException as exc:

@@ -1,0 +1,168 @@
+"""Each entry point end to end on digits, one epoch, in an isolated store."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from ttkd import data, models, registry, stages
+from ttkd.train import EpochStats
+
+REPO = Path(__file__).resolve().parents[1]
+EPOCH_METRICS = {"train_loss", "train_ce", "val_acc", "val_loss", "lr", "epoch_time_s", "throughput"}
+
+
+def registry_state():
+    """Every registered model's versions, tags and aliases: compared before and after."""
+    client = MlflowClient()
+    return {m.name: (m.aliases, sorted((str(v.version), tuple(sorted(v.tags.items())))
+                                       for v in client.search_model_versions(f"name = '{m.name}'")))
+            for m in client.search_registered_models()}
+
+
+def run_of(ref: str):
+    name, version = ref.removeprefix("models:/").split("/")
+    return mlflow.get_run(MlflowClient().get_model_version(name, version).run_id)
+
+
+@pytest.mark.slow
+def test_stages_by_hand(store, cli, tmp_path):
+    status, out, err = cli("baseline", "--epochs", "2", "--register_as", "stu")
+    assert status == 0, err
+    assert "registered models:/stu/1" in out
+    status, out, err = cli("teach", "--student", "stu", "--epochs", "1")
+    assert status == 0, err
+    assert "registered models:/digits-cnn-trained/1" in out
+    status, out, err = cli("distill", "--teacher", "digits-cnn-trained", "--epochs", "1")
+    assert status == 0, err
+    status, out, err = cli("promote", "--model", "digits-mlp-kd")
+    assert status == 0 and "digits-mlp-kd@champion: (unset) -> version 1" in out
+
+    client = MlflowClient()
+    teacher_version = client.get_model_version("digits-cnn-trained", "1")
+    assert teacher_version.tags["ttkd.partner_model"] == "models:/stu/1"
+    assert teacher_version.tags["ttkd.stage"] == "teach"
+    kd_version = client.get_model_version("digits-mlp-kd", "1")
+    assert kd_version.tags["ttkd.partner_model"] == "models:/digits-cnn-trained/1"
+    kd_run = run_of("models:/digits-mlp-kd/1")
+    assert kd_run.data.tags["ttkd.stage"] == "distill"
+    assert kd_run.data.tags["ttkd.partner_model"] == "models:/digits-cnn-trained/1"
+    assert EPOCH_METRICS | {"train_kl", "partner_val_acc", "agreement"} <= set(kd_run.data.metrics)
+    assert kd_run.data.params["alpha"] == "0.9" and kd_run.data.params["teacher"] == "digits-cnn-trained"
+    assert {d.dataset.name for d in kd_run.inputs.dataset_inputs} == {"digits-training", "digits-validation"}
+    base_run = run_of("models:/stu/1")
+    assert len(client.get_metric_history(base_run.info.run_id, "val_acc")) == 2
+    assert "train_kl" not in base_run.data.metrics
+
+    # the checkpoint (our class, weights_only) and the registered pt2 model agree in eval mode
+    path = mlflow.artifacts.download_artifacts(f"runs:/{base_run.info.run_id}/checkpoints/last.pt",
+                                               dst_path=str(tmp_path))
+    state = torch.load(path, weights_only=True)
+    assert state["epoch"] == 2 and state["arch"] == "mlp"
+    net = models.build("mlp", 10, 1, image_size=8)
+    net.load_state_dict(state["model"])
+    x = next(data.batches(data.load("digits"), "val", 16))[0]
+    registered = mlflow.pytorch.load_model("models:/stu/1")
+    assert torch.allclose(net.eval()(x), registered(x), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_mlflow_run_main_study(tmp_path):
+    """The real `mlflow run` of the default entry point, as a user starts it."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    done = subprocess.run(
+        [sys.executable, "-m", "mlflow", "run", str(REPO), "--env-manager", "local",
+         "-P", "epochs=1", "-P", "register_as=tiny"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| student, KD from trained teacher |" in done.stdout
+
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    try:
+        client = MlflowClient()
+        names = {m.name: m.aliases for m in client.search_registered_models()}
+        assert names == {f"tiny-{n}": {"champion": 1} for n in
+                         ("student", "teacher-normal", "teacher-trained", "student-kd-normal",
+                          "student-kd-trained")}
+        expected_partner = {"tiny-teacher-normal": "models:/tiny-student/1",
+                            "tiny-teacher-trained": "models:/tiny-student/1",
+                            "tiny-student-kd-normal": "models:/tiny-teacher-normal/1",
+                            "tiny-student-kd-trained": "models:/tiny-teacher-trained/1"}
+        for name, partner in expected_partner.items():
+            assert client.get_model_version(name, "1").tags["ttkd.partner_model"] == partner
+        parent = client.search_runs(["0"], filter_string="tags.`ttkd.stage` = 'main'")[0]
+        children = client.search_runs(
+            ["0"], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+        assert sorted(c.data.tags["ttkd.stage"] for c in children) == \
+            ["baseline", "distill", "distill", "teach", "teach"]
+        assert {c.data.params["weight"] for c in children if "weight" in c.data.params} == {"0.0", "0.005"}
+        table = mlflow.artifacts.load_text(f"runs:/{parent.info.run_id}/comparison.md")
+        assert table.count("models:/tiny-") == 5
+        assert parent.data.metrics.keys() >= {"val_acc_student", "val_acc_kd_trained"}
+    finally:
+        mlflow.set_tracking_uri(None)
+
+
+def register_foreign(shape, num_classes, name):
+    """Register a model for another image shape (like a CIFAR teacher)."""
+    c, h, _ = shape
+    fake = data.ImageData("fake", torch.zeros(4, *shape, dtype=torch.uint8), torch.zeros(4, dtype=torch.long),
+                          torch.zeros(4, *shape, dtype=torch.uint8), torch.zeros(4, dtype=torch.long),
+                          num_classes, (0.5,) * c, (0.25,) * c)
+    with mlflow.start_run():
+        mlflow.log_metric("val_acc", 50.0)
+        info = stages.log_model(models.build("mlp", num_classes, c, image_size=h), fake)
+    registry.register(info.model_uri, name, {"ttkd.stage": "baseline"})
+
+
+@pytest.fixture()
+def populated(store):
+    register_foreign((1, 8, 8), 10, "digits-mlp")
+    register_foreign((3, 32, 32), 10, "cifar-teacher")
+    register_foreign((1, 8, 8), 5, "five-class")
+
+
+BAD_INPUTS = [
+    (("teach", "--student", "nope"), 1, "no registered model named 'nope'; registered models: cifar-teacher, digits-mlp"),
+    (("teach", "--student", "digits-mlp@gold"), 1, "model 'digits-mlp' has no alias 'gold'"),
+    (("teach", "--student", "digits-mlp/9"), 1, "model 'digits-mlp' has no version '9'; its versions are: 1"),
+    (("teach",), 2, "missing student"),
+    (("baseline", "--dataset", "imagenet"), 2, "invalid dataset: 'imagenet' is not one of"),
+    (("baseline", "--arch", "resnet-18"), 2, "invalid arch: 'resnet-18' is not one of"),
+    (("distill", "--teacher", "cifar-teacher"), 1,
+     "teacher models:/cifar-teacher/1 takes 3x32x32 images and predicts 10 classes, but dataset 'digits' has 1x8x8"),
+    (("distill", "--teacher", "five-class"), 1, "predicts 5 classes, but dataset 'digits' has 1x8x8 images and 10 classes"),
+    (("teach", "--student", "cifar-teacher"), 1, "pick a student trained on digits"),
+    (("baseline", "--epochs", "0"), 2, "invalid epochs: 0 is not in the range x>=1; epochs must be an integer with epochs>=1"),
+    (("baseline", "--epochs", "two"), 2, "invalid epochs: 'two' is not a valid integer"),
+    (("baseline", "--lr", "0"), 2, "lr must be a number with lr>0"),
+    (("baseline", "--lr", "fast"), 2, "invalid lr: 'fast'"),
+    (("baseline", "--batch_size", "0"), 2, "batch_size must be an integer with batch_size>=1"),
+    (("teach", "--student", "digits-mlp", "--temperature", "0"), 2, "temperature must be a number with temperature>0"),
+    (("distill", "--teacher", "digits-mlp", "--alpha", "1.5"), 2, "alpha must be a number with 0<=alpha<=1"),
+    (("baseline", "--register_as", "a/b"), 1, "invalid model name 'a/b'"),
+    (("baseline", "--device", "cuda"), 1, "no CUDA GPU is visible; use device=cpu"),
+    (("promote", "--model", "nope"), 1, "no registered model named 'nope'"),
+    (("promote", "--model", "digits-mlp", "--force", "maybe"), 2, "invalid force"),
+]
+
+
+@pytest.mark.parametrize("args, status, message", BAD_INPUTS, ids=[" ".join(a) for a, _, _ in BAD_INPUTS])
+def test_bad_input_one_line_and_registry_untouched(populated, cli, args, status, message):
+    if args[-1] == "cuda" and torch.cuda.is_available():
+        pytest.skip("a GPU is visible here, so device=cuda is valid")
+    before = registry_state()
+    runs_before = len(mlflow.search_runs(["0"]))
+    got, out, err = cli(*args)
+    assert got == status
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"ttkd {args[0]}: error: "), err
+    assert message in lines[0]
+    assert registry_state() == before
+    assert len(mlflow.search_runs(["0"])) == runs_before  # no run was opened either

@@ -1,0 +1,60 @@
+import pytest
+import torch
+
+from ttkd import data, losses, models
+from ttkd.errors import TTKDError
+from ttkd.train import TrainConfig, fit, seed_everything
+
+DIGITS = data.load("digits")
+
+
+def build(arch):
+    seed_everything(0)
+    return models.build(arch, 10, 1, image_size=8)
+
+
+def ce(z, _, y):
+    return losses.cross_entropy(z, y)
+
+
+def test_fit_learns_and_reports_every_metric():
+    history = fit(build("mlp"), DIGITS, ce, TrainConfig(epochs=3))
+    assert [s.epoch for s in history] == [1, 2, 3]
+    assert history[-1].train_loss < history[0].train_loss
+    assert history[-1].val_acc > 80
+    assert set(history[-1].metrics()) == {"train_loss", "train_ce", "val_loss", "val_acc", "lr",
+                                          "epoch_time_s", "throughput"}
+    assert history[0].lr == pytest.approx(0.05) and history[-1].lr < history[0].lr
+
+
+def test_frozen_partner_gets_no_gradient_and_does_not_change():
+    partner = build("cnn").eval()
+    before = {k: v.clone() for k, v in partner.state_dict().items()}
+    seen = []
+
+    def loss(z, p, y):
+        seen.append(p)
+        return losses.distill_loss(z, p, y, 0.9, 4.0)
+
+    history = fit(build("mlp"), DIGITS, loss, TrainConfig(epochs=1), partner=partner)
+    assert all(p is not None and not p.requires_grad for p in seen)
+    assert all(p.grad is None for p in partner.parameters())
+    assert all(torch.equal(before[k], v) for k, v in partner.state_dict().items())
+    assert not partner.training
+    stats = history[0]
+    assert stats.train_kl is not None and stats.agreement is not None
+    assert stats.train_loss == pytest.approx(0.1 * stats.train_ce + 0.9 * stats.train_kl, rel=1e-4)
+
+
+def test_same_seed_same_result():
+    a = fit(build("mlp"), DIGITS, ce, TrainConfig(epochs=1, seed=5))[-1]
+    b = fit(build("mlp"), DIGITS, ce, TrainConfig(epochs=1, seed=5))[-1]
+    assert a.train_loss == b.train_loss and a.val_acc == b.val_acc
+
+
+def test_non_finite_loss_stops_with_the_epoch():
+    def broken(z, _, y):
+        loss, ce_, kl = losses.cross_entropy(z, y)
+        return loss * float("nan"), ce_, kl
+    with pytest.raises(TTKDError, match="became nan in epoch 1"):
+        fit(build("mlp"), DIGITS, broken, TrainConfig(epochs=2))
