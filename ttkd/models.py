@@ -32,12 +32,17 @@ def names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def build(arch: str, num_classes: int, in_channels: int, **kwargs) -> nn.Module:
-    """A freshly initialised ``arch`` for ``num_classes`` classes and ``in_channels`` inputs."""
+def get(arch: str) -> Callable[..., nn.Module]:
+    """The constructor registered as ``arch``; an unknown name lists the known ones."""
     if arch not in _REGISTRY:
         raise TTKDError(f"unknown architecture {arch!r}; choose one of: {', '.join(names())}")
+    return _REGISTRY[arch]
+
+
+def build(arch: str, num_classes: int, in_channels: int, **kwargs) -> nn.Module:
+    """A freshly initialised ``arch`` for ``num_classes`` classes and ``in_channels`` inputs."""
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    return _REGISTRY[arch](num_classes=num_classes, in_channels=in_channels, **kwargs)
+    return get(arch)(num_classes=num_classes, in_channels=in_channels, **kwargs)
 
 
 def num_parameters(model: nn.Module) -> int:

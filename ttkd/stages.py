@@ -206,6 +206,8 @@ def log_model(model: nn.Module, data: ImageData):
     return mlflow.pytorch.log_model(
         model, name="model", input_example=example, signature=infer_signature(example, output),
         serialization_format="pt2",
+        metadata={"input": "float32 (B, C, H, W): (pixel / 255 - mean) / std, per channel",
+                  "mean": list(data.mean), "std": list(data.std), "dataset": data.name},
         # given, not inferred: inference re-loads the model in a subprocess (seconds)
         pip_requirements=[f"torch=={importlib.metadata.version('torch')}"],
     )
@@ -246,7 +248,9 @@ def study(*, student_arch: str, teacher_arch: str, train: TrainConfig, weight: f
     if weight <= 0:
         raise TTKDError(f"the study's trained teacher needs weight > 0 (got {weight}); "
                         f"run the teach stage by hand for weight <= 0")
-    datasets.load(dataset, data_dir)  # fail before the parent run opens
+    models.get(student_arch), models.get(teacher_arch)  # fail before the parent run opens
+    resolve_device(train.device)
+    datasets.load(dataset, data_dir)
     common = dict(train=train, dataset=dataset, data_dir=data_dir)
     with mlflow.start_run(run_name=f"study {dataset}") as parent:
         mlflow.set_tag(TAG_STAGE, "main")
