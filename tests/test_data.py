@@ -1,3 +1,4 @@
+import gzip
 import pickle
 
 import numpy as np
@@ -102,3 +103,178 @@ def test_cifar10_missing_and_offline_says_what_to_do(tmp_path, monkeypatch):
     monkeypatch.setattr(CIFAR10, "download", offline)
     with pytest.raises(TTKDError, match=r"CIFAR-10 is not in .*cifar-10-batches-py.*network unreachable.*data_dir"):
         data.load("cifar10", str(tmp_path / "nothing"))
+
+
+def test_random_rotate_flip_matches_torchvision_per_image():
+    """Same angles and flips as drawn from the generator, the batch result equals
+    torchvision's rotate (nearest, zero fill) then hflip, image by image."""
+    from torchvision.transforms import InterpolationMode
+    image = torch.randint(0, 256, (1, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    out = data.random_rotate_flip(image.expand(6, -1, -1, -1), 20, torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(1)
+    angles = (torch.rand(6, generator=g) * 2 - 1) * 20
+    flips = torch.rand(6, generator=g) < 0.5
+    assert angles.abs().max() <= 20 and flips.any() and not flips.all()
+    for i in range(6):
+        expected = TF.rotate(image[0], angles[i].item(), interpolation=InterpolationMode.NEAREST)
+        expected = TF.hflip(expected) if flips[i] else expected
+        assert torch.equal(out[i], expected)
+
+
+def write_cifar100(root, n_train=12, n_test=6):
+    rng = np.random.default_rng(1)
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True)
+    for name, n in (("train", n_train), ("test", n_test)):
+        with open(folder / name, "wb") as f:
+            pickle.dump({"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                         "fine_labels": rng.integers(0, 100, n).tolist(),
+                         "coarse_labels": rng.integers(0, 20, n).tolist()}, f)
+    with open(folder / "meta", "wb") as f:
+        pickle.dump({"fine_label_names": [f"c{i}" for i in range(100)]}, f)
+
+
+def test_cifar100_reads_torchvision_layout(tmp_path, monkeypatch):
+    write_cifar100(tmp_path)
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *args: True)
+    d = data.load("cifar100", str(tmp_path))
+    assert d.num_classes == 100 and d.image_shape == (3, 32, 32) and len(d.train_y) == 12
+    assert d.augment == "crop_flip" and d.mean == data.CIFAR_STATS[0]
+
+
+def write_idx(folder, prefix, images, labels, gz=False):
+    """MNIST's IDX files: big-endian magic, sizes, then the uint8 payload."""
+    folder.mkdir(parents=True, exist_ok=True)
+    n, h, w = images.shape
+    blobs = {f"{prefix}-images-idx3-ubyte": np.array([2051, n, h, w], ">i4").tobytes() + images.tobytes(),
+             f"{prefix}-labels-idx1-ubyte": np.array([2049, n], ">i4").tobytes() + labels.tobytes()}
+    for name, blob in blobs.items():
+        if gz:
+            with gzip.open(folder / f"{name}.gz", "wb") as f:
+                f.write(blob)
+        else:
+            (folder / name).write_bytes(blob)
+
+
+def make_idx_set(folder, gz):
+    rng = np.random.default_rng(2)
+    split = {}
+    for prefix, n in (("train", 10), ("t10k", 5)):
+        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        labels = rng.integers(0, 10, n).astype(np.uint8)
+        write_idx(folder, prefix, images, labels, gz)
+        split[prefix] = (images, labels)
+    return split
+
+
+@pytest.mark.parametrize("name, cls_folder", [("mnist", "MNIST"), ("fashion-mnist", "FashionMNIST")])
+def test_mnist_family_reads_raw_idx_files(tmp_path, name, cls_folder):
+    split = make_idx_set(tmp_path / cls_folder / "raw", gz=False)
+    d = data.load(name, str(tmp_path))
+    assert d.image_shape == (1, 28, 28) and len(d.train_y) == 10 and len(d.val_y) == 5
+    assert torch.equal(d.train_x[3, 0], torch.from_numpy(split["train"][0][3]))
+    assert d.val_y.tolist() == split["t10k"][1].tolist()
+
+
+def test_mnist_reads_only_the_gz_archives(tmp_path):
+    split = make_idx_set(tmp_path, gz=True)  # just the four .gz files in data_dir
+    d = data.load("mnist", str(tmp_path))
+    assert torch.equal(d.val_x[4, 0], torch.from_numpy(split["t10k"][0][4]))
+
+
+def test_corrupt_gz_archive_is_named(tmp_path):
+    make_idx_set(tmp_path, gz=True)
+    (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(b"not gzip")
+    with pytest.raises(TTKDError, match="cannot unpack .*train-images-idx3-ubyte.gz"):
+        data.load("mnist", str(tmp_path))
+
+
+def write_image(path, size, color, value):
+    from PIL import Image
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mode = "RGB" if color else "L"
+    fill = (value, 255 - value, value // 2) if color else value
+    Image.new(mode, size, fill).save(path)
+
+
+def make_tiny_imagenet(root, wnids=("n01", "n02", "n03"), per_class=2):
+    base = root / "tiny-imagenet-200"
+    for i, w in enumerate(wnids):
+        for j in range(per_class):
+            write_image(base / "train" / w / "images" / f"{w}_{j}.JPEG", (64, 64), True, 40 * i + j)
+    lines = []
+    for k, w in enumerate(wnids):
+        write_image(base / "val" / "images" / f"val_{k}.JPEG", (64, 64), True, 40 * k)
+        lines.append(f"val_{k}.JPEG\t{w}\t0\t0\t63\t63")
+    (base / "val" / "val_annotations.txt").write_text("\n".join(lines) + "\n")
+    (base / "wnids.txt").write_text("\n".join(wnids) + "\n")
+    return base
+
+
+def test_tiny_imagenet_reads_its_distributed_layout(tmp_path):
+    make_tiny_imagenet(tmp_path)
+    d = data.load("tiny-imagenet", str(tmp_path))
+    assert d.num_classes == 3 and d.image_shape == (3, 64, 64)
+    assert len(d.train_y) == 6 and d.val_y.tolist() == [0, 1, 2]
+    assert d.augment == "rotate_flip" and d.rotation == 20 and d.mean == data.TINY_STATS[0]
+    assert abs(int(d.val_x[1, 0].float().mean()) - 40) <= 2  # JPEG keeps a flat colour
+
+
+def test_tiny_imagenet_bad_annotation_names_the_line(tmp_path):
+    base = make_tiny_imagenet(tmp_path)
+    (base / "val" / "val_annotations.txt").write_text("val_0.JPEG\tn99\t0\t0\t1\t1\n")
+    with pytest.raises(TTKDError, match="val_annotations.txt line 1 .*n99"):
+        data.load("tiny-imagenet", str(tmp_path))
+
+
+def make_imagefolder(root, classes=("cat", "dog"), size=(12, 12), color=True):
+    for split, n in (("train", 3), ("val", 2)):
+        for i, c in enumerate(classes):
+            for j in range(n):
+                write_image(root / split / c / f"{j}.png", size, color, 100 * i + j)
+
+
+def test_imagefolder_takes_classes_size_and_channels_from_the_data(tmp_path):
+    make_imagefolder(tmp_path, classes=("a", "b", "c"), size=(12, 10), color=False)
+    (tmp_path / "train" / "a" / "big.png").unlink(missing_ok=True)
+    write_image(tmp_path / "train" / "b" / "odd.png", (20, 20), False, 7)  # resized to 12x10
+    d = data.load("imagefolder", str(tmp_path))
+    assert d.num_classes == 3 and d.image_shape == (1, 10, 12)
+    assert len(d.train_y) == 10 and d.train_y.tolist().count(1) == 4
+    assert d.val_y.tolist() == [0, 0, 1, 1, 2, 2]
+    assert d.augment == "crop_flip" and d.crop_padding == 1
+
+
+def test_imagefolder_rgb_and_val_subset(tmp_path):
+    make_imagefolder(tmp_path, classes=("x", "y"))
+    import shutil
+    shutil.rmtree(tmp_path / "val" / "x")
+    d = data.load("imagefolder", str(tmp_path))
+    assert d.image_shape == (3, 12, 12) and d.val_y.tolist() == [1, 1]  # 'y' keeps its train index
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda root: None, r"train.*expected DATA_DIR/train/<class>/<image> and DATA_DIR/val/<class>/<image>"),
+    (lambda root: (root / "train").mkdir(parents=True), r"Couldn't find any class folder"),
+    (lambda root: make_imagefolder(root) or (root / "val" / "bird").mkdir() or
+     write_image(root / "val" / "bird" / "0.png", (12, 12), True, 1), r"classes with no train folder: bird"),
+    (lambda root: make_imagefolder(root) or (root / "train" / "cat" / "9.png").write_bytes(b"xx"),
+     r"cannot read image .*9.png"),
+])
+def test_bad_image_folders_say_what_was_expected(tmp_path, make, message):
+    make(tmp_path)
+    with pytest.raises(TTKDError, match=message):
+        data.load("imagefolder", str(tmp_path))
+
+
+def test_missing_tiny_imagenet_offline(tmp_path, monkeypatch):
+    import torchvision.datasets.utils as tvu
+
+    def offline(*args, **kwargs):
+        raise OSError("network unreachable")
+    monkeypatch.setattr(tvu, "download_and_extract_archive", offline)
+    with pytest.raises(TTKDError, match="Tiny-ImageNet is not in .*network unreachable"):
+        data.load("tiny-imagenet", str(tmp_path / "none"))
+    (tmp_path / "empty" / "tiny-imagenet-200").mkdir(parents=True)
+    with pytest.raises(TTKDError, match="is not a Tiny-ImageNet folder: expected train/<wnid>"):
+        data.load("tiny-imagenet", str(tmp_path / "empty"))

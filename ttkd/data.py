@@ -13,7 +13,11 @@ Add a data set by writing a loader ``(data_dir) -> ImageData`` and listing it in
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import hashlib
+import math
+import os
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -31,8 +35,10 @@ class ImageData:
 
     ``train_x``/``val_x`` are ``(N, C, H, W)`` uint8; ``train_y``/``val_y`` are ``(N,)``
     int64 in ``[0, num_classes)``. ``mean``/``std`` have one entry per channel.
-    ``crop_padding`` > 0 turns on the CIFAR augmentation (random crop with that much
-    zero padding, then a random horizontal flip); 0 means no augmentation.
+    ``augment`` names the training augmentation: "" (none), "crop_flip" (random crop
+    after ``crop_padding`` pixels of zero padding, then a random horizontal flip: CIFAR)
+    or "rotate_flip" (random rotation within ±``rotation`` degrees, then a random
+    horizontal flip: Tiny-ImageNet).
     """
 
     name: str
@@ -43,8 +49,10 @@ class ImageData:
     num_classes: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
-    crop_padding: int = 0
-    source: str = ""  # where the data came from, for the run's dataset record
+    augment: str = ""
+    crop_padding: int = 4       # pixels, for "crop_flip"
+    rotation: float = 20.0      # degrees, for "rotate_flip"
+    source: str = ""            # where the data came from, for the run's dataset record
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -72,41 +80,213 @@ def load_digits(data_dir: str | None = None) -> ImageData:
     """scikit-learn's bundled 8x8 handwritten digits (1,797 images, no download).
 
     Pixel values 0..16 are rescaled to 0..255; 20% of each class is held out for
-    validation with a fixed seed, so every run sees the same split.
+    validation with a fixed seed, so every run sees the same split. Normalised with the
+    training split's statistics; no augmentation.
     """
     import sklearn.datasets
-    from sklearn.datasets import load_digits as sk_digits
     from sklearn.model_selection import train_test_split
 
-    bunch = sk_digits()
+    bunch = sklearn.datasets.load_digits()
     images = np.rint(bunch.images * (255.0 / 16.0)).astype(np.uint8)[:, None]  # (N, 1, 8, 8)
     labels = bunch.target.astype(np.int64)
     tx, vx, ty, vy = train_test_split(
         images, labels, test_size=0.2, stratify=labels, random_state=SPLIT_SEED
     )
     source = Path(sklearn.datasets.__file__).parent / "data" / "digits.csv.gz"
-    return _from_arrays("digits", tx, ty, vx, vy, num_classes=10, crop_padding=0,
-                        source=str(source))
+    return _from_arrays("digits", tx, ty, vx, vy, num_classes=10, source=str(source))
+
+
+# Normalisation constants as the seed uses them (CIFAR-100 shares CIFAR-10's).
+CIFAR_STATS = ((0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261))
+TINY_STATS = ((0.4802, 0.4481, 0.3975), (0.2302, 0.2265, 0.2262))
+MNIST_STATS = ((0.1307,), (0.3081,))
+FASHION_STATS = ((0.2860,), (0.3530,))
+
+
+def _cifar(name: str, title: str, folder: str, num_classes: int, data_dir: str | None) -> ImageData:
+    from torchvision import datasets as tvd
+
+    cls = tvd.CIFAR10 if num_classes == 10 else tvd.CIFAR100
+    root = Path(data_dir or "data")
+    splits = []
+    for train in (True, False):
+        ds = _torchvision_dataset(cls, root, train, title, folder)
+        splits += [np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2)),  # NHWC -> NCHW
+                   np.asarray(ds.targets, dtype=np.int64)]
+    return _from_arrays(name, *splits, num_classes=num_classes, stats=CIFAR_STATS,
+                        augment="crop_flip", crop_padding=4, source=str(root / folder))
 
 
 def load_cifar10(data_dir: str | None) -> ImageData:
     """CIFAR-10 through torchvision: read from ``data_dir`` when its files are there
-    (the ``cifar-10-batches-py`` folder torchvision leaves), else downloaded into it."""
-    from torchvision.datasets import CIFAR10
+    (the ``cifar-10-batches-py`` folder torchvision leaves), else downloaded into it.
+    Random crop 32 with padding 4 and horizontal flip, as in the seed."""
+    return _cifar("cifar10", "CIFAR-10", "cifar-10-batches-py", 10, data_dir)
 
+
+def load_cifar100(data_dir: str | None) -> ImageData:
+    """CIFAR-100 through torchvision (folder ``cifar-100-python``), like CIFAR-10."""
+    return _cifar("cifar100", "CIFAR-100", "cifar-100-python", 100, data_dir)
+
+
+def _mnist(name: str, cls_name: str, title: str, stats, data_dir: str | None) -> ImageData:
+    from torchvision import datasets as tvd
+
+    cls = getattr(tvd, cls_name)
     root = Path(data_dir or "data")
+    _unpack_idx_archives(cls, root)
     splits = []
     for train in (True, False):
-        ds = _torchvision_dataset(CIFAR10, root, train, "CIFAR-10", "cifar-10-batches-py")
-        splits += [np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2)),  # NHWC -> NCHW
-                   np.asarray(ds.targets, dtype=np.int64)]
-    return _from_arrays("cifar10", *splits, num_classes=10, crop_padding=4,
-                        source=str(root / "cifar-10-batches-py"))
+        ds = _torchvision_dataset(cls, root, train, title, f"{cls_name}/raw")
+        splits += [ds.data.numpy()[:, None], ds.targets.numpy().astype(np.int64)]  # (N, 1, 28, 28)
+    return _from_arrays(name, *splits, num_classes=10, stats=stats, source=str(root / cls_name))
+
+
+def _unpack_idx_archives(cls, root: Path) -> None:
+    """If only the original ``*-ubyte.gz`` archives are there (in ``root`` or in torchvision's
+    ``root/NAME/raw``), unpack them where torchvision reads them, instead of downloading."""
+    raw = root / cls.__name__ / "raw"
+    for url, _ in cls.resources:
+        archive = Path(url).name
+        target = raw / archive.removesuffix(".gz")
+        found = next((d / archive for d in (raw, root) if (d / archive).is_file()), None)
+        if target.exists() or found is None:
+            continue
+        raw.mkdir(parents=True, exist_ok=True)
+        try:
+            with gzip.open(found) as src, open(str(target) + ".part", "wb") as dst:
+                shutil.copyfileobj(src, dst)
+        except (OSError, EOFError) as exc:
+            raise TTKDError(f"cannot unpack {found} ({exc}); replace it with the original "
+                            f"{archive}") from None
+        os.replace(str(target) + ".part", target)
+
+
+def load_mnist(data_dir: str | None) -> ImageData:
+    """MNIST through torchvision (``data_dir/MNIST/raw``, or just the four .gz archives)."""
+    return _mnist("mnist", "MNIST", "MNIST", MNIST_STATS, data_dir)
+
+
+def load_fashion_mnist(data_dir: str | None) -> ImageData:
+    """Fashion-MNIST through torchvision (``data_dir/FashionMNIST/raw``, or the .gz archives)."""
+    return _mnist("fashion-mnist", "FashionMNIST", "Fashion-MNIST", FASHION_STATS, data_dir)
+
+
+TINY_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
+TINY_LAYOUT = ("train/<wnid>/images/*.JPEG, val/images/*.JPEG and val/val_annotations.txt "
+               "(the layout of tiny-imagenet-200.zip)")
+
+
+def load_tiny_imagenet(data_dir: str | None) -> ImageData:
+    """Tiny-ImageNet (200 classes, 64x64) in its distributed layout, under ``data_dir`` or
+    ``data_dir/tiny-imagenet-200``; downloaded into ``data_dir`` if absent. Random
+    rotation of 20° and horizontal flip, as in the seed."""
+    root = Path(data_dir or "data")
+    base = root if (root / "train").is_dir() else root / "tiny-imagenet-200"
+    if not base.is_dir():
+        from torchvision.datasets.utils import download_and_extract_archive
+        try:
+            download_and_extract_archive(TINY_URL, download_root=str(root))
+        except Exception as exc:
+            raise TTKDError(f"Tiny-ImageNet is not in {base} and could not be downloaded ({exc}); "
+                            f"unpack tiny-imagenet-200.zip into data_dir") from None
+    train_dir, val_dir = base / "train", base / "val"
+    wnids = sorted(p.name for p in train_dir.iterdir() if p.is_dir()) if train_dir.is_dir() else []
+    annotations = val_dir / "val_annotations.txt"
+    if not wnids or not annotations.is_file():
+        raise TTKDError(f"{base} is not a Tiny-ImageNet folder: expected {TINY_LAYOUT}")
+    index = {w: i for i, w in enumerate(wnids)}
+    train = [(f, index[w]) for w in wnids for f in sorted((train_dir / w / "images").glob("*.JPEG"))]
+    val = []
+    for n, line in enumerate(annotations.read_text().splitlines(), 1):
+        fields = line.split("\t")
+        if len(fields) < 2 or fields[1] not in index:
+            raise TTKDError(f"{annotations} line {n} is not 'FILE<TAB>WNID<TAB>...' with a wnid "
+                            f"that has a train folder: {line[:80]!r}")
+        val.append((val_dir / "images" / fields[0], index[fields[1]]))
+    if not train:
+        raise TTKDError(f"{train_dir} holds no images: expected {TINY_LAYOUT}")
+    tx, ty = _decode(train, (64, 64), "RGB")
+    vx, vy = _decode(val, (64, 64), "RGB")
+    return _from_arrays("tiny-imagenet", tx, ty, vx, vy, num_classes=len(wnids), stats=TINY_STATS,
+                        augment="rotate_flip", rotation=20.0, source=str(base))
+
+
+IMAGEFOLDER_LAYOUT = "DATA_DIR/train/<class>/<image> and DATA_DIR/val/<class>/<image>"
+
+
+def load_imagefolder(data_dir: str | None) -> ImageData:
+    """Any folder of images in ``train/<class>/…`` and ``val/<class>/…``.
+
+    Classes are the train sub-folders, sorted. The image size is the first training
+    image's (others are resized to it); images are grayscale (1 channel) if all of them
+    are, else RGB. Normalised with the training split's statistics; random crop with
+    size/8 padding and horizontal flip, as for CIFAR.
+    """
+    from torchvision.datasets import ImageFolder
+
+    if not data_dir:
+        raise TTKDError(f"dataset imagefolder needs data_dir: a folder with {IMAGEFOLDER_LAYOUT}")
+    root = Path(data_dir)
+    splits = {}
+    for split in ("train", "val"):
+        try:
+            splits[split] = ImageFolder(str(root / split))
+        except (FileNotFoundError, OSError) as exc:
+            raise TTKDError(f"{root / split}: {exc}; expected {IMAGEFOLDER_LAYOUT}") from None
+    classes = splits["train"].classes
+    unknown = sorted(set(splits["val"].classes) - set(classes))
+    if unknown:
+        raise TTKDError(f"{root / 'val'} has classes with no train folder: {', '.join(unknown)}")
+    # size from the first image; grayscale only if the first 64 all are
+    infos = [_image_info(path) for path, _ in splits["train"].samples[:64]]
+    size, modes = infos[0][0], {mode for _, mode in infos}
+    color = "L" if modes <= {"L", "1"} else "RGB"
+    val_index = {i: classes.index(c) for i, c in enumerate(splits["val"].classes)}
+    tx, ty = _decode(splits["train"].samples, size, color)
+    vx, vy = _decode([(p, val_index[y]) for p, y in splits["val"].samples], size, color)
+    return _from_arrays("imagefolder", tx, ty, vx, vy, num_classes=len(classes),
+                        augment="crop_flip", crop_padding=max(1, size[0] // 8), source=str(root))
+
+
+def _image_info(path) -> tuple[tuple[int, int], str]:
+    """``((height, width), PIL mode)`` of one image file."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return (im.height, im.width), im.mode
+    except OSError as exc:
+        raise TTKDError(f"cannot read image {path}: {exc}; remove or replace it") from None
+
+
+def _decode(samples: list[tuple], size: tuple[int, int], mode: str) -> tuple[np.ndarray, np.ndarray]:
+    """Decode ``(path, label)`` pairs into ``(N, C, H, W)`` uint8 images of ``size`` and labels."""
+    from PIL import Image
+
+    channels = 1 if mode == "L" else 3
+    images = np.empty((len(samples), channels, *size), dtype=np.uint8)
+    for i, (path, _) in enumerate(samples):
+        try:
+            with Image.open(path) as im:
+                im = im.convert(mode)
+                if (im.height, im.width) != size:
+                    im = im.resize((size[1], size[0]), Image.BILINEAR)
+                pixels = np.asarray(im)
+        except OSError as exc:
+            raise TTKDError(f"cannot read image {path}: {exc}; remove or replace it") from None
+        images[i] = pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)
+    return images, np.array([y for _, y in samples], dtype=np.int64)
 
 
 LOADERS: dict[str, Callable[[str | None], ImageData]] = {
     "digits": load_digits,
     "cifar10": load_cifar10,
+    "cifar100": load_cifar100,
+    "mnist": load_mnist,
+    "fashion-mnist": load_fashion_mnist,
+    "tiny-imagenet": load_tiny_imagenet,
+    "imagefolder": load_imagefolder,
 }
 
 
@@ -114,7 +294,10 @@ def load(name: str, data_dir: str | None = None) -> ImageData:
     """Load data set ``name`` (a key of ``LOADERS``); ``data_dir`` is where its files live."""
     if name not in LOADERS:
         raise TTKDError(f"unknown dataset {name!r}; choose one of: {', '.join(sorted(LOADERS))}")
-    return LOADERS[name](data_dir)
+    data = LOADERS[name](data_dir)
+    if len(data.train_y) == 0 or len(data.val_y) == 0:
+        raise TTKDError(f"dataset {name} in {data.source} has an empty train or val split")
+    return data
 
 
 def _torchvision_dataset(cls, root: Path, train: bool, title: str, folder: str):
@@ -126,19 +309,22 @@ def _torchvision_dataset(cls, root: Path, train: bool, title: str, folder: str):
     try:
         return cls(root=str(root), train=train, download=True)
     except Exception as exc:  # no network, full disk, bad archive...
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TTKDError(
-            f"{title} is not in {root / folder} and could not be downloaded ({exc}); "
+            f"{title} is not in {root / folder} and could not be downloaded ({first}); "
             f"download it once on a machine with internet and pass its parent folder as data_dir"
         ) from None
 
 
-def _from_arrays(name, tx, ty, vx, vy, *, num_classes, crop_padding, source) -> ImageData:
-    train_x = torch.from_numpy(tx)
-    scaled = train_x.double().div_(255)
-    mean = tuple(scaled.mean(dim=(0, 2, 3)).tolist())  # statistics of the training split only
-    std = tuple(scaled.std(dim=(0, 2, 3)).tolist())
-    return ImageData(name, train_x, torch.from_numpy(ty), torch.from_numpy(vx),
-                     torch.from_numpy(vy), num_classes, mean, std, crop_padding, source)
+def _from_arrays(name, tx, ty, vx, vy, *, num_classes, source, stats=None, **augment) -> ImageData:
+    """Wrap numpy splits; ``stats`` = (mean, std) per channel, else the training split's."""
+    train_x = torch.from_numpy(np.ascontiguousarray(tx))
+    if stats is None:
+        scaled = train_x.double().div_(255)
+        stats = (tuple(scaled.mean(dim=(0, 2, 3)).tolist()), tuple(scaled.std(dim=(0, 2, 3)).tolist()))
+    return ImageData(name, train_x, torch.from_numpy(np.asarray(ty)), torch.from_numpy(np.ascontiguousarray(vx)),
+                     torch.from_numpy(np.asarray(vy)), num_classes, tuple(stats[0]), tuple(stats[1]),
+                     source=source, **augment)
 
 
 def batches(
@@ -163,8 +349,10 @@ def batches(
     for start in range(0, len(y), batch_size):
         idx = order[start:start + batch_size]
         images = x[idx]
-        if train and data.crop_padding:
+        if train and data.augment == "crop_flip":
             images = random_crop_flip(images, data.crop_padding, generator)
+        elif train and data.augment == "rotate_flip":
+            images = random_rotate_flip(images, data.rotation, generator)
         yield (images.float().div_(255).sub_(mean).div_(std), y[idx])
 
 
@@ -191,3 +379,24 @@ def random_crop_flip(
     bi = torch.arange(b, device=dev).view(b, 1, 1, 1)
     ci = torch.arange(images.shape[1], device=dev).view(1, -1, 1, 1)
     return padded[bi, ci, rows, cols]
+
+
+def random_rotate_flip(
+    images: torch.Tensor, degrees: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Per-image random rotation by an angle uniform in [−degrees, degrees] about the
+    centre (nearest pixel, zero fill, same size), then a random horizontal flip: the
+    batch form of torchvision's ``RandomRotation(degrees)`` + ``RandomHorizontalFlip()``.
+    ``images``: ``(B, C, H, W)``; returns the same shape and dtype."""
+    b = images.shape[0]
+    dev = images.device
+    angle = (torch.rand(b, generator=generator) * 2 - 1).mul_(math.radians(degrees)).to(dev)
+    flip = (torch.rand(b, generator=generator) < 0.5).to(dev)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    sign = torch.where(flip, -1.0, 1.0)  # flipping the output = negating its x coordinate
+    theta = torch.stack([torch.stack([cos * sign, -sin, torch.zeros_like(cos)], 1),
+                         torch.stack([sin * sign, cos, torch.zeros_like(cos)], 1)], 1)  # (B, 2, 3)
+    grid = torch.nn.functional.affine_grid(theta, list(images.shape), align_corners=False)
+    out = torch.nn.functional.grid_sample(images.float(), grid, mode="nearest",
+                                          padding_mode="zeros", align_corners=False)
+    return out.to(images.dtype)
