@@ -1,21 +1,14 @@
 """`mlflow run . -e baseline`: train a network from scratch with cross-entropy."""
 
-import click
-
-from entry.options import arch_option, command, data_options, register_option, run, train_config, train_options
-from ttkd import stages
+from entry.options import command, run, stage_options
+from ttkd import config, stages
 
 
 @command("baseline")
-@data_options
-@arch_option("mlp", "Network to train.")
-@train_options
-@register_option("Registered model name; default DATASET-ARCH.")
-def main(dataset, data_dir, arch, epochs, batch_size, lr, seed, device, register_as):
-    """Train ARCH from scratch with cross-entropy and register it."""
-    stages.baseline(arch=arch, dataset=dataset, data_dir=data_dir or None,
-                    train=train_config(epochs, batch_size, lr, seed, device),
-                    register_as=register_as or None)
+@stage_options(config.STAGE_PARAMS["baseline"])
+def main(preset, **given):
+    """Train ARCH from scratch with cross-entropy; register it (default name DATASET-ARCH)."""
+    stages.baseline(**config.resolve("baseline", given, preset).stage_kwargs())
 
 
 if __name__ == "__main__":

@@ -1,33 +1,28 @@
-"""`mlflow run .`: the whole Trained-Teacher study on one data set."""
+"""`mlflow run .`: the whole Trained-Teacher study on one data set, or any preset."""
 
-import click
+from entry import baseline, distill, teach
+from entry.options import command, run, stage_options
+from ttkd import config, stages
 
-from entry.options import POSITIVE, command, data_options, run, train_config, train_options
-from ttkd import stages
-from ttkd.models import names as arch_names
+ALL_PARAMS = tuple(dict.fromkeys(n for names in config.STAGE_PARAMS.values() for n in names))
+SINGLE = {"baseline": baseline.main, "teach": teach.main, "distill": distill.main}
 
 
 @command("main")
-@data_options
-@click.option("--student_arch", type=click.Choice(arch_names()), default="mlp", show_default=True)
-@click.option("--teacher_arch", type=click.Choice(arch_names()), default="cnn", show_default=True)
-@train_options
-@click.option("--weight", type=POSITIVE, default=0.005, show_default=True,
-              help="w of the trained teacher (the normal teacher uses 0).")
-@click.option("--alpha", type=click.FloatRange(0, 1), default=0.9, show_default=True)
-@click.option("--temperature", type=POSITIVE, default=4.0, show_default=True,
-              help="T of both the teach and the distill stage.")
-@click.option("--register_as", default="",
-              help="Prefix of the registered names (PREFIX-student, PREFIX-teacher-trained, ...); "
-                   "default DATASET.")
-def main(dataset, data_dir, student_arch, teacher_arch, epochs, batch_size, lr, seed, device,
-         weight, alpha, temperature, register_as):
-    """Baseline student, normal and trained teacher, a KD student from each, compared."""
-    table = stages.study(student_arch=student_arch, teacher_arch=teacher_arch, weight=weight,
-                         alpha=alpha, temperature=temperature, dataset=dataset,
-                         data_dir=data_dir or None, register_as=register_as or None,
-                         train=train_config(epochs, batch_size, lr, seed, device))
-    print(table)
+@stage_options(ALL_PARAMS)
+def main(preset, **given):
+    """Baseline student, normal and trained teacher, a KD student from each, compared.
+    With a preset for a single stage, run that stage instead."""
+    stage = config.preset_stage(preset) or "main"
+    taken = set(config.STAGE_PARAMS[stage])
+    stray = sorted(k for k, v in given.items() if v not in (None, "") and k not in taken)
+    if stray:
+        raise config.TTKDError(f"the {stage} stage does not take {', '.join(stray)}; "
+                               f"it takes: {', '.join(sorted(taken))}")
+    if stage != "main":
+        SINGLE[stage].callback(preset=preset, **{k: given[k] for k in taken})
+        return
+    print(stages.study(**config.resolve("main", given, preset).stage_kwargs()))
 
 
 if __name__ == "__main__":

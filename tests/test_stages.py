@@ -132,22 +132,32 @@ BAD_INPUTS = [
     (("teach", "--student", "nope"), 1, "no registered model named 'nope'; registered models: cifar-teacher, digits-mlp"),
     (("teach", "--student", "digits-mlp@gold"), 1, "model 'digits-mlp' has no alias 'gold'"),
     (("teach", "--student", "digits-mlp/9"), 1, "model 'digits-mlp' has no version '9'; its versions are: 1"),
-    (("teach",), 2, "missing student"),
-    (("baseline", "--dataset", "imagenet"), 2, "invalid dataset: 'imagenet' is not one of"),
-    (("baseline", "--arch", "resnet-18"), 2, "invalid arch: 'resnet-18' is not one of"),
+    (("teach",), 1, "missing student"),
+    (("distill",), 1, "missing teacher"),
+    (("baseline", "--dataset", "imagenet"), 1, "invalid dataset: 'imagenet'; dataset must be one of cifar10, cifar100, digits"),
+    (("baseline", "--arch", "resnet-18"), 1, "invalid arch: 'resnet-18'; arch must be a registered architecture: cnn, densenet121"),
     (("distill", "--teacher", "cifar-teacher"), 1,
      "teacher models:/cifar-teacher/1 takes 3x32x32 images and predicts 10 classes, but dataset 'digits' has 1x8x8"),
     (("distill", "--teacher", "five-class"), 1, "predicts 5 classes, but dataset 'digits' has 1x8x8 images and 10 classes"),
     (("teach", "--student", "cifar-teacher"), 1, "pick a student trained on digits"),
-    (("baseline", "--epochs", "0"), 2, "invalid epochs: 0 is not in the range x>=1; epochs must be an integer with epochs>=1"),
-    (("baseline", "--epochs", "two"), 2, "invalid epochs: 'two' is not a valid integer"),
-    (("baseline", "--lr", "0"), 2, "lr must be a number with lr>0"),
-    (("baseline", "--lr", "fast"), 2, "invalid lr: 'fast'"),
-    (("baseline", "--batch_size", "0"), 2, "batch_size must be an integer with batch_size>=1"),
-    (("teach", "--student", "digits-mlp", "--temperature", "0"), 2, "temperature must be a number with temperature>0"),
-    (("distill", "--teacher", "digits-mlp", "--alpha", "1.5"), 2, "alpha must be a number with 0<=alpha<=1"),
+    (("baseline", "--epochs", "0"), 1, "invalid epochs: '0'; epochs must be an integer >= 1"),
+    (("baseline", "--epochs", "two"), 1, "invalid epochs: 'two'; epochs must be an integer >= 1"),
+    (("baseline", "--epochs", "2.5"), 1, "invalid epochs: '2.5'"),
+    (("baseline", "--lr", "0"), 1, "invalid lr: '0'; lr must be a number > 0"),
+    (("baseline", "--lr", "fast"), 1, "invalid lr: 'fast'"),
+    (("baseline", "--batch_size", "0"), 1, "batch_size must be an integer >= 1"),
+    (("baseline", "--optimizer", "rmsprop"), 1, "optimizer must be sgd or adam"),
+    (("baseline", "--schedule", "step"), 1, "schedule step needs milestones, such as milestones=80,120"),
+    (("baseline", "--milestones", "120,80"), 1, "invalid milestones: '120,80'"),
+    (("teach", "--student", "digits-mlp", "--temperature", "0"), 1, "temperature must be a number > 0"),
+    (("distill", "--teacher", "digits-mlp", "--alpha", "1.5"), 1, "alpha must be a number in [0, 1]"),
     (("baseline", "--register_as", "a/b"), 1, "invalid model name 'a/b'"),
     (("baseline", "--device", "cuda"), 1, "no CUDA GPU is visible; use device=cpu"),
+    (("baseline", "--preset", "nope"), 1, "unknown preset 'nope'; presets: cifar10-baseline-cnn"),
+    (("teach", "--preset", "cifar10-baseline-cnn"), 1,
+     "preset 'cifar10-baseline-cnn' is for the baseline stage; run it with -e baseline"),
+    (("main", "--preset", "cifar10-baseline-cnn", "--alpha", "0.5"), 1, "the baseline stage does not take alpha"),
+    (("main", "--weight", "0"), 1, "the study's trained teacher needs weight > 0"),
     (("promote", "--model", "nope"), 1, "no registered model named 'nope'"),
     (("promote", "--model", "digits-mlp", "--force", "maybe"), 2, "invalid force"),
 ]
@@ -166,3 +176,40 @@ def test_bad_input_one_line_and_registry_untouched(populated, cli, args, status,
     assert message in lines[0]
     assert registry_state() == before
     assert len(mlflow.search_runs(["0"])) == runs_before  # no run was opened either
+
+
+@pytest.mark.slow
+def test_baseline_trains_on_a_users_image_folder(store, cli, tmp_path):
+    from tests.test_data import make_imagefolder
+    make_imagefolder(tmp_path / "pets", classes=("cat", "dog", "fox"), size=(16, 16))
+    status, out, err = cli("baseline", "--dataset", "imagefolder", "--data_dir", str(tmp_path / "pets"),
+                           "--arch", "preresnet20", "--epochs", "1", "--batch_size", "4")
+    assert status == 0, err
+    assert "registered models:/imagefolder-preresnet20/1" in out
+    signature = mlflow.models.get_model_info("models:/imagefolder-preresnet20/1").signature
+    assert signature.inputs.inputs[0].shape == (-1, 3, 16, 16)
+    assert signature.outputs.inputs[0].shape == (-1, 3)
+
+
+@pytest.mark.slow
+def test_seed_presets_start_and_chain_through_the_registry(store, cli, tmp_path, monkeypatch):
+    """baseline CNN -> trained ResNet-18 against it -> KD PreResNet-20 from that teacher,
+    each from its preset (one epoch, on generated CIFAR-10 files), as `mlflow run . -P preset=...`."""
+    import torchvision.datasets.cifar
+    from tests.test_data import write_cifar10
+    write_cifar10(tmp_path / "cifar", n_train=20, n_test=10)
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *args: True)
+    quick = ("--epochs", "1", "--batch_size", "10", "--data_dir", str(tmp_path / "cifar"))
+    for preset in ("cifar10-baseline-cnn", "cifar10-trained-resnet18", "cifar10-kd-trained-resnet18-preresnet20"):
+        status, out, err = cli("main", "--preset", preset, *quick)
+        assert status == 0, f"{preset}: {err}"
+    client = MlflowClient()
+    teacher = client.get_model_version("cifar10-resnet18-trained", "1")
+    assert teacher.tags["ttkd.partner_model"] == "models:/cifar10-cnn/1"
+    kd = client.get_model_version("cifar10-preresnet20-kd-trained-resnet18", "1")
+    assert kd.tags["ttkd.partner_model"] == "models:/cifar10-resnet18-trained/1"
+    run = mlflow.get_run(kd.run_id)
+    # the preset's values are what the run records; the command line's override them
+    assert run.data.params["lr"] == "0.1" and run.data.params["epochs"] == "1"
+    assert run.data.params["milestones"] == "(80, 120)" and run.data.params["temperature"] == "4.0"
+    assert run.data.params["num_params"] == str(models.num_parameters(models.build("preresnet20", 10, 3)))

@@ -229,17 +229,20 @@ def _log_dataset(data: ImageData) -> None:
 STUDY_ROWS = ("student", "kd_normal", "kd_trained", "teacher_normal", "teacher_trained")
 
 
-def study(*, student_arch: str, teacher_arch: str, train: TrainConfig, weight: float = 0.005,
-          alpha: float = 0.9, temperature: float = 4.0, dataset: str = "digits",
+def study(*, student_arch: str, teacher_arch: str, student_train: TrainConfig,
+          teacher_train: TrainConfig, weight: float = 0.005, alpha: float = 0.9,
+          temperature: float = 4.0, kd_temperature: float = 4.0, dataset: str = "digits",
           data_dir: str | None = None, register_as: str | None = None) -> str:
     """The whole Trained-Teacher study on one data set; returns the comparison table.
 
     Child runs, in order: baseline student; normal teacher (weight 0) and trained teacher
-    (``weight``), both against that student; a KD student from each teacher. Each later
-    stage fetches its partner from the registry by ``NAME/VERSION``, exactly as a user
-    would. Every registered model is then promoted (alias ``champion`` to its best
-    version). Registered names are ``PREFIX-student``, ``PREFIX-teacher-normal``, ...
-    with PREFIX = ``register_as`` (default: the data set's name).
+    (``weight``, temperature ``temperature``), both against that student; a KD student
+    from each teacher (temperature ``kd_temperature``). Students train with
+    ``student_train``, teachers with ``teacher_train``. Each later stage fetches its
+    partner from the registry by ``NAME/VERSION``, exactly as a user would. Every
+    registered model is then promoted (alias ``champion`` to its best version).
+    Registered names are ``PREFIX-student``, ``PREFIX-teacher-normal``, ... with
+    PREFIX = ``register_as`` (default: the data set's name).
     """
     prefix = register_as or dataset
     for suffix in ("student", "teacher-normal", "teacher-trained", "student-kd-normal",
@@ -249,24 +252,28 @@ def study(*, student_arch: str, teacher_arch: str, train: TrainConfig, weight: f
         raise TTKDError(f"the study's trained teacher needs weight > 0 (got {weight}); "
                         f"run the teach stage by hand for weight <= 0")
     models.get(student_arch), models.get(teacher_arch)  # fail before the parent run opens
-    resolve_device(train.device)
+    resolve_device(student_train.device), resolve_device(teacher_train.device)
     datasets.load(dataset, data_dir)
-    common = dict(train=train, dataset=dataset, data_dir=data_dir)
+    common = dict(dataset=dataset, data_dir=data_dir)
     with mlflow.start_run(run_name=f"study {dataset}") as parent:
         mlflow.set_tag(TAG_STAGE, "main")
         _log_params({"dataset": dataset, "data_dir": data_dir or "", "student_arch": student_arch,
-                           "teacher_arch": teacher_arch, "weight": weight, "alpha": alpha,
-                           "temperature": temperature, "register_as": prefix,
-                           **dataclasses.asdict(train)})
-        res = {"student": baseline(arch=student_arch, register_as=f"{prefix}-student", **common)}
+                     "teacher_arch": teacher_arch, "weight": weight, "alpha": alpha,
+                     "temperature": temperature, "kd_temperature": kd_temperature,
+                     "register_as": prefix,
+                     **{f"student.{k}": v for k, v in dataclasses.asdict(student_train).items()},
+                     **{f"teacher.{k}": v for k, v in dataclasses.asdict(teacher_train).items()}})
+        res = {"student": baseline(arch=student_arch, train=student_train,
+                                   register_as=f"{prefix}-student", **common)}
         for kind, w in (("normal", 0.0), ("trained", weight)):
             res[f"teacher_{kind}"] = teach(
-                student=_pinned(res["student"]), arch=teacher_arch, weight=w,
+                student=_pinned(res["student"]), arch=teacher_arch, train=teacher_train, weight=w,
                 temperature=temperature, register_as=f"{prefix}-teacher-{kind}", **common)
         for kind in ("normal", "trained"):
             res[f"kd_{kind}"] = distill(
-                teacher=_pinned(res[f"teacher_{kind}"]), arch=student_arch, alpha=alpha,
-                temperature=temperature, register_as=f"{prefix}-student-kd-{kind}", **common)
+                teacher=_pinned(res[f"teacher_{kind}"]), arch=student_arch, train=student_train,
+                alpha=alpha, temperature=kd_temperature,
+                register_as=f"{prefix}-student-kd-{kind}", **common)
         promotions = [registry.promote(r.model.name) for r in res.values()]
         table = comparison_table(res, weight)
         mlflow.log_metrics({f"val_acc_{k}": res[k].val_acc for k in STUDY_ROWS})

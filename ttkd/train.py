@@ -33,11 +33,31 @@ LossFn = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor], tuple]
 class TrainConfig:
     epochs: int = 30            # passes over the training split
     batch_size: int = 64        # images per optimiser step
-    lr: float = 0.05            # initial SGD learning rate, cosine-annealed to 0 over `epochs`
-    momentum: float = 0.9       # SGD momentum
+    optimizer: str = "sgd"      # "sgd" (with momentum) or "adam"
+    lr: float = 0.05            # initial learning rate
+    momentum: float = 0.9       # SGD momentum; unused by adam
     weight_decay: float = 5e-4  # L2 penalty on every parameter
+    schedule: str = "cosine"    # "cosine" (to 0 at the last epoch), "step" or "constant"
+    milestones: tuple[int, ...] = ()  # "step": lr is multiplied by gamma after these epochs
+    gamma: float = 0.1          # "step": the factor applied at each milestone
     seed: int = 0               # fixes weight init, data order and augmentation
     device: str = "auto"        # "auto": cuda if available, else cpu
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig):
+    """The optimiser and per-epoch learning-rate scheduler that ``config`` names."""
+    if config.optimizer == "adam":
+        optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                                    weight_decay=config.weight_decay)
+    if config.schedule == "step":
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(config.milestones), config.gamma)
+    elif config.schedule == "constant":
+        scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+    else:
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
+    return optimizer, scheduler
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,9 +127,7 @@ def fit(
     ``data`` and both networks must already be on the training device. The partner is
     never updated: it runs in eval mode under ``torch.inference_mode()``.
     """
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
-                                weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
+    optimizer, scheduler = make_optimizer(model, config)
     generator = torch.Generator().manual_seed(config.seed)
     partner_pred = None if partner is None else predict(partner, data, config.batch_size).argmax(1)
     steps = math.ceil(len(data.train_y) / config.batch_size)

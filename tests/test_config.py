@@ -1,0 +1,113 @@
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ttkd import config, data, models
+from ttkd.errors import TTKDError
+from ttkd.train import TrainConfig
+
+REPO = Path(__file__).resolve().parents[1]
+SEED_SCHEDULES = {"cifar10": ((80, 120), 0.1, 160), "cifar100": ((60, 120, 160), 0.2, 200),
+                  "tiny-imagenet": ((60, 120, 160), 0.2, 200)}
+
+
+def test_every_seed_experiment_has_a_preset():
+    names = config.preset_names()
+    assert len(names) == 63
+    for dataset in ("cifar10", "cifar100", "tiny-imagenet"):
+        assert f"{dataset}-study" in names and f"{dataset}-baseline-resnet18" in names
+    assert "cifar100-trained-resnet50" in names and "tiny-imagenet-kd-trained-resnext29-shufflenetv2" in names
+
+
+@pytest.mark.parametrize("name", config.preset_names())
+def test_every_preset_resolves_to_a_valid_run(name):
+    stage, settings = config.load_preset(name)
+    cfg = config.resolve(stage, {}, name)
+    dataset = cfg.values["dataset"]
+    assert dataset in data.LOADERS
+    archs = ([cfg.values["student_arch"], cfg.values["teacher_arch"]] if stage == "main"
+             else [cfg.values["arch"]])
+    assert all(a in models.names() for a in archs)
+    for role, train in cfg.train.items():
+        arch = cfg.values[f"{role}_arch"] if role else cfg.values["arch"]
+        if arch == "cnn":  # the seed's plain CNN: Adam, lr 1e-3, 100 epochs
+            assert (train.optimizer, train.lr, train.epochs, train.schedule) == ("adam", 1e-3, 100, "constant")
+        else:  # SGD 0.1, momentum 0.9, wd 5e-4, batch 128, the seed's step schedule
+            milestones, gamma, epochs = SEED_SCHEDULES[dataset]
+            assert (train.optimizer, train.lr, train.momentum, train.weight_decay, train.batch_size) == \
+                ("sgd", 0.1, 0.9, 5e-4, 128)
+            assert (train.milestones, train.gamma, train.epochs) == (milestones, gamma, epochs)
+    if stage == "teach":
+        assert (cfg.values["weight"], cfg.values["temperature"]) == (0.005, 4.0)
+    if stage in ("distill", "main"):
+        kd_t = cfg.values["temperature" if stage == "distill" else "kd_temperature"]
+        assert cfg.values["alpha"] == 0.9 and kd_t == (4.0 if dataset == "cifar10" else 20.0)
+    kwargs = cfg.stage_kwargs()  # what the entry point hands to ttkd.stages
+    assert kwargs["dataset"] == dataset
+
+
+def test_trained_resnet50_is_trained_against_the_resnet18_student():
+    cfg = config.resolve("teach", {}, "cifar100-trained-resnet50")
+    assert (cfg.values["arch"], cfg.values["student"]) == ("resnet50", "cifar100-resnet18")
+    assert cfg.values["register_as"] == "cifar100-resnet50-trained"
+
+
+def test_command_line_beats_role_table_beats_preset_beats_default():
+    cfg = config.resolve("main", {"epochs": "3", "student_arch": "mlp"}, "cifar10-study")
+    assert cfg.train["student"].epochs == 3 and cfg.train["teacher"].epochs == 3
+    assert cfg.values["student_arch"] == "mlp" and cfg.values["teacher_arch"] == "resnet18"
+    assert cfg.train["student"].optimizer == "adam" and cfg.train["teacher"].optimizer == "sgd"
+    assert cfg.train["teacher"].seed == TrainConfig.seed  # nobody set it
+    plain = config.resolve("baseline", {})
+    assert plain.train[""] == TrainConfig() and plain.values["arch"] == "mlp"
+    assert config.resolve("teach", {"student": "s"}).values["arch"] == "cnn"
+
+
+def test_a_preset_file_path_works_and_its_values_are_checked(tmp_path):
+    good = tmp_path / "mine.toml"
+    good.write_text('stage = "baseline"\narch = "preresnet20"\nmilestones = [2, 4]\nschedule = "step"\n')
+    cfg = config.resolve("baseline", {}, str(good))
+    assert cfg.values["arch"] == "preresnet20" and cfg.train[""].milestones == (2, 4)
+    bad = tmp_path / "bad.toml"
+    bad.write_text('stage = "baseline"\nlr = -1\n')
+    with pytest.raises(TTKDError, match="invalid lr: -1; lr must be a number > 0"):
+        config.resolve("baseline", {}, str(bad))
+    unknown = tmp_path / "unknown.toml"
+    unknown.write_text('stage = "baseline"\nlearning_rate = 0.1\n')
+    with pytest.raises(TTKDError, match="sets learning_rate, which stage baseline does not take"):
+        config.load_preset(str(unknown))
+    broken = tmp_path / "broken.toml"
+    broken.write_text('stage = "baseline"\nlr = \n')
+    with pytest.raises(TTKDError, match="cannot read preset"):
+        config.load_preset(str(broken))
+
+
+@pytest.mark.parametrize("name, raw, value", [
+    ("epochs", "30", 30), ("epochs", 30, 30), ("epochs", "30.0", 30), ("lr", "1e-3", 1e-3),
+    ("milestones", "80, 120", (80, 120)), ("milestones", [60, 120], (60, 120)), ("milestones", "", ()),
+    ("weight", "-0.04", -0.04), ("dataset", "cifar100", "cifar100"),
+])
+def test_parse_accepts(name, raw, value):
+    assert config.parse(config.PARAMS[name], raw) == value
+
+
+@pytest.mark.parametrize("name, raw", [
+    ("epochs", "1.5"), ("epochs", True), ("lr", "nan"), ("lr", "-0.1"), ("alpha", "1.01"),
+    ("momentum", "1"), ("milestones", "a,b"), ("dataset", 3), ("gamma", "0"),
+])
+def test_parse_refuses(name, raw):
+    with pytest.raises(TTKDError, match=f"invalid {name}: "):
+        config.parse(config.PARAMS[name], raw)
+
+
+def test_mlproject_has_every_entry_point_and_passes_parameters_through():
+    spec = yaml.safe_load((REPO / "MLproject").read_text())
+    assert set(spec["entry_points"]) == {"main", "baseline", "teach", "distill", "promote"}
+    for stage in ("main", "baseline", "teach", "distill"):
+        entry = spec["entry_points"][stage]
+        assert "parameters" not in entry  # so MLflow passes -P values through as --NAME VALUE
+        assert entry["command"] == f"python -m entry.{stage}"
+    documented = re.findall(r"[a-z_]+", (REPO / "MLproject").read_text().split("entry_points")[0])
+    assert set(config.PARAMS) <= set(documented)

@@ -1,0 +1,230 @@
+"""Run parameters: one table, presets, and how the two combine.
+
+Every parameter a stage takes is listed once in ``PARAMS`` with its type, default,
+check and meaning. A value comes from, in order of precedence: the command line, the
+preset (``experiments/NAME.toml``), the stage's own default, the table's default.
+Values from every source go through the same checks, so a bad number in a preset
+is refused as clearly as one typed on the command line; unknown keys are refused.
+
+A study preset (``stage = "main"``) may set training parameters per role in
+``[student]`` and ``[teacher]`` tables; top-level values apply to both roles, and a
+value given on the command line overrides both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ttkd import data, models
+from ttkd.errors import TTKDError  # noqa: F401  (re-exported for entry points)
+from ttkd.train import TrainConfig
+
+STAGES = ("baseline", "teach", "distill", "main")
+
+
+@dataclasses.dataclass(frozen=True)
+class Param:
+    name: str
+    kind: str                   # "int", "float", "str", "ints" (comma-separated list)
+    default: Any
+    help: str
+    allowed: str = ""           # what a valid value is, for the error message
+    valid: Callable[[Any], bool] = lambda v: True
+
+
+def _choice(options: Callable[[], list[str]]):
+    return lambda v: v in options()
+
+
+PARAMS: dict[str, Param] = {p.name: p for p in [
+    Param("dataset", "str", "digits", "data set", "one of " + ", ".join(sorted(data.LOADERS)),
+          _choice(lambda: sorted(data.LOADERS))),
+    Param("data_dir", "str", "", "folder with the data set's files (default ./data)"),
+    Param("arch", "str", "mlp", "network to train", "a registered architecture: " + ", ".join(models.names()),
+          _choice(models.names)),
+    Param("student_arch", "str", "mlp", "the study's student network", "a registered architecture",
+          _choice(models.names)),
+    Param("teacher_arch", "str", "cnn", "the study's teacher network", "a registered architecture",
+          _choice(models.names)),
+    Param("epochs", "int", TrainConfig.epochs, "passes over the training split", "an integer >= 1",
+          lambda v: v >= 1),
+    Param("batch_size", "int", TrainConfig.batch_size, "images per optimiser step", "an integer >= 1",
+          lambda v: v >= 1),
+    Param("optimizer", "str", TrainConfig.optimizer, "sgd (with momentum) or adam", "sgd or adam",
+          _choice(lambda: ["sgd", "adam"])),
+    Param("lr", "float", TrainConfig.lr, "initial learning rate", "a number > 0", lambda v: v > 0),
+    Param("momentum", "float", TrainConfig.momentum, "SGD momentum", "a number in [0, 1)",
+          lambda v: 0 <= v < 1),
+    Param("weight_decay", "float", TrainConfig.weight_decay, "L2 penalty on every parameter",
+          "a number >= 0", lambda v: v >= 0),
+    Param("schedule", "str", TrainConfig.schedule,
+          "learning-rate schedule: cosine (to 0 at the last epoch), step (x gamma at milestones), constant",
+          "cosine, step or constant", _choice(lambda: ["cosine", "step", "constant"])),
+    Param("milestones", "ints", TrainConfig.milestones, "epochs after which step multiplies lr by gamma",
+          "comma-separated increasing epochs >= 1, like 80,120",
+          lambda v: all(m >= 1 for m in v) and list(v) == sorted(set(v))),
+    Param("gamma", "float", TrainConfig.gamma, "learning-rate factor at each milestone",
+          "a number > 0", lambda v: v > 0),
+    Param("seed", "int", TrainConfig.seed, "fixes weight init, data order and augmentation",
+          "an integer >= 0", lambda v: v >= 0),
+    Param("device", "str", TrainConfig.device, "auto (CUDA if visible), cpu, cuda or cuda:N"),
+    Param("student", "str", "", "the frozen student: a model reference", "a model reference",
+          lambda v: v != ""),
+    Param("teacher", "str", "", "the frozen teacher: a model reference", "a model reference",
+          lambda v: v != ""),
+    Param("weight", "float", 0.005, "w of CE + w·T²·KL(teacher ‖ student): > 0 trained, 0 normal, < 0 nasty",
+          "a number"),
+    Param("alpha", "float", 0.9, "weight of the KL term: (1 − α)·CE + α·T²·KL", "a number in [0, 1]",
+          lambda v: 0 <= v <= 1),
+    Param("temperature", "float", 4.0, "T of the teach stage (and of distill when run alone)",
+          "a number > 0", lambda v: v > 0),
+    Param("kd_temperature", "float", 4.0, "T of the study's distill stages", "a number > 0",
+          lambda v: v > 0),
+    Param("register_as", "str", "", "registered model name (main: prefix of the five names)"),
+]}
+
+TRAIN = ("epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay", "schedule",
+         "milestones", "gamma", "seed", "device")
+COMMON = ("dataset", "data_dir") + TRAIN + ("register_as",)
+STAGE_PARAMS: dict[str, tuple[str, ...]] = {
+    "baseline": COMMON + ("arch",),
+    "teach": COMMON + ("arch", "student", "weight", "temperature"),
+    "distill": COMMON + ("arch", "teacher", "alpha", "temperature"),
+    "main": COMMON + ("student_arch", "teacher_arch", "weight", "alpha", "temperature", "kd_temperature"),
+}
+STAGE_DEFAULTS = {"teach": {"arch": "cnn"}}  # where a stage differs from the table
+ROLES = ("student", "teacher")  # the per-role tables of a study preset
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """A stage's parameters, checked: ``values`` maps every parameter of ``stage`` to its
+    value; ``train`` is the training configuration (one per role for ``main``)."""
+
+    stage: str
+    values: dict[str, Any]
+    train: dict[str, TrainConfig]  # "" for single stages, "student"/"teacher" for main
+    preset: str | None = None
+
+    def stage_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``ttkd.stages.<stage>``."""
+        kw = {k: v for k, v in self.values.items() if k not in TRAIN}
+        kw["data_dir"] = kw["data_dir"] or None
+        kw["register_as"] = kw["register_as"] or None
+        if self.stage == "main":
+            return kw | {"student_train": self.train["student"], "teacher_train": self.train["teacher"]}
+        return kw | {"train": self.train[""]}
+
+
+def parse(param: Param, raw: Any) -> Any:
+    """Turn ``raw`` (a command-line string or a TOML value) into the parameter's type and check it."""
+    try:
+        if param.kind == "int":
+            number = float(raw) if isinstance(raw, str) else raw
+            if isinstance(number, bool) or not float(number).is_integer():
+                raise ValueError
+            value = int(number)
+        elif param.kind == "float":
+            if isinstance(raw, bool):
+                raise ValueError
+            value = float(raw)
+        elif param.kind == "ints":
+            items = raw.split(",") if isinstance(raw, str) else list(raw)
+            value = tuple(parse(Param(param.name, "int", 0, ""), i) for i in items if str(i).strip())
+        else:
+            if not isinstance(raw, str):
+                raise ValueError
+            value = raw.strip()
+    except (TypeError, ValueError, TTKDError):
+        raise TTKDError(f"invalid {param.name}: {raw!r}; {param.name} must be {param.allowed or param.kind}") from None
+    if param.kind == "float" and value != value:
+        raise TTKDError(f"invalid {param.name}: {raw!r}; {param.name} must be {param.allowed}")
+    if not param.valid(value):
+        raise TTKDError(f"invalid {param.name}: {raw!r}; {param.name} must be {param.allowed}")
+    return value
+
+
+def preset_dirs() -> list[Path]:
+    """Where presets are looked up: ./experiments, then the one beside the ttkd package."""
+    return [Path.cwd() / "experiments", Path(__file__).resolve().parents[1] / "experiments"]
+
+
+def preset_names() -> list[str]:
+    return sorted({p.stem for d in preset_dirs() if d.is_dir() for p in d.glob("*.toml")})
+
+
+def load_preset(name: str) -> tuple[str, dict]:
+    """Read preset ``name`` (a name from ``experiments/`` or a path to a .toml file);
+    returns ``(stage, settings)``."""
+    path = Path(name)
+    if path.suffix != ".toml":
+        path = next((d / f"{name}.toml" for d in preset_dirs() if (d / f"{name}.toml").is_file()), None)
+        if path is None:
+            raise TTKDError(f"unknown preset {name!r}; presets: {', '.join(preset_names()) or '(none)'}")
+    try:
+        settings = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise TTKDError(f"cannot read preset {path}: {exc}") from None
+    stage = settings.pop("stage", None)
+    if stage not in STAGES:
+        raise TTKDError(f"preset {path} must set stage to one of {', '.join(STAGES)} (found {stage!r})")
+    allowed = set(STAGE_PARAMS[stage]) | (set(ROLES) if stage == "main" else set())
+    unknown = sorted(set(settings) - allowed)
+    if unknown:
+        raise TTKDError(f"preset {path} sets {', '.join(unknown)}, which stage {stage} does not take; "
+                        f"it takes: {', '.join(sorted(allowed))}")
+    for role in ROLES:
+        if role in settings and stage == "main":
+            extra = sorted(set(settings[role]) - set(TRAIN) - {"arch"})
+            if extra:
+                raise TTKDError(f"preset {path} [{role}] sets {', '.join(extra)}; a role table takes "
+                                f"arch and the training parameters only")
+    return stage, settings
+
+
+def preset_stage(preset: str | None) -> str | None:
+    """The stage a preset is for (None without a preset)."""
+    return load_preset(preset)[0] if preset else None
+
+
+def resolve(stage: str, given: dict[str, Any], preset: str | None = None) -> RunConfig:
+    """Combine command-line values ``given`` (None or "" = not given), the preset and the
+    defaults into a checked :class:`RunConfig` for ``stage``."""
+    settings: dict = {}
+    if preset:
+        preset_for, settings = load_preset(preset)
+        if preset_for != stage:
+            raise TTKDError(f"preset {preset!r} is for the {preset_for} stage; run it with "
+                            f"-e {preset_for} (or with the main entry point)")
+    cli = {k: v for k, v in given.items() if v is not None and v != "" and k in STAGE_PARAMS[stage]}
+
+    def value(name: str, role: str | None = None) -> Any:
+        param = PARAMS[name]
+        if name in cli:
+            return parse(param, cli[name])
+        if role and name in settings.get(role, {}):
+            return parse(param, settings[role][name])
+        if name in settings:
+            return parse(param, settings[name])
+        return STAGE_DEFAULTS.get(stage, {}).get(name, param.default)
+
+    values = {name: value(name) for name in STAGE_PARAMS[stage]}
+    if stage == "main":
+        train = {role: _train_config({n: value(n, role) for n in TRAIN}) for role in ROLES}
+        for role in ROLES:  # a role table may name the architecture as `arch`
+            key = f"{role}_arch"
+            if key not in cli and "arch" in settings.get(role, {}):
+                values[key] = parse(PARAMS[key], settings[role]["arch"])
+    else:
+        train = {"": _train_config({n: values[n] for n in TRAIN})}
+    return RunConfig(stage, values, train, preset)
+
+
+def _train_config(values: dict) -> TrainConfig:
+    if values["schedule"] == "step" and not values["milestones"]:
+        raise TTKDError("schedule step needs milestones, such as milestones=80,120")
+    return TrainConfig(**values)
