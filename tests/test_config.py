@@ -87,7 +87,8 @@ def test_a_preset_file_path_works_and_its_values_are_checked(tmp_path):
 @pytest.mark.parametrize("name, raw, value", [
     ("epochs", "30", 30), ("epochs", 30, 30), ("epochs", "30.0", 30), ("lr", "1e-3", 1e-3),
     ("milestones", "80, 120", (80, 120)), ("milestones", [60, 120], (60, 120)), ("milestones", "", ()),
-    ("weight", "-0.04", -0.04), ("dataset", "cifar100", "cifar100"),
+    ("weight", "-0.04", -0.04), ("dataset", "cifar100", "cifar100"), ("dataset", "synthetic-1x8x8-3", "synthetic-1x8x8-3"),
+    ("amp", "false", False), ("amp", "True", True), ("compile", True, True),
 ])
 def test_parse_accepts(name, raw, value):
     assert config.parse(config.PARAMS[name], raw) == value
@@ -95,7 +96,7 @@ def test_parse_accepts(name, raw, value):
 
 @pytest.mark.parametrize("name, raw", [
     ("epochs", "1.5"), ("epochs", True), ("lr", "nan"), ("lr", "-0.1"), ("alpha", "1.01"),
-    ("momentum", "1"), ("milestones", "a,b"), ("dataset", 3), ("gamma", "0"),
+    ("momentum", "1"), ("milestones", "a,b"), ("dataset", 3), ("gamma", "0"), ("amp", "maybe"),
 ])
 def test_parse_refuses(name, raw):
     with pytest.raises(TTKDError, match=f"invalid {name}: "):

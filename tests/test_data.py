@@ -278,3 +278,23 @@ def test_missing_tiny_imagenet_offline(tmp_path, monkeypatch):
     (tmp_path / "empty" / "tiny-imagenet-200").mkdir(parents=True)
     with pytest.raises(TTKDError, match="is not a Tiny-ImageNet folder: expected train/<wnid>"):
         data.load("tiny-imagenet", str(tmp_path / "empty"))
+
+
+def test_channels_last_batches_hold_the_same_values():
+    d = data.load("digits")
+    plain = next(data.batches(d, "val", 32))[0]
+    cl = next(data.batches(d, "val", 32, channels_last=True))[0]
+    assert cl.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(plain, cl)
+    expected = (d.val_x[:32].float() / 255 - d.mean[0]) / d.std[0]
+    assert torch.allclose(plain, expected, atol=1e-5)
+
+
+def test_synthetic_data_is_fixed_and_shaped_as_asked():
+    a, b = data.load("synthetic-1x16x16-5"), data.load("synthetic-1x16x16-5")
+    assert a.image_shape == (1, 16, 16) and a.num_classes == 5 and torch.equal(a.train_x, b.train_x)
+    assert int(a.train_y.max()) == 4
+    cifar_like = data.load("synthetic")
+    assert cifar_like.image_shape == (3, 32, 32) and len(cifar_like.train_y) == 50_000
+    with pytest.raises(TTKDError, match="unknown dataset 'synthetic-3x32'"):
+        data.load("synthetic-3x32")

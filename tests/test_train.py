@@ -58,3 +58,29 @@ def test_non_finite_loss_stops_with_the_epoch():
         return loss * float("nan"), ce_, kl
     with pytest.raises(TTKDError, match="became nan in epoch 1"):
         fit(build("mlp"), DIGITS, broken, TrainConfig(epochs=2))
+
+
+@pytest.mark.parametrize("amp", [True, False])
+def test_mixed_precision_on_and_off_both_learn(amp):
+    model = build("cnn")
+    history = fit(model, DIGITS, ce, TrainConfig(epochs=2, amp=amp))
+    assert history[-1].val_acc > 60 and history[-1].train_loss < history[0].train_loss
+    weights = [p for p in model.parameters() if p.dim() == 4]
+    assert all(p.is_contiguous() for p in weights)  # back in the usual layout for export
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights stay float32
+
+
+def test_bf16_is_used_where_supported():
+    from ttkd.train import autocast, bf16_supported
+    cpu = torch.device("cpu")
+    with autocast(cpu, True):
+        out = torch.nn.Linear(4, 4)(torch.randn(2, 4))
+    assert out.dtype == (torch.bfloat16 if bf16_supported(cpu) else torch.float32)
+    with autocast(cpu, False):
+        assert torch.nn.Linear(4, 4)(torch.randn(2, 4)).dtype == torch.float32
+
+
+@pytest.mark.slow
+def test_compile_option_trains():
+    history = fit(build("mlp"), DIGITS, ce, TrainConfig(epochs=1, compile=True))
+    assert history[-1].val_acc > 50

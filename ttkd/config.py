@@ -29,7 +29,7 @@ STAGES = ("baseline", "teach", "distill", "main")
 @dataclasses.dataclass(frozen=True)
 class Param:
     name: str
-    kind: str                   # "int", "float", "str", "ints" (comma-separated list)
+    kind: str                   # "int", "float", "bool", "str", "ints" (comma-separated list)
     default: Any
     help: str
     allowed: str = ""           # what a valid value is, for the error message
@@ -41,8 +41,8 @@ def _choice(options: Callable[[], list[str]]):
 
 
 PARAMS: dict[str, Param] = {p.name: p for p in [
-    Param("dataset", "str", "digits", "data set", "one of " + ", ".join(sorted(data.LOADERS)),
-          _choice(lambda: sorted(data.LOADERS))),
+    Param("dataset", "str", "digits", "data set", "one of " + ", ".join(data.names())
+          + " (synthetic also as synthetic-CxHxW-K)", data.known),
     Param("data_dir", "str", "", "folder with the data set's files (default ./data)"),
     Param("arch", "str", "mlp", "network to train", "a registered architecture: " + ", ".join(models.names()),
           _choice(models.names)),
@@ -72,6 +72,9 @@ PARAMS: dict[str, Param] = {p.name: p for p in [
     Param("seed", "int", TrainConfig.seed, "fixes weight init, data order and augmentation",
           "an integer >= 0", lambda v: v >= 0),
     Param("device", "str", TrainConfig.device, "auto (CUDA if visible), cpu, cuda or cuda:N"),
+    Param("amp", "bool", TrainConfig.amp, "bf16 mixed precision and channels_last where the device "
+          "supports bf16", "true or false"),
+    Param("compile", "bool", TrainConfig.compile, "torch.compile the trained model", "true or false"),
     Param("student", "str", "", "the frozen student: a model reference", "a model reference",
           lambda v: v != ""),
     Param("teacher", "str", "", "the frozen teacher: a model reference", "a model reference",
@@ -88,7 +91,7 @@ PARAMS: dict[str, Param] = {p.name: p for p in [
 ]}
 
 TRAIN = ("epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay", "schedule",
-         "milestones", "gamma", "seed", "device")
+         "milestones", "gamma", "seed", "device", "amp", "compile")
 COMMON = ("dataset", "data_dir") + TRAIN + ("register_as",)
 STAGE_PARAMS: dict[str, tuple[str, ...]] = {
     "baseline": COMMON + ("arch",),
@@ -132,6 +135,9 @@ def parse(param: Param, raw: Any) -> Any:
             if isinstance(raw, bool):
                 raise ValueError
             value = float(raw)
+        elif param.kind == "bool":
+            words = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+            value = raw if isinstance(raw, bool) else words[str(raw).strip().lower()]
         elif param.kind == "ints":
             items = raw.split(",") if isinstance(raw, str) else list(raw)
             value = tuple(parse(Param(param.name, "int", 0, ""), i) for i in items if str(i).strip())
@@ -139,7 +145,7 @@ def parse(param: Param, raw: Any) -> Any:
             if not isinstance(raw, str):
                 raise ValueError
             value = raw.strip()
-    except (TypeError, ValueError, TTKDError):
+    except (TypeError, ValueError, KeyError, TTKDError):
         raise TTKDError(f"invalid {param.name}: {raw!r}; {param.name} must be {param.allowed or param.kind}") from None
     if param.kind == "float" and value != value:
         raise TTKDError(f"invalid {param.name}: {raw!r}; {param.name} must be {param.allowed}")

@@ -17,6 +17,7 @@ import gzip
 import hashlib
 import math
 import os
+import re
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -279,6 +280,35 @@ def _decode(samples: list[tuple], size: tuple[int, int], mode: str) -> tuple[np.
     return images, np.array([y for _, y in samples], dtype=np.int64)
 
 
+SYNTHETIC = re.compile(r"synthetic(?:-(\d+)x(\d+)x(\d+)-(\d+))?")
+SYNTHETIC_SIZES = (50_000, 10_000)  # train, val: CIFAR's
+
+
+def load_synthetic(name: str = "synthetic") -> ImageData:
+    """Random uint8 images and labels for benchmarks, always the same (fixed seed):
+    ``synthetic`` is CIFAR-shaped (3x32x32, 10 classes, 50,000 + 10,000 images);
+    ``synthetic-CxHxW-K`` chooses the image shape and class count. Augmented like CIFAR."""
+    match = SYNTHETIC.fullmatch(name)
+    c, h, w, k = (int(g) for g in match.groups()) if match.group(1) else (3, 32, 32, 10)
+    if min(c, h, w) < 1 or k < 2:
+        raise TTKDError(f"invalid synthetic data set {name!r}; use synthetic-CxHxW-K with K >= 2")
+    g = torch.Generator().manual_seed(SPLIT_SEED)
+    n_train, n_val = SYNTHETIC_SIZES
+    x = torch.randint(0, 256, (n_train + n_val, c, h, w), generator=g, dtype=torch.uint8)
+    y = torch.randint(0, k, (n_train + n_val,), generator=g)
+    return ImageData(name, x[:n_train], y[:n_train], x[n_train:], y[n_train:], k, (0.5,) * c,
+                     (0.289,) * c, augment="crop_flip", crop_padding=max(1, h // 8), source=".")
+
+
+def names() -> list[str]:
+    """The data set names ``load`` accepts (``synthetic`` also as ``synthetic-CxHxW-K``)."""
+    return sorted(LOADERS)
+
+
+def known(name: str) -> bool:
+    return name in LOADERS or SYNTHETIC.fullmatch(name) is not None
+
+
 LOADERS: dict[str, Callable[[str | None], ImageData]] = {
     "digits": load_digits,
     "cifar10": load_cifar10,
@@ -287,14 +317,15 @@ LOADERS: dict[str, Callable[[str | None], ImageData]] = {
     "fashion-mnist": load_fashion_mnist,
     "tiny-imagenet": load_tiny_imagenet,
     "imagefolder": load_imagefolder,
+    "synthetic": lambda data_dir: load_synthetic(),
 }
 
 
 def load(name: str, data_dir: str | None = None) -> ImageData:
     """Load data set ``name`` (a key of ``LOADERS``); ``data_dir`` is where its files live."""
-    if name not in LOADERS:
-        raise TTKDError(f"unknown dataset {name!r}; choose one of: {', '.join(sorted(LOADERS))}")
-    data = LOADERS[name](data_dir)
+    if not known(name):
+        raise TTKDError(f"unknown dataset {name!r}; choose one of: {', '.join(names())}")
+    data = load_synthetic(name) if name.startswith("synthetic") else LOADERS[name](data_dir)
     if len(data.train_y) == 0 or len(data.val_y) == 0:
         raise TTKDError(f"dataset {name} in {data.source} has an empty train or val split")
     return data
@@ -333,19 +364,24 @@ def batches(
     batch_size: int,
     *,
     generator: torch.Generator | None = None,
+    channels_last: bool = False,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield ``(images, labels)`` batches of ``split`` ("train" or "val").
 
     Training batches are shuffled with ``generator`` and augmented; validation batches
     come in order, unaugmented. Images come out as normalised float32 ``(B, C, H, W)``
-    on the data's device; the last, smaller batch is kept.
+    on the data's device (in channels_last memory order if asked); the last, smaller
+    batch is kept.
     """
     x, y = (data.train_x, data.train_y) if split == "train" else (data.val_x, data.val_y)
     train = split == "train"
     order = (torch.randperm(len(y), generator=generator).to(x.device) if train
              else torch.arange(len(y), device=x.device))
-    mean = torch.tensor(data.mean, device=x.device).view(1, -1, 1, 1)
+    # (pixel / 255 - mean) / std == pixel * scale + shift: one fused multiply-add
     std = torch.tensor(data.std, device=x.device).view(1, -1, 1, 1)
+    scale = 1.0 / (255.0 * std)
+    shift = -torch.tensor(data.mean, device=x.device).view(1, -1, 1, 1) / std
+    layout = torch.channels_last if channels_last else torch.contiguous_format
     for start in range(0, len(y), batch_size):
         idx = order[start:start + batch_size]
         images = x[idx]
@@ -353,7 +389,8 @@ def batches(
             images = random_crop_flip(images, data.crop_padding, generator)
         elif train and data.augment == "rotate_flip":
             images = random_rotate_flip(images, data.rotation, generator)
-        yield (images.float().div_(255).sub_(mean).div_(std), y[idx])
+        images = images.contiguous(memory_format=layout)
+        yield torch.addcmul(shift, images.float(), scale), y[idx]
 
 
 def random_crop_flip(

@@ -42,15 +42,20 @@ class TrainConfig:
     gamma: float = 0.1          # "step": the factor applied at each milestone
     seed: int = 0               # fixes weight init, data order and augmentation
     device: str = "auto"        # "auto": cuda if available, else cpu
+    amp: bool = True            # bf16 autocast and channels_last where the device supports bf16
+    compile: bool = False       # torch.compile the trained model (slow first epoch, faster after)
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig):
     """The optimiser and per-epoch learning-rate scheduler that ``config`` names."""
+    # one fused kernel for the whole update where the parameters' device has one
+    fused = {"fused": True} if next(model.parameters()).device.type in ("cpu", "cuda") else {}
     if config.optimizer == "adam":
-        optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
+                                     **fused)
     else:
         optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
-                                    weight_decay=config.weight_decay)
+                                    weight_decay=config.weight_decay, **fused)
     if config.schedule == "step":
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(config.milestones), config.gamma)
     elif config.schedule == "constant":
@@ -92,6 +97,20 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def bf16_supported(device: torch.device) -> bool:
+    """Whether ``device`` runs bf16 convolutions and matrix products natively."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return False
+
+
+def autocast(device: torch.device, enabled: bool):
+    """bf16 autocast on ``device`` when ``enabled`` and supported, else a no-op context."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled and bf16_supported(device))
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, numpy and torch (CPU and every GPU)."""
     random.seed(seed)
@@ -100,13 +119,15 @@ def seed_everything(seed: int) -> None:
 
 
 @torch.inference_mode()
-def predict(model: nn.Module, data: ImageData, batch_size: int) -> torch.Tensor:
-    """Logits ``(N_val, K)`` of ``model`` on the validation split.
+def predict(model: nn.Module, data: ImageData, batch_size: int, amp: bool = False) -> torch.Tensor:
+    """Float32 logits ``(N_val, K)`` of ``model`` on the validation split.
 
     The caller sets the mode: a model loaded from the registry is already in eval mode
     and refuses ``.eval()``.
     """
-    return torch.cat([model(x) for x, _ in batches(data, "val", batch_size)]).float()
+    with autocast(data.val_x.device, amp):
+        return torch.cat([model(x).float() for x, _ in
+                          batches(data, "val", batch_size, channels_last=amp)])
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -127,25 +148,34 @@ def fit(
     ``data`` and both networks must already be on the training device. The partner is
     never updated: it runs in eval mode under ``torch.inference_mode()``.
     """
+    device = data.train_x.device
+    fast = config.amp and bf16_supported(device)  # bf16 and channels_last go together
+    if fast:
+        model.to(memory_format=torch.channels_last)
+        if partner is not None:
+            partner.to(memory_format=torch.channels_last)
+    step_model = torch.compile(model) if config.compile else model
     optimizer, scheduler = make_optimizer(model, config)
     generator = torch.Generator().manual_seed(config.seed)
-    partner_pred = None if partner is None else predict(partner, data, config.batch_size).argmax(1)
+    partner_pred = (None if partner is None
+                    else predict(partner, data, config.batch_size, fast).argmax(1))
     steps = math.ceil(len(data.train_y) / config.batch_size)
-    device = data.train_x.device
     history = []
     for epoch in range(1, config.epochs + 1):
         model.train()
         sums = torch.zeros(3, device=device)  # loss, ce, kl, each summed over images
         progress = _Progress(f"epoch {epoch}/{config.epochs}", steps)
         started = time.perf_counter()
-        for x, y in batches(data, "train", config.batch_size, generator=generator):
+        for x, y in batches(data, "train", config.batch_size, generator=generator, channels_last=fast):
             partner_logits = None
-            if partner is not None:
-                with torch.inference_mode():
-                    partner_logits = partner(x)
-                # inference tensors cannot be saved for backward: take a normal copy
-                partner_logits = partner_logits.clone()
-            loss, ce, kl = loss_fn(model(x), partner_logits, y)
+            with autocast(device, fast):
+                if partner is not None:
+                    with torch.inference_mode():
+                        partner_logits = partner(x)
+                    # inference tensors cannot be saved for backward: take a normal copy
+                    partner_logits = partner_logits.float().clone()
+                logits = step_model(x).float()  # losses in float32, whatever the compute dtype
+            loss, ce, kl = loss_fn(logits, partner_logits, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -164,7 +194,7 @@ def fit(
             raise TTKDError(f"the training loss became {train_loss} in epoch {epoch}; "
                             f"lower lr (now {config.lr}) or check the data")
         model.eval()
-        val_logits = predict(model, data, config.batch_size)
+        val_logits = predict(step_model, data, config.batch_size, fast)
         stats = EpochStats(
             epoch=epoch, train_loss=train_loss, train_ce=train_ce,
             train_kl=train_kl if kl is not None else None,
@@ -178,6 +208,8 @@ def fit(
         history.append(stats)
         if on_epoch is not None:
             on_epoch(stats)
+    if fast:
+        model.to(memory_format=torch.contiguous_format)  # checkpoints and export in the usual layout
     return history
 
 

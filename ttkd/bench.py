@@ -1,0 +1,316 @@
+"""Training speed and accuracy: ttkd's engine against a re-creation of the seed's loop.
+
+    python -m ttkd.bench                  # images per second, every stage
+    python -m ttkd.bench --accuracy       # validation accuracy, several seeds, three paths
+
+Speed: for each stage (baseline: the student alone; teach: the teacher beside the frozen
+student; distill: the student beside the frozen teacher) it measures in this one process,
+on the same models, batch size and CIFAR-shaped random data:
+
+    seed     the seed's loop: PIL images through per-sample torchvision transforms
+             (random crop 32/4, flip, to-tensor, normalise) in a DataLoader with 4 workers,
+             float32, the partner under no_grad, ``.item()`` and a numpy accuracy every step
+    ttkd     ``ttkd.train.fit`` (its second epoch), as every stage runs it
+    compute  forward + backward of the same network(s) on one batch already in memory,
+             in ttkd's precision: the ceiling for any data pipeline
+
+and prints images per second, ttkd/seed, ttkd/compute and each phase's peak memory
+(resident set size on the CPU, allocated memory on a GPU).
+
+Accuracy: the digits study's five networks trained by ttkd with bf16 on, with it off, and
+by the seed's DataLoader loop, over several seeds; prints mean ± standard deviation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import io
+import statistics
+import sys
+import time
+from contextlib import redirect_stdout
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ttkd import data as datasets
+from ttkd import losses, models
+from ttkd.train import TrainConfig, accuracy, autocast, bf16_supported, fit, predict, resolve_device, seed_everything
+
+STAGES = ("baseline", "teach", "distill")
+
+
+# --- the seed's loop ------------------------------------------------------------------------
+
+class SeedStyleDataset(torch.utils.data.Dataset):
+    """Images kept as HWC uint8 arrays, turned into PIL images and transformed one at a
+    time, as torchvision's CIFAR10 does for the seed."""
+
+    def __init__(self, data: datasets.ImageData, split: str, augment: bool):
+        import torchvision.transforms as T
+
+        x, self.y = (data.train_x, data.train_y) if split == "train" else (data.val_x, data.val_y)
+        self.x = x.permute(0, 2, 3, 1).numpy()  # (N, H, W, C)
+        side = data.image_shape[-1]
+        steps = [T.RandomCrop(side, padding=data.crop_padding), T.RandomHorizontalFlip()] if augment else []
+        self.transform = T.Compose(steps + [T.ToTensor(), T.Normalize(data.mean, data.std)])
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        image = self.x[i][:, :, 0] if self.x.shape[-1] == 1 else self.x[i]
+        return self.transform(Image.fromarray(image)), int(self.y[i])
+
+
+def seed_loader(data, split, batch_size, seed, workers=4):
+    dataset = SeedStyleDataset(data, split, augment=split == "train" and bool(data.augment))
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=split == "train",
+                                       num_workers=workers, generator=torch.Generator().manual_seed(seed),
+                                       persistent_workers=workers > 0)
+
+
+def seed_style_epoch(model, partner, loader, loss_fn, optimizer, device, max_images=None) -> float:
+    """One epoch of the seed's loop; returns training images per second."""
+    model.train()
+    seen, started = 0, None
+    for step, (x, y) in enumerate(loader):
+        if step == 1:  # the first batch pays for the workers' start
+            started, seen = time.perf_counter(), 0
+        x, y = x.to(device), y.to(device)
+        out = model(x)
+        partner_out = None
+        if partner is not None:
+            with torch.no_grad():
+                partner_out = partner(x)
+        loss = loss_fn(out, partner_out, y)[0]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        loss.item()  # the seed's running average reads the loss every step...
+        np.mean(np.argmax(out.data.cpu().numpy(), axis=1) == y.cpu().numpy())  # ...and the accuracy
+        seen += len(y)
+        if max_images and seen >= max_images:
+            break
+    return seen / (time.perf_counter() - started)
+
+
+# --- speed ----------------------------------------------------------------------------------
+
+def stage_setup(stage, student, teacher, data, device, amp):
+    """(trained network, frozen partner or None, loss_fn) for ``stage``."""
+    build = lambda arch: models.build(arch, data.num_classes, data.in_channels,  # noqa: E731
+                                      image_size=data.image_shape[-1]).to(device)
+    if stage == "baseline":
+        return build(student), None, lambda z, p, y: losses.cross_entropy(z, y)
+    partner = build(student if stage == "teach" else teacher).eval()
+    if stage == "teach":
+        return build(teacher), partner, lambda z, p, y: losses.teacher_loss(z, p, y, 0.005, 4.0)
+    return build(student), partner, lambda z, p, y: losses.distill_loss(z, p, y, 0.9, 4.0)
+
+
+class PeakMemory:
+    """Peak memory of the block, in MiB: resident set (Linux) or CUDA allocations."""
+
+    def __init__(self, device):
+        self.device, self.mib = device, float("nan")
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            try:
+                Path("/proc/self/clear_refs").write_text("5")  # Linux: resets VmHWM, the peak RSS
+            except OSError:
+                self.device = None  # no way to reset the peak here: report nothing
+        return self
+
+    def __exit__(self, *exc):
+        if self.device is None:
+            return False
+        if self.device.type == "cuda":
+            self.mib = torch.cuda.max_memory_allocated(self.device) / 2**20
+        elif Path("/proc/self/status").exists():
+            hwm = [l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmHWM")]
+            self.mib = int(hwm[0].split()[1]) / 1024
+        return False
+
+
+def measure_seed(stage, args, data, device):
+    torch.manual_seed(0)
+    model, partner, loss_fn = stage_setup(stage, args.student, args.teacher, data, device, False)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    loader = seed_loader(data, "train", args.batch_size, 0, args.workers)
+    with PeakMemory(device) as mem:
+        seed_style_epoch(model, partner, loader, loss_fn, optimizer, device, max_images=args.batch_size * 3)
+        rate = seed_style_epoch(model, partner, loader, loss_fn, optimizer, device, args.images)
+    return rate, mem.mib
+
+
+def measure_ttkd(stage, args, data, device):
+    torch.manual_seed(0)
+    model, partner, loss_fn = stage_setup(stage, args.student, args.teacher, data, device, args.amp)
+    config = TrainConfig(epochs=2, batch_size=args.batch_size, lr=0.01, amp=args.amp, device=str(device))
+    with PeakMemory(device) as mem, redirect_stdout(io.StringIO()):
+        history = fit(model, data, loss_fn, config, partner=partner)
+    return history[-1].throughput, mem.mib
+
+
+def measure_compute(stage, args, data, device):
+    torch.manual_seed(0)
+    model, partner, loss_fn = stage_setup(stage, args.student, args.teacher, data, device, args.amp)
+    fast = args.amp and bf16_supported(device)
+    layout = torch.channels_last if fast else torch.contiguous_format
+    model.to(memory_format=layout)
+    if partner is not None:
+        partner.to(memory_format=layout)
+    x, y = next(datasets.batches(data, "train", args.batch_size, channels_last=fast,
+                                 generator=torch.Generator().manual_seed(0)))
+    model.train()
+
+    def step():
+        partner_logits = None
+        with autocast(device, fast):
+            if partner is not None:
+                with torch.inference_mode():
+                    partner_logits = partner(x)
+                partner_logits = partner_logits.float().clone()
+            logits = model(x).float()
+        loss_fn(logits, partner_logits, y)[0].backward()
+        model.zero_grad(set_to_none=True)
+
+    steps = max(3, args.images // args.batch_size)
+    with PeakMemory(device) as mem:
+        for _ in range(3):
+            step()
+        _sync(device)
+        started = time.perf_counter()
+        for _ in range(steps):
+            step()
+        _sync(device)
+    return steps * len(y) / (time.perf_counter() - started), mem.mib
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def speed(args) -> list[dict]:
+    device = resolve_device(args.device)
+    full = datasets.load(args.dataset)
+    n = args.images + 4 * args.batch_size  # the measured epoch plus the seed loop's warm-up
+    data = dataclasses.replace(full, train_x=full.train_x[:n], train_y=full.train_y[:n],
+                               val_x=full.val_x[:args.batch_size], val_y=full.val_y[:args.batch_size])
+    rows = []
+    for stage in args.stages:
+        seed_rate, seed_mem = measure_seed(stage, args, data, device)
+        ours, ours_mem = measure_ttkd(stage, args, data.to(device), device)
+        ceiling, ceiling_mem = measure_compute(stage, args, data.to(device), device)
+        rows.append(dict(stage=stage, seed=seed_rate, ttkd=ours, compute=ceiling,
+                         vs_seed=ours / seed_rate, of_compute=ours / ceiling,
+                         seed_mib=seed_mem, ttkd_mib=ours_mem, compute_mib=ceiling_mem))
+        print(_row(rows[-1]), flush=True)
+    return rows
+
+
+def _row(r) -> str:
+    return (f"| {r['stage']} | {r['seed']:,.0f} | {r['ttkd']:,.0f} | {r['compute']:,.0f} | "
+            f"{r['vs_seed']:.2f}x | {100 * r['of_compute']:.0f}% | "
+            f"{r['seed_mib']:,.0f} / {r['ttkd_mib']:,.0f} / {r['compute_mib']:,.0f} |")
+
+
+# --- accuracy -------------------------------------------------------------------------------
+
+def seed_style_fit(model, data, loss_fn, config, partner, device) -> float:
+    """Train like the seed (DataLoader of PIL images, float32) with ttkd's optimiser and
+    schedule; returns the final validation accuracy (percent)."""
+    from ttkd.train import make_optimizer
+
+    optimizer, scheduler = make_optimizer(model, config)
+    loader = seed_loader(data, "train", config.batch_size, config.seed, workers=2)
+    for _ in range(config.epochs):
+        seed_style_epoch(model, partner, loader, loss_fn, optimizer, device)
+        scheduler.step()
+    model.eval()
+    return accuracy(predict(model, data.to(device), config.batch_size), data.val_y.to(device))
+
+
+def study_accuracies(path: str, seed: int, args) -> dict[str, float]:
+    """The digits study's five networks, trained along ``path`` (bf16 / fp32 / seed-loop)."""
+    device = resolve_device(args.device)
+    data = datasets.load("digits")
+    on_device = data.to(device)
+    config = TrainConfig(seed=seed, amp=path == "bf16", device=str(device))
+
+    def train(arch, loss_fn, partner=None):
+        seed_everything(seed)
+        model = models.build(arch, data.num_classes, data.in_channels, image_size=8).to(device)
+        if path == "seed-loop":
+            acc = seed_style_fit(model, data, loss_fn, config, partner, device)
+        else:
+            with redirect_stdout(io.StringIO()):
+                acc = fit(model, on_device, loss_fn, config, partner=partner)[-1].val_acc
+        return model.eval(), acc
+
+    result = {}
+    student, result["student"] = train("mlp", lambda z, p, y: losses.cross_entropy(z, y))
+    teachers = {}
+    for kind, w in (("normal", 0.0), ("trained", 0.005)):
+        teachers[kind], result[f"teacher_{kind}"] = train(
+            "cnn", lambda z, p, y, w=w: losses.teacher_loss(z, p, y, w, 4.0), student)
+    for kind in ("normal", "trained"):
+        _, result[f"kd_{kind}"] = train("mlp", lambda z, p, y: losses.distill_loss(z, p, y, 0.9, 4.0),
+                                        teachers[kind])
+    return result
+
+
+def accuracy_table(args) -> str:
+    paths = ("bf16", "fp32", "seed-loop")
+    scores = {p: [study_accuracies(p, s, args) for s in range(args.seeds)] for p in paths}
+    keys = ("student", "kd_normal", "kd_trained", "teacher_normal", "teacher_trained")
+    lines = ["| model | " + " | ".join(paths) + " |", "|---|" + "---|" * len(paths)]
+    for k in keys:
+        cells = []
+        for p in paths:
+            values = [s[k] for s in scores[p]]
+            cells.append(f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}")
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m ttkd.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--student", default="cnn")
+    parser.add_argument("--teacher", default="preresnet20")
+    parser.add_argument("--dataset", default="synthetic", help="CIFAR-shaped random data by default")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--images", type=int, default=3840, help="training images per measurement")
+    parser.add_argument("--workers", type=int, default=4, help="the seed loop's DataLoader workers")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--no-amp", dest="amp", action="store_false", help="ttkd in float32")
+    parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
+    parser.add_argument("--accuracy", action="store_true", help="compare accuracies instead of speed")
+    parser.add_argument("--seeds", type=int, default=5)
+    args = parser.parse_args(argv)
+    device = resolve_device(args.device)
+    print(f"# torch {torch.__version__}, {device}, {torch.get_num_threads()} threads, "
+          f"bf16 {'on' if args.amp and bf16_supported(device) else 'off'}", file=sys.stderr)
+    if args.accuracy:
+        print(accuracy_table(args))
+        return
+    print(f"student {args.student}, teacher {args.teacher}, batch {args.batch_size}, "
+          f"{args.images} images per measurement; images/s and peak MiB\n")
+    print("| stage | seed loop | ttkd | compute | ttkd/seed | ttkd/compute | peak MiB seed / ttkd / compute |")
+    print("|---|---:|---:|---:|---:|---:|---|")
+    speed(args)
+
+
+if __name__ == "__main__":
+    main()
