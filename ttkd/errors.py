@@ -7,3 +7,6 @@ any other exception is a bug in ttkd and stays loud.
 
 class TTKDError(Exception):
     """A user error: the message names the problem and how to fix it."""
+
+    exit_code = 1  # what the entry point exits with
+

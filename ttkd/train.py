@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import random
 import sys
 import time
+import warnings
 from collections.abc import Callable
 
 import numpy as np
@@ -44,6 +46,19 @@ class TrainConfig:
     device: str = "auto"        # "auto": cuda if available, else cpu
     amp: bool = True            # bf16 autocast and channels_last where the device supports bf16
     compile: bool = False       # torch.compile the trained model (slow first epoch, faster after)
+    deterministic: bool = False  # deterministic kernels: a resumed run repeats an uninterrupted one
+
+
+class Interrupted(Exception):
+    """Training stopped between two steps because ``stop()`` said so (a signal)."""
+
+    def __init__(self, epoch: int):
+        super().__init__(f"interrupted in epoch {epoch}")
+        self.epoch = epoch
+
+
+class NonFiniteLoss(TTKDError):
+    """The training loss became NaN or infinite."""
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig):
@@ -118,6 +133,31 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def set_deterministic(on: bool) -> None:
+    """Deterministic kernels everywhere (cuBLAS needs its workspace fixed before first use)."""
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(on)
+    torch.backends.cudnn.benchmark = not on
+
+
+def rng_state() -> dict:
+    """Every global random state, as tensors and plain values (``weights_only``-loadable)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss)}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+
+
 @torch.inference_mode()
 def predict(model: nn.Module, data: ImageData, batch_size: int, amp: bool = False) -> torch.Tensor:
     """Float32 logits ``(N_val, K)`` of ``model`` on the validation split.
@@ -141,12 +181,20 @@ def fit(
     loss_fn: LossFn,
     config: TrainConfig,
     partner: nn.Module | None = None,
-    on_epoch: Callable[[EpochStats], None] | None = None,
+    on_epoch: Callable[[EpochStats, dict], None] | None = None,
+    resume: dict | None = None,
+    stop: Callable[[], bool] = lambda: False,
 ) -> list[EpochStats]:
-    """Train ``model`` in place for ``config.epochs`` epochs; returns every epoch's stats.
+    """Train ``model`` in place up to epoch ``config.epochs``; returns the stats of the
+    epochs it ran.
 
     ``data`` and both networks must already be on the training device. The partner is
-    never updated: it runs in eval mode under ``torch.inference_mode()``.
+    never updated: it runs in eval mode under ``torch.inference_mode()``. After every
+    epoch ``on_epoch(stats, state)`` gets the engine state (optimiser, epoch, data-order
+    generator and every RNG); passing such a state back as ``resume`` (with the model's
+    weights already loaded) continues exactly where it left off. ``stop()`` is asked
+    after every step; when it says yes, ``Interrupted`` is raised and the epoch in
+    progress is dropped. A NaN or infinite loss raises ``NonFiniteLoss`` naming its step.
     """
     device = data.train_x.device
     fast = config.amp and bf16_supported(device)  # bf16 and channels_last go together
@@ -157,16 +205,30 @@ def fit(
     step_model = torch.compile(model) if config.compile else model
     optimizer, scheduler = make_optimizer(model, config)
     generator = torch.Generator().manual_seed(config.seed)
+    first = 1
+    if resume is not None:
+        # replay the schedule first (it computes each lr from the current one), then restore
+        # the optimiser, whose saved state holds exactly the lr it had reached
+        with warnings.catch_warnings():  # stepping a scheduler without optimiser steps
+            warnings.simplefilter("ignore")
+            for _ in range(resume["epoch"]):
+                scheduler.step()
+        optimizer.load_state_dict(resume["optimizer"])
+        generator.set_state(resume["generator"])
+        set_rng_state(resume["rng"])
+        first = resume["epoch"] + 1
     partner_pred = (None if partner is None
                     else predict(partner, data, config.batch_size, fast).argmax(1))
     steps = math.ceil(len(data.train_y) / config.batch_size)
     history = []
-    for epoch in range(1, config.epochs + 1):
+    for epoch in range(first, config.epochs + 1):
         model.train()
         sums = torch.zeros(3, device=device)  # loss, ce, kl, each summed over images
+        bad_step = torch.full((), -1, device=device)  # first non-finite step, kept on the device
         progress = _Progress(f"epoch {epoch}/{config.epochs}", steps)
         started = time.perf_counter()
-        for x, y in batches(data, "train", config.batch_size, generator=generator, channels_last=fast):
+        for step, (x, y) in enumerate(
+                batches(data, "train", config.batch_size, generator=generator, channels_last=fast), 1):
             partner_logits = None
             with autocast(device, fast):
                 if partner is not None:
@@ -181,7 +243,13 @@ def fit(
             optimizer.step()
             parts = [loss, ce, kl if kl is not None else torch.zeros((), device=device)]
             sums += torch.stack(parts).detach() * len(y)
+            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), step, bad_step)
+            if step % 25 == 0 or step == steps:  # one host sync every 25 steps
+                _check_finite(bad_step, epoch, config)
             progress.step()
+            if stop():
+                progress.close()
+                raise Interrupted(epoch)
         if device.type == "cuda":
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - started
@@ -190,9 +258,6 @@ def fit(
         scheduler.step()
 
         train_loss, train_ce, train_kl = (sums / len(data.train_y)).tolist()  # one host sync
-        if not math.isfinite(train_loss):
-            raise TTKDError(f"the training loss became {train_loss} in epoch {epoch}; "
-                            f"lower lr (now {config.lr}) or check the data")
         model.eval()
         val_logits = predict(step_model, data, config.batch_size, fast)
         stats = EpochStats(
@@ -207,10 +272,18 @@ def fit(
         print(_summary(stats, config.epochs), flush=True)
         history.append(stats)
         if on_epoch is not None:
-            on_epoch(stats)
+            on_epoch(stats, {"epoch": epoch, "optimizer": optimizer.state_dict(),
+                             "generator": generator.get_state(), "rng": rng_state()})
     if fast:
         model.to(memory_format=torch.contiguous_format)  # checkpoints and export in the usual layout
     return history
+
+
+def _check_finite(bad_step: torch.Tensor, epoch: int, config: TrainConfig) -> None:
+    step = int(bad_step)
+    if step >= 0:
+        raise NonFiniteLoss(f"the training loss became NaN or infinite at epoch {epoch}, step {step}; "
+                            f"lower lr (now {config.lr}) or check the data")
 
 
 def _summary(s: EpochStats, epochs: int) -> str:
