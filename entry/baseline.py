@@ -8,7 +8,11 @@ from ttkd import config, stages
 @stage_options(config.STAGE_PARAMS["baseline"])
 def main(preset, **given):
     """Train ARCH from scratch with cross-entropy; register it (default name DATASET-ARCH)."""
-    stages.baseline(**config.resolve("baseline", given, preset).stage_kwargs())
+    cfg = config.resolve("baseline", given, preset)
+    if cfg.values["resume"]:
+        stages.resume("baseline", cfg.values["resume"])
+        return
+    stages.baseline(**cfg.stage_kwargs())
 
 
 if __name__ == "__main__":

@@ -10,6 +10,9 @@ def main(preset, **given):
     """Distil student ARCH from the frozen TEACHER with (1 − α)·CE + α·T²·KL(teacher ‖ student);
     register it (default name DATASET-ARCH-kd)."""
     cfg = config.resolve("distill", given, preset)
+    if cfg.values["resume"]:
+        stages.resume("distill", cfg.values["resume"])
+        return
     if not cfg.values["teacher"]:
         raise config.TTKDError("missing teacher: the frozen teacher, as NAME, NAME@ALIAS, "
                                "NAME/VERSION, models:/... or runs:/... (-P teacher=...)")

@@ -22,7 +22,11 @@ def main(preset, **given):
     if stage != "main":
         SINGLE[stage].callback(preset=preset, **{k: given[k] for k in taken})
         return
-    print(stages.study(**config.resolve("main", given, preset).stage_kwargs()))
+    cfg = config.resolve("main", given, preset)
+    if cfg.values["resume"]:
+        print(stages.resume_study(cfg.values["resume"]))
+        return
+    print(stages.study(**cfg.stage_kwargs()))
 
 
 if __name__ == "__main__":

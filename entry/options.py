@@ -45,7 +45,7 @@ def run(command: click.Command, args: list[str] | None = None) -> None:
     except click.ClickException as exc:
         _fail(command.name, exc.format_message(), 2)
     except TTKDError as exc:
-        _fail(command.name, str(exc), 1)
+        _fail(command.name, str(exc), exc.exit_code)
     except (KeyboardInterrupt, click.Abort):
         _fail(command.name, "interrupted", 130)
 

@@ -10,6 +10,9 @@ def main(preset, **given):
     """Train teacher ARCH against the frozen STUDENT with CE + w·T²·KL(teacher ‖ student);
     register it (default name DATASET-ARCH-trained, -normal or -nasty by the sign of w)."""
     cfg = config.resolve("teach", given, preset)
+    if cfg.values["resume"]:
+        stages.resume("teach", cfg.values["resume"])
+        return
     if not cfg.values["student"]:
         raise config.TTKDError("missing student: the frozen student, as NAME, NAME@ALIAS, "
                                "NAME/VERSION, models:/... or runs:/... (-P student=...)")

@@ -56,7 +56,7 @@ def test_non_finite_loss_stops_with_the_epoch():
     def broken(z, _, y):
         loss, ce_, kl = losses.cross_entropy(z, y)
         return loss * float("nan"), ce_, kl
-    with pytest.raises(TTKDError, match="became nan in epoch 1"):
+    with pytest.raises(TTKDError, match="became NaN or infinite at epoch 1, step 1;"):
         fit(build("mlp"), DIGITS, broken, TrainConfig(epochs=2))
 
 

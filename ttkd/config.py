@@ -75,6 +75,10 @@ PARAMS: dict[str, Param] = {p.name: p for p in [
     Param("amp", "bool", TrainConfig.amp, "bf16 mixed precision and channels_last where the device "
           "supports bf16", "true or false"),
     Param("compile", "bool", TrainConfig.compile, "torch.compile the trained model", "true or false"),
+    Param("deterministic", "bool", TrainConfig.deterministic,
+          "deterministic kernels, so that a resumed run repeats an uninterrupted one", "true or false"),
+    Param("resume", "str", "", "continue an unfinished run of this stage from its last checkpoint: "
+          "its run id, or last for the newest"),
     Param("student", "str", "", "the frozen student: a model reference", "a model reference",
           lambda v: v != ""),
     Param("teacher", "str", "", "the frozen teacher: a model reference", "a model reference",
@@ -91,13 +95,14 @@ PARAMS: dict[str, Param] = {p.name: p for p in [
 ]}
 
 TRAIN = ("epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay", "schedule",
-         "milestones", "gamma", "seed", "device", "amp", "compile")
+         "milestones", "gamma", "seed", "device", "amp", "compile", "deterministic")
 COMMON = ("dataset", "data_dir") + TRAIN + ("register_as",)
 STAGE_PARAMS: dict[str, tuple[str, ...]] = {
-    "baseline": COMMON + ("arch",),
-    "teach": COMMON + ("arch", "student", "weight", "temperature"),
-    "distill": COMMON + ("arch", "teacher", "alpha", "temperature"),
-    "main": COMMON + ("student_arch", "teacher_arch", "weight", "alpha", "temperature", "kd_temperature"),
+    "baseline": COMMON + ("arch", "resume"),
+    "teach": COMMON + ("arch", "student", "weight", "temperature", "resume"),
+    "distill": COMMON + ("arch", "teacher", "alpha", "temperature", "resume"),
+    "main": COMMON + ("student_arch", "teacher_arch", "weight", "alpha", "temperature", "kd_temperature",
+                      "resume"),
 }
 STAGE_DEFAULTS = {"teach": {"arch": "cnn"}}  # where a stage differs from the table
 ROLES = ("student", "teacher")  # the per-role tables of a study preset
@@ -115,7 +120,7 @@ class RunConfig:
 
     def stage_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``ttkd.stages.<stage>``."""
-        kw = {k: v for k, v in self.values.items() if k not in TRAIN}
+        kw = {k: v for k, v in self.values.items() if k not in TRAIN and k != "resume"}
         kw["data_dir"] = kw["data_dir"] or None
         kw["register_as"] = kw["register_as"] or None
         if self.stage == "main":
@@ -207,6 +212,11 @@ def resolve(stage: str, given: dict[str, Any], preset: str | None = None) -> Run
             raise TTKDError(f"preset {preset!r} is for the {preset_for} stage; run it with "
                             f"-e {preset_for} (or with the main entry point)")
     cli = {k: v for k, v in given.items() if v is not None and v != "" and k in STAGE_PARAMS[stage]}
+    if cli.get("resume"):
+        others = sorted(set(cli) - {"resume"}) + (["preset"] if preset else [])
+        if others:
+            raise TTKDError(f"resume continues a run with the parameters it started with; "
+                            f"drop {', '.join(others)}")
 
     def value(name: str, role: str | None = None) -> Any:
         param = PARAMS[name]

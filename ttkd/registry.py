@@ -13,8 +13,11 @@ ends up pinned as ``models:/NAME/VERSION``, which is what lineage tags record.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import math
 import re
+import time
+from pathlib import Path
 
 import mlflow
 from mlflow.exceptions import MlflowException
@@ -23,7 +26,42 @@ from mlflow.tracking import MlflowClient
 from ttkd.errors import TTKDError
 
 DEFAULT_ALIAS = "champion"
+HEALTH_TIMEOUT_S = 5.0  # how long an http(s) tracking server gets to answer before we give up
 _ILLEGAL_NAME = re.compile(r"[/@:]")
+
+
+def prepare_store() -> None:
+    """Make the tracking store ready before any work, so failures come early and once.
+
+    A SQLite store gets its schema created under a file lock: several processes creating
+    the same fresh store at once would otherwise fail. An http(s) server must answer its
+    health check within ``HEALTH_TIMEOUT_S`` (MLflow itself would retry for minutes).
+    """
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith("sqlite:///"):
+        path = Path(uri[len("sqlite:///"):].split("?")[0])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.with_name(path.name + ".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            retry_locked(lambda: MlflowClient().search_experiments(max_results=1))
+    elif uri.startswith(("http://", "https://")):
+        import requests
+        try:
+            requests.get(uri.rstrip("/") + "/health", timeout=HEALTH_TIMEOUT_S).raise_for_status()
+        except requests.RequestException as exc:
+            raise TTKDError(f"cannot reach the tracking server {uri} ({type(exc).__name__}); start it "
+                            f"(mlflow server) or set MLFLOW_TRACKING_URI to a reachable store") from None
+
+
+def retry_locked(call, attempts: int = 8, first_wait_s: float = 0.2):
+    """Run ``call()``, retrying with exponential backoff while SQLite says it is locked."""
+    for attempt in range(attempts):
+        try:
+            return call()
+        except Exception as exc:
+            if "database is locked" not in str(exc) or attempt == attempts - 1:
+                raise
+            time.sleep(first_wait_s * 2**attempt)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,7 +164,7 @@ def register(model_uri: str, name: str, tags: dict[str, str]) -> ModelRef:
     """
     check_model_name(name)
     client = MlflowClient()
-    mv = mlflow.register_model(model_uri, name, tags=tags)
+    mv = retry_locked(lambda: mlflow.register_model(model_uri, name, tags=tags))
     try:
         missing = set(tags) - set(client.get_model_version(name, mv.version).tags)
         if missing:
@@ -172,6 +210,7 @@ def promote(reference: str, metric: str = "val_acc", alias: str = DEFAULT_ALIAS,
     the run that made it) or a pinned ``NAME/VERSION`` / ``NAME@ALIAS`` (that version).
     A version worse than the alias's current holder is refused unless ``force``.
     """
+    prepare_store()
     client = MlflowClient()
     ref = reference.strip().removeprefix("models:/")
     name = re.split(r"[/@]", ref, maxsplit=1)[0]
@@ -202,7 +241,7 @@ def promote(reference: str, metric: str = "val_acc", alias: str = DEFAULT_ALIAS,
         raise TTKDError(
             f"refusing to move {name}@{alias} from version {current} ({metric} {old_value:.4g}) "
             f"to the worse version {target} ({metric} {scored[target]:.4g}); pass force=true to do it anyway")
-    client.set_registered_model_alias(name, alias, target)
+    retry_locked(lambda: client.set_registered_model_alias(name, alias, target))
     return Promotion(name, alias, metric, current, old_value, target, scored[target], True)
 
 

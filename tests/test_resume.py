@@ -1,0 +1,198 @@
+"""Faults: kill -9 and resume, SIGTERM, a NaN loss, parallel stages, damaged checkpoints."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from ttkd import losses
+
+REPO = Path(__file__).resolve().parents[1]
+SLOW_ARGS = ["--arch", "cnn", "--batch_size", "8", "--epochs", "4", "--deterministic", "true"]
+
+
+def env_for(store):
+    # the same thread count in every process, so float sums add up in the same order
+    return {**os.environ, "MLFLOW_TRACKING_URI": store, "OMP_NUM_THREADS": "2", "PYTHONPATH": str(REPO)}
+
+
+def stage(store, *args, wait=True):
+    cmd = [sys.executable, "-m", "entry.baseline", *args]
+    proc = subprocess.Popen(cmd, env=env_for(store), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if not wait:
+        return proc
+    out, err = proc.communicate(timeout=300)
+    return proc.returncode, out, err
+
+
+def wait_for_epochs(store, epochs, proc):
+    client = MlflowClient(store)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        runs = [r for r in client.search_runs(["0"]) if r.info.status == "RUNNING"]
+        if runs and len(client.get_metric_history(runs[0].info.run_id, "val_acc")) >= epochs:
+            return runs[0].info.run_id
+        time.sleep(0.05)
+    raise AssertionError("the stage did not reach the epoch in time")
+
+
+def history(client, run_id, metric):
+    return [m.value for m in sorted(client.get_metric_history(run_id, metric), key=lambda m: m.step)]
+
+
+def final_weights(run_id, tmp):
+    path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="checkpoints/last.pt", dst_path=tmp)
+    return torch.load(path, weights_only=True)["model"]
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_ends_exactly_like_an_uninterrupted_run(store, tmp_path):
+    status, _, err = stage(store, *SLOW_ARGS, "--register_as", "whole")
+    assert status == 0, err
+    proc = stage(store, *SLOW_ARGS, "--register_as", "cut", wait=False)
+    run_id = wait_for_epochs(store, 2, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert MlflowClient().get_run(run_id).info.status == "RUNNING"  # nobody could mark it
+    status, out, err = stage(store, "--resume", "last")
+    assert status == 0, err
+    assert f"resuming run {run_id} after epoch" in out
+
+    client = MlflowClient()
+    whole = client.get_model_version("whole", "1").run_id
+    assert client.get_model_version("cut", "1").run_id == run_id  # the same run, continued
+    assert client.get_run(run_id).info.status == "FINISHED"
+    for metric in ("train_loss", "val_loss", "val_acc", "lr"):
+        assert history(client, run_id, metric) == history(client, whole, metric), metric
+    a, b = final_weights(whole, tmp_path / "a"), final_weights(run_id, tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_sigterm_leaves_a_resumable_run_marked_killed(store, cli):
+    proc = stage(store, "--batch_size", "8", "--epochs", "3", "--register_as", "t", wait=False)
+    run_id = wait_for_epochs(store, 1, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert err.strip().splitlines()[-1].startswith(f"ttkd baseline: error: stopped by SIGTERM in epoch")
+    assert f"resume={run_id}" in err
+    assert MlflowClient().get_run(run_id).info.status == "KILLED"
+    assert MlflowClient().search_registered_models() == []
+    status, out, err = cli("baseline", "--resume", run_id)
+    assert status == 0, err
+    assert MlflowClient().get_run(run_id).info.status == "FINISHED"
+    assert len(history(MlflowClient(), run_id, "val_acc")) == 3
+
+
+def test_nan_fails_the_run_registers_nothing_and_keeps_the_last_good_checkpoint(store, cli, monkeypatch, tmp_path):
+    calls = []
+    real = losses.cross_entropy
+
+    def poisoned(z, y):  # good for the first epoch (23 steps of 64 images), NaN from step 30
+        calls.append(1)
+        loss, ce, kl = real(z, y)
+        return (loss * float("nan"), ce, kl) if len(calls) >= 30 else (loss, ce, kl)
+    monkeypatch.setattr(losses, "cross_entropy", poisoned)
+    status, _, err = cli("baseline", "--epochs", "3", "--register_as", "never")
+    assert status == 1
+    assert "the training loss became NaN or infinite at epoch 2, step 7;" in err
+    run = mlflow.search_runs(output_format="list")[0]
+    assert run.info.status == "FAILED"
+    assert MlflowClient().search_registered_models() == []
+    state = torch.load(mlflow.artifacts.download_artifacts(
+        run_id=run.info.run_id, artifact_path="checkpoints/last.pt", dst_path=str(tmp_path)), weights_only=True)
+    assert state["epoch"] == 1 and all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_two_stages_register_into_one_fresh_sqlite_store_at_once(tmp_path):
+    store = f"sqlite:///{tmp_path / 'fresh.db'}"
+    procs = [stage(store, "--epochs", "1", "--register_as", name, wait=False) for name in ("left", "right")]
+    results = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in results]
+    names = {m.name for m in MlflowClient(store).search_registered_models()}
+    assert names == {"left", "right"}
+
+
+def test_resume_errors(store, cli, monkeypatch):
+    status, _, err = cli("baseline", "--epochs", "1", "--register_as", "done")
+    assert status == 0, err
+    finished = mlflow.search_runs(output_format="list")[0].info.run_id
+    cases = [
+        (("baseline", "--resume", "0" * 32), f"no run with id '{'0' * 32}'"),
+        (("baseline", "--resume", finished), f"run {finished} has finished; there is nothing to resume"),
+        (("teach", "--resume", finished), f"run {finished} is a baseline run; resume it with its own entry point"),
+        (("baseline", "--resume", "last"), "no unfinished baseline run to resume"),
+        (("baseline", "--resume", "last", "--epochs", "5"), "resume continues a run with the parameters it started with; drop epochs"),
+    ]
+    for args, message in cases:
+        got, _, err = cli(*args)
+        assert got == 1 and message in err, (args, err)
+
+
+def test_damaged_checkpoint_is_refused(store, cli, monkeypatch):
+    real = losses.cross_entropy
+    calls = []
+
+    def poisoned(z, y):
+        calls.append(1)
+        loss, ce, kl = real(z, y)
+        return (loss * float("nan"), ce, kl) if len(calls) >= 30 else (loss, ce, kl)
+    monkeypatch.setattr(losses, "cross_entropy", poisoned)
+    cli("baseline", "--epochs", "3")  # fails in epoch 2, leaving epoch 1's checkpoint
+    run = mlflow.search_runs(output_format="list")[0]
+    artifact = Path(run.info.artifact_uri.removeprefix("file://")) / "checkpoints" / "last.pt"
+    artifact.write_bytes(artifact.read_bytes()[:1000])  # truncated
+    status, _, err = cli("baseline", "--resume", run.info.run_id)
+    assert status == 1 and "checkpoint last.pt is damaged or not a ttkd checkpoint" in err
+
+
+def test_unreachable_tracking_server_fails_fast_with_its_uri(cli, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # the discard port: nothing listens
+    mlflow.set_tracking_uri("http://127.0.0.1:9")
+    try:
+        status, _, err = cli("baseline", "--epochs", "1")
+        assert status == 1
+        assert err.strip() == ("ttkd baseline: error: cannot reach the tracking server http://127.0.0.1:9 "
+                               "(ConnectionError); start it (mlflow server) or set MLFLOW_TRACKING_URI "
+                               "to a reachable store")
+    finally:
+        mlflow.set_tracking_uri(None)
+
+
+@pytest.mark.slow
+def test_a_failed_study_resumes_reusing_its_finished_stages(store, cli, monkeypatch):
+    real = losses.teacher_loss
+    calls = []
+
+    def poisoned(*args):  # the first teacher fails in its second epoch
+        calls.append(1)
+        loss, ce, kl = real(*args)
+        return (loss * float("nan"), ce, kl) if len(calls) >= 30 else (loss, ce, kl)
+    monkeypatch.setattr(losses, "teacher_loss", poisoned)
+    status, _, err = cli("main", "--epochs", "2", "--register_as", "st")
+    assert status == 1 and "NaN or infinite at epoch 2" in err
+    parent = mlflow.search_runs(output_format="list", filter_string="tags.`ttkd.stage` = 'main'")[0]
+    assert parent.info.status == "FAILED"
+    assert {m.name for m in MlflowClient().search_registered_models()} == {"st-student"}
+
+    monkeypatch.setattr(losses, "teacher_loss", real)
+    status, out, err = cli("main", "--resume", "last")
+    assert status == 0, err
+    assert "resuming run" in out and "| student, KD from trained teacher |" in out
+    children = mlflow.search_runs(output_format="list",
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert sorted(c.data.tags["ttkd.role"] for c in children) == sorted(
+        ["student", "teacher_normal", "teacher_trained", "kd_normal", "kd_trained"])  # no duplicates
+    assert all(c.info.status == "FINISHED" for c in children)
+    assert MlflowClient().get_model_version("st-student", "1")  # reused, not retrained
+    assert [v.version for v in MlflowClient().search_model_versions("name = 'st-student'")] == [1]
+    assert mlflow.get_run(parent.info.run_id).info.status == "FINISHED"
