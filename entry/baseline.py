@@ -1,18 +1,14 @@
 """`mlflow run . -e baseline`: train a network from scratch with cross-entropy."""
 
-from entry.options import command, run, stage_options
-from ttkd import config, stages
+from entry.options import command, run, stage_options, start
+from ttkd import config
 
 
 @command("baseline")
 @stage_options(config.STAGE_PARAMS["baseline"])
 def main(preset, **given):
     """Train ARCH from scratch with cross-entropy; register it (default name DATASET-ARCH)."""
-    cfg = config.resolve("baseline", given, preset)
-    if cfg.values["resume"]:
-        stages.resume("baseline", cfg.values["resume"])
-        return
-    stages.baseline(**cfg.stage_kwargs())
+    start("baseline", given, preset)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from entry import baseline, distill, teach
 from entry.options import command, run, stage_options
 from ttkd import config, stages
+from ttkd.errors import TTKDError
 
 ALL_PARAMS = tuple(dict.fromkeys(n for names in config.STAGE_PARAMS.values() for n in names))
 SINGLE = {"baseline": baseline.main, "teach": teach.main, "distill": distill.main}
@@ -17,7 +18,7 @@ def main(preset, **given):
     taken = set(config.STAGE_PARAMS[stage])
     stray = sorted(k for k, v in given.items() if v not in (None, "") and k not in taken)
     if stray:
-        raise config.TTKDError(f"the {stage} stage does not take {', '.join(stray)}; "
+        raise TTKDError(f"the {stage} stage does not take {', '.join(stray)}; "
                                f"it takes: {', '.join(sorted(taken))}")
     if stage != "main":
         SINGLE[stage].callback(preset=preset, **{k: given[k] for k in taken})

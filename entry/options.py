@@ -13,8 +13,10 @@ import traceback
 
 import click
 
-from ttkd import config
+from ttkd import config, stages
 from ttkd.errors import TTKDError
+
+PARTNER = {"teach": "student", "distill": "teacher"}  # the frozen network each stage needs
 
 
 def command(name: str):
@@ -33,6 +35,19 @@ def stage_options(names: tuple[str, ...]):
                             help="experiments/NAME.toml (or a path to a .toml file); "
                                  "options given here override it")(f)
     return apply
+
+
+def start(stage: str, given: dict, preset: str | None) -> None:
+    """Check the parameters of a single ``stage`` and run it, or resume it."""
+    cfg = config.resolve(stage, given, preset)
+    if cfg.values["resume"]:
+        stages.resume(stage, cfg.values["resume"])
+        return
+    partner = PARTNER.get(stage)
+    if partner and not cfg.values[partner]:
+        raise TTKDError(f"missing {partner}: the frozen {partner}, as NAME, NAME@ALIAS, "
+                        f"NAME/VERSION, models:/... or runs:/... (-P {partner}=...)")
+    getattr(stages, stage)(**cfg.stage_kwargs())
 
 
 def run(command: click.Command, args: list[str] | None = None) -> None:

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from ttkd import data as datasets
 from ttkd import losses, models
-from ttkd.train import TrainConfig, accuracy, autocast, bf16_supported, fit, predict, resolve_device, seed_everything
+from ttkd.train import TrainConfig, accuracy, bf16_supported, fit, forward, predict, resolve_device, seed_everything
 
 STAGES = ("baseline", "teach", "distill")
 
@@ -175,13 +175,7 @@ def measure_compute(stage, args, data, device):
     model.train()
 
     def step():
-        partner_logits = None
-        with autocast(device, fast):
-            if partner is not None:
-                with torch.inference_mode():
-                    partner_logits = partner(x)
-                partner_logits = partner_logits.float().clone()
-            logits = model(x).float()
+        logits, partner_logits = forward(model, partner, x, fast)
         loss_fn(logits, partner_logits, y)[0].backward()
         model.zero_grad(set_to_none=True)
 

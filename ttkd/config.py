@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ttkd import data, models
-from ttkd.errors import TTKDError  # noqa: F401  (re-exported for entry points)
+from ttkd.errors import TTKDError
 from ttkd.train import TrainConfig
 
 STAGES = ("baseline", "teach", "distill", "main")

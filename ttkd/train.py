@@ -175,6 +175,20 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return 100.0 * (logits.argmax(1) == labels).float().mean().item()
 
 
+def forward(model: nn.Module, partner: nn.Module | None, x: torch.Tensor, fast: bool):
+    """Float32 logits ``(B, K)`` of the trained model and of the frozen partner (None
+    without one), in bf16 autocast when ``fast``; the partner runs in inference mode."""
+    partner_logits = None
+    with autocast(x.device, fast):
+        if partner is not None:
+            with torch.inference_mode():
+                partner_logits = partner(x)
+            # inference tensors cannot be saved for backward: take a normal copy
+            partner_logits = partner_logits.float().clone()
+        logits = model(x).float()  # losses in float32, whatever the compute dtype
+    return logits, partner_logits
+
+
 def fit(
     model: nn.Module,
     data: ImageData,
@@ -229,14 +243,7 @@ def fit(
         started = time.perf_counter()
         for step, (x, y) in enumerate(
                 batches(data, "train", config.batch_size, generator=generator, channels_last=fast), 1):
-            partner_logits = None
-            with autocast(device, fast):
-                if partner is not None:
-                    with torch.inference_mode():
-                        partner_logits = partner(x)
-                    # inference tensors cannot be saved for backward: take a normal copy
-                    partner_logits = partner_logits.float().clone()
-                logits = step_model(x).float()  # losses in float32, whatever the compute dtype
+            logits, partner_logits = forward(step_model, partner, x, fast)
             loss, ce, kl = loss_fn(logits, partner_logits, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
