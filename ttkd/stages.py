@@ -162,13 +162,13 @@ def _run_stage(stage: str, *, arch: str, train: TrainConfig, dataset: str, data_
             print(f"{partner[0]} {partner_ref.uri}: val_acc {partner_acc:.2f}%", flush=True)
 
         last = dict(ckpt["stats"]) if ckpt else None
+        if ckpt is not None:  # killed between its checkpoint and its metrics: log them now
+            logged = {m.step for m in MlflowClient().get_metric_history(run.info.run_id, "val_acc")}
+            if ckpt["epoch"] not in logged:
+                log_epoch(EpochStats(**last), partner_acc)
         best = [ckpt["best_val_acc"] if ckpt else -1.0]
         with tempfile.TemporaryDirectory() as tmp, _stop_on_signals() as stop:
             def on_epoch(s: EpochStats, engine: dict) -> None:
-                metrics = s.metrics()
-                if partner_acc is not None:
-                    metrics["partner_val_acc"] = partner_acc
-                mlflow.log_metrics(metrics, step=s.epoch)
                 best[0] = max(best[0], s.val_acc)
                 state = {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                          "engine": engine, "stage": stage, "kwargs": kwargs,
@@ -181,6 +181,8 @@ def _run_stage(stage: str, *, arch: str, train: TrainConfig, dataset: str, data_
                 if s.val_acc == best[0]:
                     save_checkpoint(Path(tmp) / "best.pt", state)
                     log_checkpoint(Path(tmp) / "best.pt")
+                # metrics after the checkpoint: an epoch with metrics always has its checkpoint
+                log_epoch(s, partner_acc)
 
             try:
                 history = fit(model, data, loss, train, partner=partner_net, on_epoch=on_epoch,
@@ -208,6 +210,14 @@ def _run_stage(stage: str, *, arch: str, train: TrainConfig, dataset: str, data_
     finally:
         mlflow.end_run(status)
     return StageResult(run.info.run_id, ref, last["val_acc"], last["agreement"], partner_ref, partner_acc)
+
+
+def log_epoch(s: EpochStats, partner_acc: float | None) -> None:
+    """Log one epoch's metrics at step = epoch."""
+    metrics = s.metrics()
+    if partner_acc is not None:
+        metrics["partner_val_acc"] = partner_acc
+    mlflow.log_metrics(metrics, step=s.epoch)
 
 
 class _stop_on_signals:
