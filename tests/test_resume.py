@@ -77,7 +77,8 @@ def test_kill_9_then_resume_ends_exactly_like_an_uninterrupted_run(store, tmp_pa
 
 @pytest.mark.slow
 def test_sigterm_leaves_a_resumable_run_marked_killed(store, cli):
-    proc = stage(store, "--batch_size", "8", "--epochs", "3", "--register_as", "t", wait=False)
+    # cnn with small batches: epochs long enough that the signal lands during training
+    proc = stage(store, "--arch", "cnn", "--batch_size", "8", "--epochs", "4", "--register_as", "t", wait=False)
     run_id = wait_for_epochs(store, 1, proc)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
@@ -89,7 +90,7 @@ def test_sigterm_leaves_a_resumable_run_marked_killed(store, cli):
     status, out, err = cli("baseline", "--resume", run_id)
     assert status == 0, err
     assert MlflowClient().get_run(run_id).info.status == "FINISHED"
-    assert len(history(MlflowClient(), run_id, "val_acc")) == 3
+    assert len(history(MlflowClient(), run_id, "val_acc")) == 4
 
 
 def test_nan_fails_the_run_registers_nothing_and_keeps_the_last_good_checkpoint(store, cli, monkeypatch, tmp_path):
