@@ -402,20 +402,20 @@ def random_crop_flip(
     ``RandomHorizontalFlip()`` applied image by image, done for the whole batch at once.
     ``images``: ``(B, C, H, W)``; returns a tensor of the same shape and dtype.
     """
-    b, _, h, w = images.shape
+    b, c, h, w = images.shape
     padded = torch.nn.functional.pad(images, (padding,) * 4)  # (B, C, H+2p, W+2p), zeros
+    width = w + 2 * padding
     dev = images.device
     # offsets are drawn on the CPU generator, then moved: one small transfer per batch
     dy = torch.randint(0, 2 * padding + 1, (b,), generator=generator).to(dev)
     dx = torch.randint(0, 2 * padding + 1, (b,), generator=generator).to(dev)
     flip = torch.rand(b, generator=generator).to(dev) < 0.5
-    rows = (dy[:, None] + torch.arange(h, device=dev)[None]).view(b, 1, h, 1)
-    cols = torch.arange(w, device=dev)[None].expand(b, w)
-    cols = torch.where(flip[:, None], cols.flip(1), cols) + dx[:, None]
-    cols = cols.view(b, 1, 1, w)
-    bi = torch.arange(b, device=dev).view(b, 1, 1, 1)
-    ci = torch.arange(images.shape[1], device=dev).view(1, -1, 1, 1)
-    return padded[bi, ci, rows, cols]
+    rows = dy[:, None] + torch.arange(h, device=dev)  # (B, H) source rows
+    cols = torch.arange(w, device=dev).expand(b, w)
+    cols = torch.where(flip[:, None], cols.flip(1), cols) + dx[:, None]  # (B, W) source columns
+    # one gather over each image's flattened pixels, the same for every channel
+    index = (rows[:, :, None] * width + cols[:, None, :]).view(b, 1, h * w).expand(b, c, h * w)
+    return padded.view(b, c, -1).gather(2, index).view(b, c, h, w)
 
 
 def random_rotate_flip(
