@@ -3,7 +3,7 @@ import torch
 
 from ttkd import data, losses, models
 from ttkd.errors import TTKDError
-from ttkd.train import TrainConfig, fit, seed_everything
+from ttkd.train import TrainConfig, fit, frozen, seed_everything
 
 DIGITS = data.load("digits")
 
@@ -44,6 +44,19 @@ def test_frozen_partner_gets_no_gradient_and_does_not_change():
     stats = history[0]
     assert stats.train_kl is not None and stats.agreement is not None
     assert stats.train_loss == pytest.approx(0.1 * stats.train_ce + 0.9 * stats.train_kl, rel=1e-4)
+
+
+def test_frozen_partner_is_a_bf16_copy_that_predicts_like_the_original():
+    partner = build("cnn").eval()
+    fast = frozen(partner, fast=True)
+    assert all(p.dtype == torch.bfloat16 for p in fast.parameters())
+    assert all(p.dtype == torch.float32 for p in partner.parameters())  # the caller's is untouched
+    x = next(data.batches(DIGITS, "val", 512))[0]
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):  # as fit runs it
+        agree = (fast(x).argmax(1) == partner(x).argmax(1)).float().mean().item()
+    assert agree > 0.97
+    plain = frozen(partner, fast=False)
+    assert plain is not partner and all(p.dtype == torch.float32 for p in plain.parameters())
 
 
 def test_same_seed_same_result():

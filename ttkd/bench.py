@@ -10,12 +10,15 @@ on the same models, batch size and CIFAR-shaped random data:
     seed     the seed's loop: PIL images through per-sample torchvision transforms
              (random crop 32/4, flip, to-tensor, normalise) in a DataLoader with 4 workers,
              float32, the partner under no_grad, ``.item()`` and a numpy accuracy every step
-    ttkd     ``ttkd.train.fit`` (its second epoch), as every stage runs it
+    ttkd     ``ttkd.train.fit`` (its second epoch), as every stage runs it, the partner
+             in the ``torch.export`` form that a stage loads from the registry
     compute  forward + backward of the same network(s) on one batch already in memory,
              in ttkd's precision: the ceiling for any data pipeline
 
-and prints images per second, ttkd/seed, ttkd/compute and each phase's peak memory
-(resident set size on the CPU, allocated memory on a GPU).
+The three take turns, ``--repeat`` rounds per stage (a slow spell of a shared machine
+then hits them all), and it prints the median images per second, ttkd/seed (with its
+range over the rounds), ttkd/compute and each path's peak memory (resident set size
+on the CPU, allocated memory on a GPU).
 
 Accuracy: the digits study's five networks trained by ttkd with bf16 on, with it off, and
 by the seed's DataLoader loop, over several seeds; prints mean ± standard deviation.
@@ -38,7 +41,8 @@ import torch.nn.functional as F
 
 from ttkd import data as datasets
 from ttkd import losses, models
-from ttkd.train import TrainConfig, accuracy, bf16_supported, fit, forward, predict, resolve_device, seed_everything
+from ttkd.train import (TrainConfig, accuracy, bf16_supported, fit, forward, frozen, predict,
+                        resolve_device, seed_everything)
 
 STAGES = ("baseline", "teach", "distill")
 
@@ -102,13 +106,19 @@ def seed_style_epoch(model, partner, loader, loss_fn, optimizer, device, max_ima
 
 # --- speed ----------------------------------------------------------------------------------
 
-def stage_setup(stage, student, teacher, data, device, amp):
-    """(trained network, frozen partner or None, loss_fn) for ``stage``."""
+def stage_setup(stage, student, teacher, data, device, registered=False):
+    """(trained network, frozen partner or None, loss_fn) for ``stage``. With
+    ``registered`` the partner is in the form a stage loads from the registry: the
+    ``torch.export`` program that MLflow's pt2 format stores."""
     build = lambda arch: models.build(arch, data.num_classes, data.in_channels,  # noqa: E731
                                       image_size=data.image_shape[-1]).to(device)
     if stage == "baseline":
         return build(student), None, lambda z, p, y: losses.cross_entropy(z, y)
     partner = build(student if stage == "teach" else teacher).eval()
+    if registered:
+        example = torch.zeros(2, *data.image_shape, device=device)
+        partner = torch.export.export(partner, (example,),
+                                      dynamic_shapes=({0: torch.export.Dim.AUTO},)).module()
     if stage == "teach":
         return build(teacher), partner, lambda z, p, y: losses.teacher_loss(z, p, y, 0.005, 4.0)
     return build(student), partner, lambda z, p, y: losses.distill_loss(z, p, y, 0.9, 4.0)
@@ -144,7 +154,7 @@ class PeakMemory:
 
 def measure_seed(stage, args, data, device):
     torch.manual_seed(0)
-    model, partner, loss_fn = stage_setup(stage, args.student, args.teacher, data, device, False)
+    model, partner, loss_fn = stage_setup(stage, args.student, args.teacher, data, device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     loader = seed_loader(data, "train", args.batch_size, 0, args.workers)
     with PeakMemory(device) as mem:
@@ -155,7 +165,7 @@ def measure_seed(stage, args, data, device):
 
 def measure_ttkd(stage, args, data, device):
     torch.manual_seed(0)
-    model, partner, loss_fn = stage_setup(stage, args.student, args.teacher, data, device, args.amp)
+    model, partner, loss_fn = stage_setup(stage, args.student, args.teacher, data, device, registered=True)
     config = TrainConfig(epochs=2, batch_size=args.batch_size, lr=0.01, amp=args.amp, device=str(device))
     with PeakMemory(device) as mem, redirect_stdout(io.StringIO()):
         history = fit(model, data, loss_fn, config, partner=partner)
@@ -164,12 +174,11 @@ def measure_ttkd(stage, args, data, device):
 
 def measure_compute(stage, args, data, device):
     torch.manual_seed(0)
-    model, partner, loss_fn = stage_setup(stage, args.student, args.teacher, data, device, args.amp)
+    model, partner, loss_fn = stage_setup(stage, args.student, args.teacher, data, device, registered=True)
     fast = args.amp and bf16_supported(device)
-    layout = torch.channels_last if fast else torch.contiguous_format
-    model.to(memory_format=layout)
+    model.to(memory_format=torch.channels_last if fast else torch.contiguous_format)
     if partner is not None:
-        partner.to(memory_format=layout)
+        partner = frozen(partner, fast)  # as fit runs it
     x, y = next(datasets.batches(data, "train", args.batch_size, channels_last=fast,
                                  generator=torch.Generator().manual_seed(0)))
     model.train()
@@ -196,7 +205,12 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+MEASURES = (("seed", measure_seed), ("ttkd", measure_ttkd), ("compute", measure_compute))
+
+
 def speed(args) -> list[dict]:
+    """Measure every stage ``args.repeat`` times, the three paths taking turns so that a
+    slow spell of the machine hits all of them; report medians and the ratios' range."""
     device = resolve_device(args.device)
     full = datasets.load(args.dataset)
     n = args.images + 4 * args.batch_size  # the measured epoch plus the seed loop's warm-up
@@ -204,19 +218,27 @@ def speed(args) -> list[dict]:
                                val_x=full.val_x[:args.batch_size], val_y=full.val_y[:args.batch_size])
     rows = []
     for stage in args.stages:
-        seed_rate, seed_mem = measure_seed(stage, args, data, device)
-        ours, ours_mem = measure_ttkd(stage, args, data.to(device), device)
-        ceiling, ceiling_mem = measure_compute(stage, args, data.to(device), device)
-        rows.append(dict(stage=stage, seed=seed_rate, ttkd=ours, compute=ceiling,
-                         vs_seed=ours / seed_rate, of_compute=ours / ceiling,
-                         seed_mib=seed_mem, ttkd_mib=ours_mem, compute_mib=ceiling_mem))
+        rates = {name: [] for name, _ in MEASURES}
+        peak = dict.fromkeys(rates, 0.0)
+        for _ in range(args.repeat):
+            for name, measure in MEASURES:
+                rate, mib = measure(stage, args, data if name == "seed" else data.to(device), device)
+                rates[name].append(rate)
+                peak[name] = max(peak[name], mib)
+        vs_seed = [t / s for t, s in zip(rates["ttkd"], rates["seed"])]
+        of_compute = [t / c for t, c in zip(rates["ttkd"], rates["compute"])]
+        rows.append(dict(stage=stage, **{k: statistics.median(v) for k, v in rates.items()},
+                         vs_seed=statistics.median(vs_seed), vs_seed_range=(min(vs_seed), max(vs_seed)),
+                         of_compute=statistics.median(of_compute),
+                         seed_mib=peak["seed"], ttkd_mib=peak["ttkd"], compute_mib=peak["compute"]))
         print(_row(rows[-1]), flush=True)
     return rows
 
 
 def _row(r) -> str:
+    low, high = r["vs_seed_range"]
     return (f"| {r['stage']} | {r['seed']:,.0f} | {r['ttkd']:,.0f} | {r['compute']:,.0f} | "
-            f"{r['vs_seed']:.2f}x | {100 * r['of_compute']:.0f}% | "
+            f"{r['vs_seed']:.2f}x ({low:.2f}-{high:.2f}) | {100 * r['of_compute']:.0f}% | "
             f"{r['seed_mib']:,.0f} / {r['ttkd_mib']:,.0f} / {r['compute_mib']:,.0f} |")
 
 
@@ -287,6 +309,7 @@ def main(argv=None) -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--images", type=int, default=3840, help="training images per measurement")
     parser.add_argument("--workers", type=int, default=4, help="the seed loop's DataLoader workers")
+    parser.add_argument("--repeat", type=int, default=3, help="rounds per stage; medians are reported")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--no-amp", dest="amp", action="store_false", help="ttkd in float32")
     parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
@@ -300,8 +323,9 @@ def main(argv=None) -> None:
         print(accuracy_table(args))
         return
     print(f"student {args.student}, teacher {args.teacher}, batch {args.batch_size}, "
-          f"{args.images} images per measurement; images/s and peak MiB\n")
-    print("| stage | seed loop | ttkd | compute | ttkd/seed | ttkd/compute | peak MiB seed / ttkd / compute |")
+          f"{args.images} images per measurement, median of {args.repeat}; images/s and peak MiB\n")
+    print("| stage | seed loop | ttkd | compute | ttkd/seed (range) | ttkd/compute | "
+          "peak MiB seed / ttkd / compute |")
     print("|---|---:|---:|---:|---:|---:|---|")
     speed(args)
 

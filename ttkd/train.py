@@ -10,6 +10,7 @@ The engine knows nothing of MLflow: the caller gets each epoch's figures through
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
@@ -175,6 +176,17 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return 100.0 * (logits.argmax(1) == labels).float().mean().item()
 
 
+def frozen(partner: nn.Module, fast: bool) -> nn.Module:
+    """The frozen partner as the step loop runs it: a copy, so the caller's network is
+    left as it was; with ``fast``, in channels_last and with its weights cast to bf16
+    once, instead of by autocast at every step (it never learns, so no float32 master
+    copy is needed). Its logits differ from float32 ones by bf16 rounding only."""
+    partner = copy.deepcopy(partner)
+    if fast:
+        partner.to(dtype=torch.bfloat16, memory_format=torch.channels_last)
+    return partner
+
+
 def forward(model: nn.Module, partner: nn.Module | None, x: torch.Tensor, fast: bool):
     """Float32 logits ``(B, K)`` of the trained model and of the frozen partner (None
     without one), in bf16 autocast when ``fast``; the partner runs in inference mode."""
@@ -214,8 +226,8 @@ def fit(
     fast = config.amp and bf16_supported(device)  # bf16 and channels_last go together
     if fast:
         model.to(memory_format=torch.channels_last)
-        if partner is not None:
-            partner.to(memory_format=torch.channels_last)
+    if partner is not None:
+        partner = frozen(partner, fast)
     step_model = torch.compile(model) if config.compile else model
     optimizer, scheduler = make_optimizer(model, config)
     generator = torch.Generator().manual_seed(config.seed)
