@@ -1,3 +1,4 @@
+import dataclasses
 import gzip
 import pickle
 
@@ -265,6 +266,64 @@ def test_bad_image_folders_say_what_was_expected(tmp_path, make, message):
     make(tmp_path)
     with pytest.raises(TTKDError, match=message):
         data.load("imagefolder", str(tmp_path))
+
+
+def assert_same_batches(a, b, split, augment_seed=3):
+    ga, gb = torch.Generator().manual_seed(augment_seed), torch.Generator().manual_seed(augment_seed)
+    pairs = list(zip(data.batches(a, split, 4, generator=ga), data.batches(b, split, 4, generator=gb)))
+    assert len(pairs) == -(-len(a.train_y if split == "train" else a.val_y) // 4)
+    for (xa, ya), (xb, yb) in pairs:
+        assert torch.equal(ya, yb)
+        torch.testing.assert_close(xa, xb)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_streamed_image_folder_gives_the_same_batches_as_in_memory(tmp_path, workers):
+    make_imagefolder(tmp_path, classes=("a", "b", "c"), size=(12, 12))
+    write_image(tmp_path / "train" / "b" / "odd.png", (20, 20), True, 7)  # resized on the fly too
+    memory = data.load("imagefolder", str(tmp_path), stream=False)
+    disk = data.load("imagefolder", str(tmp_path), stream=True)
+    assert not memory.streamed and disk.streamed
+    disk = dataclasses.replace(disk, train_x=data.ImageFiles(disk.train_x.paths, (12, 12), "RGB", workers))
+    assert disk.image_shape == memory.image_shape and disk.in_channels == 3
+    assert torch.equal(disk.val_x[:3], memory.val_x[:3])
+    assert disk.mean == pytest.approx(memory.mean) and disk.std == pytest.approx(memory.std)
+    for split in ("train", "val"):
+        assert_same_batches(memory, disk, split)
+    assert disk.digest() != memory.digest() and disk.digest() == data.load("imagefolder", str(tmp_path),
+                                                                           stream=True).digest()
+
+
+def test_streamed_tiny_imagenet_rotates_like_in_memory(tmp_path):
+    make_tiny_imagenet(tmp_path)
+    memory = data.load("tiny-imagenet", str(tmp_path), stream=False)
+    disk = data.load("tiny-imagenet", str(tmp_path), stream=True)
+    assert disk.streamed and disk.mean == memory.mean
+    assert_same_batches(memory, disk, "train")
+
+
+def test_stream_auto_keeps_folders_on_disk_only_when_they_would_not_fit(tmp_path, monkeypatch):
+    make_imagefolder(tmp_path)  # 10 images of 3x12x12 = 4,320 bytes decoded
+    monkeypatch.setattr(data, "physical_memory", lambda: 4 * 4320)
+    assert not data.load("imagefolder", str(tmp_path)).streamed
+    monkeypatch.setattr(data, "physical_memory", lambda: 4 * 4320 - 4)
+    assert data.load("imagefolder", str(tmp_path)).streamed
+
+
+def test_stream_is_refused_for_data_sets_held_in_memory():
+    with pytest.raises(TTKDError, match="dataset digits is always held in memory; stream=true applies to"):
+        data.load("digits", stream=True)
+
+
+def test_unreadable_file_in_a_streamed_folder_is_named_when_reached(tmp_path):
+    make_imagefolder(tmp_path)
+    d = data.load("imagefolder", str(tmp_path), stream=True)
+    (tmp_path / "train" / "cat" / "1.png").write_bytes(b"not a png")  # damaged after loading
+    d = dataclasses.replace(d, train_x=data.ImageFiles(d.train_x.paths, (12, 12), "RGB", workers=1))
+    with pytest.raises(TTKDError) as caught:
+        list(data.batches(d, "train", 4, generator=torch.Generator().manual_seed(0)))
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith("cannot read image ") and "1.png" in message
 
 
 def test_missing_tiny_imagenet_offline(tmp_path, monkeypatch):

@@ -179,13 +179,18 @@ def test_bad_input_one_line_and_registry_untouched(populated, cli, args, status,
 
 
 @pytest.mark.slow
-def test_baseline_trains_on_a_users_image_folder(store, cli, tmp_path):
+def test_baseline_trains_on_a_users_image_folder_left_on_disk(store, cli, tmp_path):
     from tests.test_data import make_imagefolder
     make_imagefolder(tmp_path / "pets", classes=("cat", "dog", "fox"), size=(16, 16))
     status, out, err = cli("baseline", "--dataset", "imagefolder", "--data_dir", str(tmp_path / "pets"),
-                           "--arch", "preresnet20", "--epochs", "1", "--batch_size", "4")
+                           "--arch", "preresnet20", "--epochs", "1", "--batch_size", "4", "--stream", "true")
     assert status == 0, err
     assert "registered models:/imagefolder-preresnet20/1" in out
+    run = mlflow.search_runs(search_all_experiments=True, output_format="list")[0]
+    assert run.data.params["stream"] == "true" and run.data.params["streamed"] == "True"
+    assert run.data.metrics["throughput"] > 0
+    assert sorted(i.dataset.name for i in run.inputs.dataset_inputs) == ["imagefolder-training",
+                                                                       "imagefolder-validation"]
     signature = mlflow.models.get_model_info("models:/imagefolder-preresnet20/1").signature
     assert signature.inputs.inputs[0].shape == (-1, 3, 16, 16)
     assert signature.outputs.inputs[0].shape == (-1, 3)

@@ -44,6 +44,10 @@ PARAMS: dict[str, Param] = {p.name: p for p in [
     Param("dataset", "str", "digits", "data set", "one of " + ", ".join(data.names())
           + " (synthetic also as synthetic-CxHxW-K)", data.known),
     Param("data_dir", "str", "", "folder with the data set's files (default ./data)"),
+    Param("stream", "str", "auto", "image folders (imagefolder, tiny-imagenet): true leaves the images on "
+          "disk, decoded batch by batch by DataLoader workers; false decodes them into memory; auto "
+          "leaves them on disk when they would fill more than a quarter of the RAM", "auto, true or false",
+          _choice(lambda: ["auto", "true", "false"])),
     Param("arch", "str", "mlp", "network to train", "a registered architecture: " + ", ".join(models.names()),
           _choice(models.names)),
     Param("student_arch", "str", "mlp", "the study's student network", "a registered architecture",
@@ -96,7 +100,7 @@ PARAMS: dict[str, Param] = {p.name: p for p in [
 
 TRAIN = ("epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay", "schedule",
          "milestones", "gamma", "seed", "device", "amp", "compile", "deterministic")
-COMMON = ("dataset", "data_dir") + TRAIN + ("register_as",)
+COMMON = ("dataset", "data_dir", "stream") + TRAIN + ("register_as",)
 STAGE_PARAMS: dict[str, tuple[str, ...]] = {
     "baseline": COMMON + ("arch", "resume"),
     "teach": COMMON + ("arch", "student", "weight", "temperature", "resume"),
@@ -122,6 +126,7 @@ class RunConfig:
         """Keyword arguments for ``ttkd.stages.<stage>``."""
         kw = {k: v for k, v in self.values.items() if k not in TRAIN and k != "resume"}
         kw["data_dir"] = kw["data_dir"] or None
+        kw["stream"] = {"auto": None, "true": True, "false": False}[kw["stream"]]
         kw["register_as"] = kw["register_as"] or None
         if self.stage == "main":
             return kw | {"student_train": self.train["student"], "teacher_train": self.train["teacher"]}

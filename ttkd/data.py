@@ -6,12 +6,18 @@ and standard deviation (in [0, 1] units) used to normalise them. Batches are cut
 augmented and normalised on whatever device the tensors live on (:func:`batches`),
 so there is no per-image Python work in the training loop.
 
+Folders of image files too large for memory stay on disk instead (:class:`ImageFiles`):
+DataLoader worker processes decode each batch's files, into pinned memory when the
+batches go to a GPU, and the batch is then augmented and normalised exactly as an
+in-memory one.
+
 Add a data set by writing a loader ``(data_dir) -> ImageData`` and listing it in
 ``LOADERS``.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import gzip
 import hashlib
@@ -34,8 +40,8 @@ SPLIT_SEED = 0  # the train/validation split of data sets that ship without one 
 class ImageData:
     """A classification data set in memory.
 
-    ``train_x``/``val_x`` are ``(N, C, H, W)`` uint8; ``train_y``/``val_y`` are ``(N,)``
-    int64 in ``[0, num_classes)``. ``mean``/``std`` have one entry per channel.
+    ``train_x``/``val_x`` are ``(N, C, H, W)`` uint8 tensors, or :class:`ImageFiles` for
+    a data set left on disk; ``train_y``/``val_y`` are ``(N,)`` int64 in ``[0, num_classes)``. ``mean``/``std`` have one entry per channel.
     ``augment`` names the training augmentation: "" (none), "crop_flip" (random crop
     after ``crop_padding`` pixels of zero padding, then a random horizontal flip: CIFAR)
     or "rotate_flip" (random rotation within ±``rotation`` degrees, then a random
@@ -64,17 +70,106 @@ class ImageData:
     def in_channels(self) -> int:
         return self.train_x.shape[1]
 
+    @property
+    def streamed(self) -> bool:
+        """Whether the images stay on disk and are decoded batch by batch."""
+        return isinstance(self.train_x, ImageFiles)
+
     def digest(self) -> str:
-        """A short content hash of both splits, so runs on identical data can be matched."""
+        """A short hash of both splits, so runs on identical data can be matched: of their
+        content in memory, of file names, sizes and times for a data set left on disk."""
         h = hashlib.sha256()
         for t in (self.train_x, self.train_y, self.val_x, self.val_y):
-            h.update(t.contiguous().numpy().tobytes())
+            h.update(t.fingerprint() if isinstance(t, ImageFiles) else t.cpu().contiguous().numpy().tobytes())
         return h.hexdigest()[:16]
 
     def to(self, device: torch.device | str) -> ImageData:
         """The same data with every tensor moved to ``device``."""
         moved = {f: getattr(self, f).to(device) for f in ("train_x", "train_y", "val_x", "val_y")}
         return dataclasses.replace(self, **moved)
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """One split left on disk: images are decoded from their files, resized to ``size``
+    and converted to ``mode`` ("L" or "RGB") when a batch is drawn.
+
+    It stands in for the split's ``(N, C, H, W)`` uint8 tensor wherever ttkd reads one:
+    ``shape``, ``device`` (where its batches land), ``to(device)``, and indexing by an
+    integer (one image) or a slice (a stacked batch). :meth:`batches` runs ``workers``
+    DataLoader processes, with pinned memory when the batches go to a GPU.
+    """
+
+    def __init__(self, paths: list, size: tuple[int, int], mode: str, workers: int | None = None):
+        self.paths = [str(p) for p in paths]
+        self.size, self.mode = tuple(size), mode
+        self.device = torch.device("cpu")
+        self.workers = default_workers() if workers is None else workers
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((len(self.paths), 1 if self.mode == "L" else 3, *self.size))
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return torch.stack([self[j] for j in range(*i.indices(len(self)))])
+        return torch.from_numpy(np.ascontiguousarray(_read(self.paths[i], self.size, self.mode)))
+
+    def to(self, device: torch.device | str) -> ImageFiles:
+        moved = copy.copy(self)
+        moved.device = torch.device(device)
+        return moved
+
+    def fingerprint(self) -> bytes:
+        """File names, sizes and modification times: changes when any file does."""
+        lines = []
+        for path in self.paths:
+            st = os.stat(path)
+            lines.append(f"{path}\t{st.st_size}\t{st.st_mtime_ns}")
+        return "\n".join(lines + [f"{self.size} {self.mode}"]).encode()
+
+    def batches(self, chunks: list[list[int]]) -> Iterator[torch.Tensor]:
+        """The images of each index list in ``chunks``, in order, as ``(B, C, H, W)`` uint8
+        on ``self.device``; workers decode ahead of the training step."""
+        loader = torch.utils.data.DataLoader(
+            self, batch_sampler=chunks, collate_fn=torch.stack, num_workers=self.workers,
+            pin_memory=self.device.type == "cuda", prefetch_factor=4 if self.workers else None)
+        try:
+            for images in loader:
+                yield images.to(self.device, non_blocking=True)
+        except TTKDError as exc:  # raised in a worker: keep its own one-line message
+            raise TTKDError(str(exc).strip().splitlines()[-1].split("TTKDError: ", 1)[-1]) from None
+
+
+def default_workers() -> int:
+    """DataLoader workers for a data set on disk: one core is left to the training step."""
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
+STREAM_FRACTION = 0.25  # "auto" keeps a folder on disk if its decoded images exceed this share of RAM
+
+
+def physical_memory() -> int:
+    """Bytes of RAM on this machine (8 GiB if the system does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 8 * 2**30
+
+
+def _split(samples: list[tuple], size: tuple[int, int], mode: str, stream: bool):
+    """``(images, labels)`` of ``(path, label)`` pairs: decoded now, or left on disk."""
+    if stream:
+        return ImageFiles([p for p, _ in samples], size, mode), np.array([y for _, y in samples], dtype=np.int64)
+    return _decode(samples, size, mode)
+
+
+def _should_stream(stream: bool | None, count: int, size: tuple[int, int], channels: int) -> bool:
+    if stream is not None:
+        return stream
+    return count * channels * size[0] * size[1] > STREAM_FRACTION * physical_memory()
 
 
 def load_digits(data_dir: str | None = None) -> ImageData:
@@ -178,10 +273,11 @@ TINY_LAYOUT = ("train/<wnid>/images/*.JPEG, val/images/*.JPEG and val/val_annota
                "(the layout of tiny-imagenet-200.zip)")
 
 
-def load_tiny_imagenet(data_dir: str | None) -> ImageData:
+def load_tiny_imagenet(data_dir: str | None, stream: bool | None = None) -> ImageData:
     """Tiny-ImageNet (200 classes, 64x64) in its distributed layout, under ``data_dir`` or
     ``data_dir/tiny-imagenet-200``; downloaded into ``data_dir`` if absent. Random
-    rotation of 20° and horizontal flip, as in the seed."""
+    rotation of 20° and horizontal flip, as in the seed. ``stream``: leave the images on
+    disk (True), decode them into memory (False), or decide by size (None)."""
     root = Path(data_dir or "data")
     base = root if (root / "train").is_dir() else root / "tiny-imagenet-200"
     if not base.is_dir():
@@ -207,8 +303,9 @@ def load_tiny_imagenet(data_dir: str | None) -> ImageData:
         val.append((val_dir / "images" / fields[0], index[fields[1]]))
     if not train:
         raise TTKDError(f"{train_dir} holds no images: expected {TINY_LAYOUT}")
-    tx, ty = _decode(train, (64, 64), "RGB")
-    vx, vy = _decode(val, (64, 64), "RGB")
+    stream = _should_stream(stream, len(train) + len(val), (64, 64), 3)
+    tx, ty = _split(train, (64, 64), "RGB", stream)
+    vx, vy = _split(val, (64, 64), "RGB", stream)
     return _from_arrays("tiny-imagenet", tx, ty, vx, vy, num_classes=len(wnids), stats=TINY_STATS,
                         augment="rotate_flip", rotation=20.0, source=str(base))
 
@@ -216,13 +313,15 @@ def load_tiny_imagenet(data_dir: str | None) -> ImageData:
 IMAGEFOLDER_LAYOUT = "DATA_DIR/train/<class>/<image> and DATA_DIR/val/<class>/<image>"
 
 
-def load_imagefolder(data_dir: str | None) -> ImageData:
+def load_imagefolder(data_dir: str | None, stream: bool | None = None) -> ImageData:
     """Any folder of images in ``train/<class>/…`` and ``val/<class>/…``.
 
     Classes are the train sub-folders, sorted. The image size is the first training
     image's (others are resized to it); images are grayscale (1 channel) if all of them
-    are, else RGB. Normalised with the training split's statistics; random crop with
-    size/8 padding and horizontal flip, as for CIFAR.
+    are, else RGB. Normalised with the training split's statistics (from a fixed sample
+    of 5,000 images when left on disk); random crop with size/8 padding and horizontal
+    flip, as for CIFAR. ``stream``: leave the images on disk (True), decode them into
+    memory (False), or decide by size (None: on disk beyond a quarter of the RAM).
     """
     from torchvision.datasets import ImageFolder
 
@@ -244,8 +343,10 @@ def load_imagefolder(data_dir: str | None) -> ImageData:
     size, modes = infos[0][0], {mode for _, mode in infos}
     color = "L" if modes <= {"L", "1"} else "RGB"
     val_index = {i: classes.index(c) for i, c in enumerate(splits["val"].classes)}
-    tx, ty = _decode(splits["train"].samples, size, color)
-    vx, vy = _decode([(p, val_index[y]) for p, y in splits["val"].samples], size, color)
+    count = len(splits["train"].samples) + len(splits["val"].samples)
+    stream = _should_stream(stream, count, size, 1 if color == "L" else 3)
+    tx, ty = _split(splits["train"].samples, size, color, stream)
+    vx, vy = _split([(p, val_index[y]) for p, y in splits["val"].samples], size, color, stream)
     return _from_arrays("imagefolder", tx, ty, vx, vy, num_classes=len(classes),
                         augment="crop_flip", crop_padding=max(1, size[0] // 8), source=str(root))
 
@@ -263,21 +364,25 @@ def _image_info(path) -> tuple[tuple[int, int], str]:
 
 def _decode(samples: list[tuple], size: tuple[int, int], mode: str) -> tuple[np.ndarray, np.ndarray]:
     """Decode ``(path, label)`` pairs into ``(N, C, H, W)`` uint8 images of ``size`` and labels."""
+    images = np.empty((len(samples), 1 if mode == "L" else 3, *size), dtype=np.uint8)
+    for i, (path, _) in enumerate(samples):
+        images[i] = _read(path, size, mode)
+    return images, np.array([y for _, y in samples], dtype=np.int64)
+
+
+def _read(path, size: tuple[int, int], mode: str) -> np.ndarray:
+    """One image file as ``(C, H, W)`` uint8, converted to ``mode`` and resized to ``size``."""
     from PIL import Image
 
-    channels = 1 if mode == "L" else 3
-    images = np.empty((len(samples), channels, *size), dtype=np.uint8)
-    for i, (path, _) in enumerate(samples):
-        try:
-            with Image.open(path) as im:
-                im = im.convert(mode)
-                if (im.height, im.width) != size:
-                    im = im.resize((size[1], size[0]), Image.BILINEAR)
-                pixels = np.asarray(im)
-        except OSError as exc:
-            raise TTKDError(f"cannot read image {path}: {exc}; remove or replace it") from None
-        images[i] = pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)
-    return images, np.array([y for _, y in samples], dtype=np.int64)
+    try:
+        with Image.open(path) as im:
+            im = im.convert(mode)
+            if (im.height, im.width) != size:
+                im = im.resize((size[1], size[0]), Image.BILINEAR)
+            pixels = np.array(im)  # a writable copy
+    except OSError as exc:
+        raise TTKDError(f"cannot read image {path}: {exc}; remove or replace it") from None
+    return pixels[None] if mode == "L" else pixels.transpose(2, 0, 1)
 
 
 SYNTHETIC = re.compile(r"synthetic(?:-(\d+)x(\d+)x(\d+)-(\d+))?")
@@ -321,11 +426,22 @@ LOADERS: dict[str, Callable[[str | None], ImageData]] = {
 }
 
 
-def load(name: str, data_dir: str | None = None) -> ImageData:
-    """Load data set ``name`` (a key of ``LOADERS``); ``data_dir`` is where its files live."""
+FILE_DATASETS = ("imagefolder", "tiny-imagenet")  # the data sets that can stay on disk
+
+
+def load(name: str, data_dir: str | None = None, stream: bool | None = None) -> ImageData:
+    """Load data set ``name`` (a key of ``LOADERS``); ``data_dir`` is where its files live.
+    ``stream`` (folders of image files only): True leaves the images on disk, False
+    decodes them into memory, None decides by their decoded size."""
     if not known(name):
         raise TTKDError(f"unknown dataset {name!r}; choose one of: {', '.join(names())}")
-    data = load_synthetic(name) if name.startswith("synthetic") else LOADERS[name](data_dir)
+    if stream and name not in FILE_DATASETS:
+        raise TTKDError(f"dataset {name} is always held in memory; stream=true applies to "
+                        f"{' and '.join(FILE_DATASETS)} only, so use stream=auto")
+    if name in FILE_DATASETS:
+        data = LOADERS[name](data_dir, stream)
+    else:
+        data = load_synthetic(name) if name.startswith("synthetic") else LOADERS[name](data_dir)
     if len(data.train_y) == 0 or len(data.val_y) == 0:
         raise TTKDError(f"dataset {name} in {data.source} has an empty train or val split")
     return data
@@ -348,12 +464,18 @@ def _torchvision_dataset(cls, root: Path, train: bool, title: str, folder: str):
 
 
 def _from_arrays(name, tx, ty, vx, vy, *, num_classes, source, stats=None, **augment) -> ImageData:
-    """Wrap numpy splits; ``stats`` = (mean, std) per channel, else the training split's."""
-    train_x = torch.from_numpy(np.ascontiguousarray(tx))
+    """Wrap numpy splits (or :class:`ImageFiles`); ``stats`` = (mean, std) per channel,
+    else the training split's (of a fixed sample of 5,000 images if it is on disk)."""
+    images = lambda a: a if isinstance(a, ImageFiles) else torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
+    train_x = images(tx)
     if stats is None:
-        scaled = train_x.double().div_(255)
+        sample = train_x
+        if isinstance(train_x, ImageFiles):
+            pick = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(SPLIT_SEED))[:5000]
+            sample = torch.stack([train_x[int(i)] for i in pick])
+        scaled = sample.double().div_(255)
         stats = (tuple(scaled.mean(dim=(0, 2, 3)).tolist()), tuple(scaled.std(dim=(0, 2, 3)).tolist()))
-    return ImageData(name, train_x, torch.from_numpy(np.asarray(ty)), torch.from_numpy(np.ascontiguousarray(vx)),
+    return ImageData(name, train_x, torch.from_numpy(np.asarray(ty)), images(vx),
                      torch.from_numpy(np.asarray(vy)), num_classes, tuple(stats[0]), tuple(stats[1]),
                      source=source, **augment)
 
@@ -375,16 +497,20 @@ def batches(
     """
     x, y = (data.train_x, data.train_y) if split == "train" else (data.val_x, data.val_y)
     train = split == "train"
-    order = (torch.randperm(len(y), generator=generator).to(x.device) if train
-             else torch.arange(len(y), device=x.device))
+    order = torch.randperm(len(y), generator=generator) if train else torch.arange(len(y))
+    starts = range(0, len(y), batch_size)
+    if isinstance(x, ImageFiles):  # decoded from disk by DataLoader workers, ahead of use
+        cut = x.batches([order[s:s + batch_size].tolist() for s in starts])
+    else:
+        cut = (x[i] for i in order.to(x.device).split(batch_size))
+    order = order.to(y.device)
     # (pixel / 255 - mean) / std == pixel * scale + shift: one fused multiply-add
     std = torch.tensor(data.std, device=x.device).view(1, -1, 1, 1)
     scale = 1.0 / (255.0 * std)
     shift = -torch.tensor(data.mean, device=x.device).view(1, -1, 1, 1) / std
     layout = torch.channels_last if channels_last else torch.contiguous_format
-    for start in range(0, len(y), batch_size):
+    for start, images in zip(starts, cut):
         idx = order[start:start + batch_size]
-        images = x[idx]
         if train and data.augment == "crop_flip":
             images = random_crop_flip(images, data.crop_padding, generator)
         elif train and data.augment == "rotate_flip":

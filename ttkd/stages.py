@@ -55,12 +55,12 @@ class StageResult:
 
 
 def baseline(*, arch: str, train: TrainConfig, dataset: str = "digits",
-             data_dir: str | None = None, register_as: str | None = None,
+             data_dir: str | None = None, stream: bool | None = None, register_as: str | None = None,
              resume_from: tuple[str, dict] | None = None) -> StageResult:
     """Train ``arch`` from scratch with cross-entropy; register it as ``register_as``
     (default ``DATASET-ARCH``). ``resume_from`` = (run id, checkpoint) continues a run."""
     return _run_stage(
-        "baseline", arch=arch, train=train, dataset=dataset, data_dir=data_dir,
+        "baseline", arch=arch, train=train, dataset=dataset, data_dir=data_dir, stream=stream,
         register_as=register_as or f"{dataset}-{arch}",
         loss=lambda z, _, y: losses.cross_entropy(z, y), partner=None, extra_params={},
         resume_from=resume_from,
@@ -69,13 +69,13 @@ def baseline(*, arch: str, train: TrainConfig, dataset: str = "digits",
 
 def teach(*, student: str, arch: str, train: TrainConfig, weight: float = 0.005,
           temperature: float = 4.0, dataset: str = "digits", data_dir: str | None = None,
-          register_as: str | None = None, resume_from: tuple[str, dict] | None = None) -> StageResult:
+          stream: bool | None = None, register_as: str | None = None, resume_from: tuple[str, dict] | None = None) -> StageResult:
     """Train teacher ``arch`` against the frozen ``student`` (a model reference) with
     CE + weight·T²·KL(teacher ‖ student); register it (default ``DATASET-ARCH-KIND``,
     KIND trained / normal / nasty for weight > 0 / = 0 / < 0)."""
     kind = "trained" if weight > 0 else "normal" if weight == 0 else "nasty"
     return _run_stage(
-        "teach", arch=arch, train=train, dataset=dataset, data_dir=data_dir,
+        "teach", arch=arch, train=train, dataset=dataset, data_dir=data_dir, stream=stream,
         register_as=register_as or f"{dataset}-{arch}-{kind}",
         loss=lambda z, p, y: losses.teacher_loss(z, p, y, weight, temperature),
         partner=("student", student), extra_params={"weight": weight, "temperature": temperature},
@@ -85,11 +85,11 @@ def teach(*, student: str, arch: str, train: TrainConfig, weight: float = 0.005,
 
 def distill(*, teacher: str, arch: str, train: TrainConfig, alpha: float = 0.9,
             temperature: float = 4.0, dataset: str = "digits", data_dir: str | None = None,
-            register_as: str | None = None, resume_from: tuple[str, dict] | None = None) -> StageResult:
+            stream: bool | None = None, register_as: str | None = None, resume_from: tuple[str, dict] | None = None) -> StageResult:
     """Distil student ``arch`` from the frozen ``teacher`` (a model reference) with
     (1−α)·CE + α·T²·KL(teacher ‖ student); register it (default ``DATASET-ARCH-kd``)."""
     return _run_stage(
-        "distill", arch=arch, train=train, dataset=dataset, data_dir=data_dir,
+        "distill", arch=arch, train=train, dataset=dataset, data_dir=data_dir, stream=stream,
         register_as=register_as or f"{dataset}-{arch}-kd",
         loss=lambda z, p, y: losses.distill_loss(z, p, y, alpha, temperature),
         partner=("teacher", teacher), extra_params={"alpha": alpha, "temperature": temperature},
@@ -106,13 +106,13 @@ class StageInterrupted(TTKDError):
 
 
 def _run_stage(stage: str, *, arch: str, train: TrainConfig, dataset: str, data_dir: str | None,
-               register_as: str, loss: Callable, partner: tuple[str, str] | None,
+               stream: bool | None, register_as: str, loss: Callable, partner: tuple[str, str] | None,
                extra_params: dict, resume_from: tuple[str, dict] | None) -> StageResult:
     # Everything a user can get wrong is checked here, before a run is opened.
     registry.check_model_name(register_as)
     registry.prepare_store()
     device = resolve_device(train.device)
-    data = datasets.load(dataset, data_dir)
+    data = datasets.load(dataset, data_dir, stream)
     set_deterministic(train.deterministic)
     seed_everything(train.seed)
     model = models.build(arch, data.num_classes, data.in_channels, image_size=data.image_shape[-1])
@@ -122,7 +122,8 @@ def _run_stage(stage: str, *, arch: str, train: TrainConfig, dataset: str, data_
         partner_ref = registry.resolve(reference)
         partner_net = load_partner(partner_ref, data, role)
     # what resuming needs to rebuild this stage exactly: the partner pinned to its version
-    kwargs = {"arch": arch, "dataset": dataset, "data_dir": data_dir, "register_as": register_as,
+    kwargs = {"arch": arch, "dataset": dataset, "data_dir": data_dir, "stream": stream,
+              "register_as": register_as,
               "train": dataclasses.asdict(train), **extra_params,
               **({partner[0]: partner_ref.uri} if partner else {})}
     ckpt = resume_from[1] if resume_from else None
@@ -145,7 +146,8 @@ def _run_stage(stage: str, *, arch: str, train: TrainConfig, dataset: str, data_
                 tags[TAG_PARTNER] = partner_ref.uri
             mlflow.set_tags(tags)
             _log_params({
-                "dataset": dataset, "data_dir": data_dir or "", "arch": arch,
+                "dataset": dataset, "data_dir": data_dir or "", "stream": _STREAM_WORDS[stream],
+                "streamed": data.streamed, "arch": arch,
                 "register_as": register_as, **dataclasses.asdict(train), **extra_params,
                 **({partner[0]: partner[1]} if partner else {}),
                 "num_params": models.num_parameters(model), "device_used": str(device),
@@ -210,6 +212,9 @@ def _run_stage(stage: str, *, arch: str, train: TrainConfig, dataset: str, data_
     finally:
         mlflow.end_run(status)
     return StageResult(run.info.run_id, ref, last["val_acc"], last["agreement"], partner_ref, partner_acc)
+
+
+_STREAM_WORDS = {None: "auto", True: "true", False: "false"}
 
 
 def log_epoch(s: EpochStats, partner_acc: float | None) -> None:
@@ -375,16 +380,21 @@ def log_model(model: nn.Module, data: ImageData):
 
 
 def _log_dataset(data: ImageData) -> None:
-    """Record both splits as the run's inputs (name, digest, schema, where they came from)."""
+    """Record both splits as the run's inputs (name, digest, schema, where they came from);
+    a data set left on disk is recorded by name, digest and source only, unread."""
     from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
 
     with warnings.catch_warnings():  # MLflow registers its local file source twice
         warnings.filterwarnings("ignore", message="The specified dataset source")
         source = resolve_dataset_source(Path(data.source).resolve().as_uri())
     for context, x, y in (("training", data.train_x, data.train_y), ("validation", data.val_x, data.val_y)):
-        mlflow.log_input(mlflow.data.from_numpy(x.cpu().numpy(), targets=y.cpu().numpy(),
-                                                source=source, name=f"{data.name}-{context}"),
-                         context=context)
+        name = f"{data.name}-{context}"
+        if data.streamed:
+            record = MetaDataset(source, name=name, digest=data.digest())
+        else:
+            record = mlflow.data.from_numpy(x.cpu().numpy(), targets=y.cpu().numpy(), source=source, name=name)
+        mlflow.log_input(record, context=context)
 
 
 STUDY_ROWS = ("student", "kd_normal", "kd_trained", "teacher_normal", "teacher_trained")
@@ -396,7 +406,7 @@ STUDY_ROLES = ("student", "teacher_normal", "teacher_trained", "kd_normal", "kd_
 def study(*, student_arch: str, teacher_arch: str, student_train: TrainConfig,
           teacher_train: TrainConfig, weight: float = 0.005, alpha: float = 0.9,
           temperature: float = 4.0, kd_temperature: float = 4.0, dataset: str = "digits",
-          data_dir: str | None = None, register_as: str | None = None,
+          data_dir: str | None = None, stream: bool | None = None, register_as: str | None = None,
           resume_run: str | None = None) -> str:
     """The whole Trained-Teacher study on one data set; returns the comparison table.
 
@@ -420,14 +430,14 @@ def study(*, student_arch: str, teacher_arch: str, student_train: TrainConfig,
                         f"run the teach stage by hand for weight <= 0")
     models.get(student_arch), models.get(teacher_arch)  # fail before the parent run opens
     resolve_device(student_train.device), resolve_device(teacher_train.device)
-    datasets.load(dataset, data_dir)
+    datasets.load(dataset, data_dir, stream)
     args = {"student_arch": student_arch, "teacher_arch": teacher_arch, "weight": weight,
             "alpha": alpha, "temperature": temperature, "kd_temperature": kd_temperature,
-            "dataset": dataset, "data_dir": data_dir, "register_as": prefix,
+            "dataset": dataset, "data_dir": data_dir, "stream": stream, "register_as": prefix,
             "student_train": dataclasses.asdict(student_train),
             "teacher_train": dataclasses.asdict(teacher_train)}
     done = _study_children(resume_run) if resume_run else {}
-    common = dict(dataset=dataset, data_dir=data_dir)
+    common = dict(dataset=dataset, data_dir=data_dir, stream=stream)
     if resume_run:
         mlflow.start_run(run_id=resume_run)
     else:
