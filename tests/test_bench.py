@@ -22,3 +22,11 @@ def test_seed_style_dataset_matches_ttkd_normalisation():
     ours = next(data.batches(d, "val", 8))[0][3]
     assert label == int(d.val_y[3]) and image.shape == ours.shape
     assert (image - ours).abs().max() < 1e-5
+
+
+def test_on_disk_benchmark_times_both_paths(capsys):
+    bench.main(["--on-disk", "--images", "64", "--batch-size", "16", "--repeat", "1",
+                "--dataset", "synthetic-3x16x16-10"])
+    out = capsys.readouterr().out
+    found = re.search(r"in memory ([\d,]+) images/s, on disk ([\d,]+) images/s", out)
+    assert found and all(float(g.replace(",", "")) > 0 for g in found.groups())

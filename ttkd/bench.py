@@ -2,6 +2,7 @@
 
     python -m ttkd.bench                  # images per second, every stage
     python -m ttkd.bench --accuracy       # validation accuracy, several seeds, three paths
+    python -m ttkd.bench --on-disk        # an image folder decoded into memory vs left on disk
 
 Speed: for each stage (baseline: the student alone; teach: the teacher beside the frozen
 student; distill: the student beside the frozen teacher) it measures in this one process,
@@ -242,6 +243,32 @@ def _row(r) -> str:
             f"{r['seed_mib']:,.0f} / {r['ttkd_mib']:,.0f} / {r['compute_mib']:,.0f} |")
 
 
+def on_disk(args) -> dict[str, float]:
+    """ttkd's baseline stage on an image folder, decoded into memory and left on disk:
+    images/s (median of ``args.repeat``). The folder holds the synthetic data's first
+    ``args.images`` training and ``args.batch_size`` validation images as PNG files."""
+    import tempfile
+
+    from PIL import Image
+
+    device = resolve_device(args.device)
+    full = datasets.load(args.dataset)
+    rates = {"in memory": [], "on disk": []}
+    with tempfile.TemporaryDirectory() as root:
+        for split, x, y in (("train", full.train_x[:args.images], full.train_y),
+                            ("val", full.val_x[:args.batch_size], full.val_y)):
+            for i, image in enumerate(x):
+                folder = Path(root, split, f"class{int(y[i]):03d}")
+                folder.mkdir(parents=True, exist_ok=True)
+                pixels = image.permute(1, 2, 0).numpy()
+                Image.fromarray(pixels[:, :, 0] if pixels.shape[-1] == 1 else pixels).save(folder / f"{i}.png")
+        for _ in range(args.repeat):
+            for name, stream in (("in memory", False), ("on disk", True)):
+                data = datasets.load("imagefolder", root, stream=stream).to(device)
+                rates[name].append(measure_ttkd("baseline", args, data, device)[0])
+    return {k: statistics.median(v) for k, v in rates.items()}
+
+
 # --- accuracy -------------------------------------------------------------------------------
 
 def seed_style_fit(model, data, loss_fn, config, partner, device) -> float:
@@ -315,12 +342,21 @@ def main(argv=None) -> None:
     parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
     parser.add_argument("--accuracy", action="store_true", help="compare accuracies instead of speed")
     parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--on-disk", action="store_true",
+                        help="time the baseline stage on PNG files, decoded into memory and left on disk")
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
     print(f"# torch {torch.__version__}, {device}, {torch.get_num_threads()} threads, "
           f"bf16 {'on' if args.amp and bf16_supported(device) else 'off'}", file=sys.stderr)
     if args.accuracy:
         print(accuracy_table(args))
+        return
+    if args.on_disk:
+        rates = on_disk(args)
+        print(f"baseline {args.student}, {args.images} PNG images, batch {args.batch_size}, "
+              f"{datasets.default_workers()} decoding workers, median of {args.repeat}: "
+              + ", ".join(f"{k} {v:,.0f} images/s" for k, v in rates.items())
+              + f"; on disk / in memory {rates['on disk'] / rates['in memory']:.2f}")
         return
     print(f"student {args.student}, teacher {args.teacher}, batch {args.batch_size}, "
           f"{args.images} images per measurement, median of {args.repeat}; images/s and peak MiB\n")

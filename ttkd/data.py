@@ -12,7 +12,8 @@ batches go to a GPU, and the batch is then augmented and normalised exactly as a
 in-memory one.
 
 Add a data set by writing a loader ``(data_dir) -> ImageData`` and listing it in
-``LOADERS``.
+``LOADERS`` (a folder of image files also takes ``stream`` and is listed in
+``FILE_DATASETS``).
 """
 
 from __future__ import annotations
@@ -38,10 +39,11 @@ SPLIT_SEED = 0  # the train/validation split of data sets that ship without one 
 
 @dataclasses.dataclass(frozen=True)
 class ImageData:
-    """A classification data set in memory.
+    """A classification data set.
 
     ``train_x``/``val_x`` are ``(N, C, H, W)`` uint8 tensors, or :class:`ImageFiles` for
-    a data set left on disk; ``train_y``/``val_y`` are ``(N,)`` int64 in ``[0, num_classes)``. ``mean``/``std`` have one entry per channel.
+    a data set left on disk; ``train_y``/``val_y`` are ``(N,)`` int64 in
+    ``[0, num_classes)``. ``mean``/``std`` have one entry per channel.
     ``augment`` names the training augmentation: "" (none), "crop_flip" (random crop
     after ``crop_padding`` pixels of zero padding, then a random horizontal flip: CIFAR)
     or "rotate_flip" (random rotation within ±``rotation`` degrees, then a random
