@@ -511,33 +511,44 @@ def batches(
     scale = 1.0 / (255.0 * std)
     shift = -torch.tensor(data.mean, device=x.device).view(1, -1, 1, 1) / std
     layout = torch.channels_last if channels_last else torch.contiguous_format
+    augment = {"crop_flip": (random_crop_flip, crop_flip_draws, data.crop_padding),
+               "rotate_flip": (random_rotate_flip, rotate_flip_draws, data.rotation)}.get(data.augment)
+    if train and augment:
+        # the whole epoch's random draws, moved to the device once: no transfer (on a GPU,
+        # no wait for the host) inside the step loop
+        apply, draw, amount = augment
+        draws = [t.to(x.device) for t in draw(len(y), amount, generator)]
     for start, images in zip(starts, cut):
         idx = order[start:start + batch_size]
-        if train and data.augment == "crop_flip":
-            images = random_crop_flip(images, data.crop_padding, generator)
-        elif train and data.augment == "rotate_flip":
-            images = random_rotate_flip(images, data.rotation, generator)
+        if train and augment:
+            images = apply(images, amount, draws=[t[start:start + batch_size] for t in draws])
         images = images.contiguous(memory_format=layout)
         yield torch.addcmul(shift, images.float(), scale), y[idx]
 
 
+def crop_flip_draws(n: int, padding: int, generator: torch.Generator | None = None):
+    """The random part of :func:`random_crop_flip` for ``n`` images, on the CPU:
+    ``(dy, dx, flip)``, offsets in ``[0, 2·padding]`` and flips with probability 1/2."""
+    dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
+    dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
+    return dy, dx, torch.rand(n, generator=generator) < 0.5
+
+
 def random_crop_flip(
-    images: torch.Tensor, padding: int, generator: torch.Generator | None = None
+    images: torch.Tensor, padding: int, generator: torch.Generator | None = None, draws=None
 ) -> torch.Tensor:
     """Per-image random crop (after zero padding by ``padding`` pixels) and horizontal flip.
 
     Same result set as torchvision's ``RandomCrop(size, padding)`` followed by
     ``RandomHorizontalFlip()`` applied image by image, done for the whole batch at once.
-    ``images``: ``(B, C, H, W)``; returns a tensor of the same shape and dtype.
+    ``images``: ``(B, C, H, W)``; returns a tensor of the same shape and dtype. ``draws``
+    (from :func:`crop_flip_draws`, on any device) replace drawing from ``generator``.
     """
     b, c, h, w = images.shape
     padded = torch.nn.functional.pad(images, (padding,) * 4)  # (B, C, H+2p, W+2p), zeros
     width = w + 2 * padding
     dev = images.device
-    # offsets are drawn on the CPU generator, then moved: one small transfer per batch
-    dy = torch.randint(0, 2 * padding + 1, (b,), generator=generator).to(dev)
-    dx = torch.randint(0, 2 * padding + 1, (b,), generator=generator).to(dev)
-    flip = torch.rand(b, generator=generator).to(dev) < 0.5
+    dy, dx, flip = (t.to(dev) for t in (draws or crop_flip_draws(b, padding, generator)))
     rows = dy[:, None] + torch.arange(h, device=dev)  # (B, H) source rows
     cols = torch.arange(w, device=dev).expand(b, w)
     cols = torch.where(flip[:, None], cols.flip(1), cols) + dx[:, None]  # (B, W) source columns
@@ -546,17 +557,23 @@ def random_crop_flip(
     return padded.view(b, c, -1).gather(2, index).view(b, c, h, w)
 
 
+def rotate_flip_draws(n: int, degrees: float, generator: torch.Generator | None = None):
+    """The random part of :func:`random_rotate_flip` for ``n`` images, on the CPU:
+    ``(angle, flip)``, angles in radians uniform in ±``degrees``, flips with probability 1/2."""
+    angle = (torch.rand(n, generator=generator) * 2 - 1).mul_(math.radians(degrees))
+    return angle, torch.rand(n, generator=generator) < 0.5
+
+
 def random_rotate_flip(
-    images: torch.Tensor, degrees: float, generator: torch.Generator | None = None
+    images: torch.Tensor, degrees: float, generator: torch.Generator | None = None, draws=None
 ) -> torch.Tensor:
     """Per-image random rotation by an angle uniform in [−degrees, degrees] about the
     centre (nearest pixel, zero fill, same size), then a random horizontal flip: the
     batch form of torchvision's ``RandomRotation(degrees)`` + ``RandomHorizontalFlip()``.
-    ``images``: ``(B, C, H, W)``; returns the same shape and dtype."""
-    b = images.shape[0]
+    ``images``: ``(B, C, H, W)``; returns the same shape and dtype. ``draws`` (from
+    :func:`rotate_flip_draws`, on any device) replace drawing from ``generator``."""
     dev = images.device
-    angle = (torch.rand(b, generator=generator) * 2 - 1).mul_(math.radians(degrees)).to(dev)
-    flip = (torch.rand(b, generator=generator) < 0.5).to(dev)
+    angle, flip = (t.to(dev) for t in (draws or rotate_flip_draws(images.shape[0], degrees, generator)))
     cos, sin = torch.cos(angle), torch.sin(angle)
     sign = torch.where(flip, -1.0, 1.0)  # flipping the output = negating its x coordinate
     theta = torch.stack([torch.stack([cos * sign, -sin, torch.zeros_like(cos)], 1),
