@@ -261,7 +261,8 @@ def on_disk(args) -> dict[str, float]:
                 folder = Path(root, split, f"class{int(y[i]):03d}")
                 folder.mkdir(parents=True, exist_ok=True)
                 pixels = image.permute(1, 2, 0).numpy()
-                Image.fromarray(pixels[:, :, 0] if pixels.shape[-1] == 1 else pixels).save(folder / f"{i}.png")
+                image = Image.fromarray(pixels[:, :, 0] if pixels.shape[-1] == 1 else pixels)
+                image.save(folder / f"{i}.png")
         for _ in range(args.repeat):
             for name, stream in (("in memory", False), ("on disk", True)):
                 data = datasets.load("imagefolder", root, stream=stream).to(device)

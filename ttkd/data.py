@@ -164,7 +164,8 @@ def physical_memory() -> int:
 def _split(samples: list[tuple], size: tuple[int, int], mode: str, stream: bool):
     """``(images, labels)`` of ``(path, label)`` pairs: decoded now, or left on disk."""
     if stream:
-        return ImageFiles([p for p, _ in samples], size, mode), np.array([y for _, y in samples], dtype=np.int64)
+        labels = np.array([y for _, y in samples], dtype=np.int64)
+        return ImageFiles([p for p, _ in samples], size, mode), labels
     return _decode(samples, size, mode)
 
 
@@ -468,7 +469,9 @@ def _torchvision_dataset(cls, root: Path, train: bool, title: str, folder: str):
 def _from_arrays(name, tx, ty, vx, vy, *, num_classes, source, stats=None, **augment) -> ImageData:
     """Wrap numpy splits (or :class:`ImageFiles`); ``stats`` = (mean, std) per channel,
     else the training split's (of a fixed sample of 5,000 images if it is on disk)."""
-    images = lambda a: a if isinstance(a, ImageFiles) else torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
+    def images(a):
+        return a if isinstance(a, ImageFiles) else torch.from_numpy(np.ascontiguousarray(a))
+
     train_x = images(tx)
     if stats is None:
         sample = train_x

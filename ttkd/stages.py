@@ -69,7 +69,8 @@ def baseline(*, arch: str, train: TrainConfig, dataset: str = "digits",
 
 def teach(*, student: str, arch: str, train: TrainConfig, weight: float = 0.005,
           temperature: float = 4.0, dataset: str = "digits", data_dir: str | None = None,
-          stream: bool | None = None, register_as: str | None = None, resume_from: tuple[str, dict] | None = None) -> StageResult:
+          stream: bool | None = None, register_as: str | None = None,
+          resume_from: tuple[str, dict] | None = None) -> StageResult:
     """Train teacher ``arch`` against the frozen ``student`` (a model reference) with
     CE + weight·T²·KL(teacher ‖ student); register it (default ``DATASET-ARCH-KIND``,
     KIND trained / normal / nasty for weight > 0 / = 0 / < 0)."""
@@ -85,7 +86,8 @@ def teach(*, student: str, arch: str, train: TrainConfig, weight: float = 0.005,
 
 def distill(*, teacher: str, arch: str, train: TrainConfig, alpha: float = 0.9,
             temperature: float = 4.0, dataset: str = "digits", data_dir: str | None = None,
-            stream: bool | None = None, register_as: str | None = None, resume_from: tuple[str, dict] | None = None) -> StageResult:
+            stream: bool | None = None, register_as: str | None = None,
+            resume_from: tuple[str, dict] | None = None) -> StageResult:
     """Distil student ``arch`` from the frozen ``teacher`` (a model reference) with
     (1−α)·CE + α·T²·KL(teacher ‖ student); register it (default ``DATASET-ARCH-kd``)."""
     return _run_stage(
@@ -123,8 +125,7 @@ def _run_stage(stage: str, *, arch: str, train: TrainConfig, dataset: str, data_
         partner_net = load_partner(partner_ref, data, role)
     # what resuming needs to rebuild this stage exactly: the partner pinned to its version
     kwargs = {"arch": arch, "dataset": dataset, "data_dir": data_dir, "stream": stream,
-              "register_as": register_as,
-              "train": dataclasses.asdict(train), **extra_params,
+              "register_as": register_as, "train": dataclasses.asdict(train), **extra_params,
               **({partner[0]: partner_ref.uri} if partner else {})}
     ckpt = resume_from[1] if resume_from else None
     if ckpt is not None:
@@ -393,7 +394,8 @@ def _log_dataset(data: ImageData) -> None:
         if data.streamed:
             record = MetaDataset(source, name=name, digest=data.digest())
         else:
-            record = mlflow.data.from_numpy(x.cpu().numpy(), targets=y.cpu().numpy(), source=source, name=name)
+            record = mlflow.data.from_numpy(x.cpu().numpy(), targets=y.cpu().numpy(), source=source,
+                                            name=name)
         mlflow.log_input(record, context=context)
 
 
@@ -447,6 +449,7 @@ def study(*, student_arch: str, teacher_arch: str, student_train: TrainConfig,
         if not resume_run:
             mlflow.set_tag(TAG_STAGE, "main")
             _log_params({k: v for k, v in args.items() if not k.endswith("_train")}
+                        | {"stream": _STREAM_WORDS[stream]}
                         | {f"student.{k}": v for k, v in args["student_train"].items()}
                         | {f"teacher.{k}": v for k, v in args["teacher_train"].items()})
             mlflow.log_dict(args, "study.json")  # what resuming rebuilds the study from
