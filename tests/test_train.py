@@ -73,6 +73,22 @@ def test_non_finite_loss_stops_with_the_epoch():
         fit(build("mlp"), DIGITS, broken, TrainConfig(epochs=2))
 
 
+def test_non_finite_watch_names_the_first_bad_step_every_25_steps_and_at_the_end():
+    from ttkd.train import _NonFiniteWatch
+    watch = _NonFiniteWatch(torch.device("cpu"))
+    reported = {}
+    for step in range(1, 61):
+        loss = torch.tensor(float("nan") if step in (30, 41) else 1.0)
+        seen = watch.step(loss, step)
+        if seen >= 0:
+            reported.setdefault(step, seen)
+    assert reported == {50: 30}  # checked at step 50 (a multiple of 25), naming step 30
+    assert watch.first_bad_step(wait=True) == 30
+    late = _NonFiniteWatch(torch.device("cpu"))
+    assert all(late.step(torch.tensor(float("inf") if s == 55 else 0.5), s) < 0 for s in range(1, 61))
+    assert late.first_bad_step(wait=True) == 55
+
+
 @pytest.mark.parametrize("amp", [True, False])
 def test_mixed_precision_on_and_off_both_learn(amp):
     model = build("cnn")

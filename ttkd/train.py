@@ -250,7 +250,7 @@ def fit(
     for epoch in range(first, config.epochs + 1):
         model.train()
         sums = torch.zeros(3, device=device)  # loss, ce, kl, each summed over images
-        bad_step = torch.full((), -1, device=device)  # first non-finite step, kept on the device
+        watch = _NonFiniteWatch(device)
         progress = _Progress(f"epoch {epoch}/{config.epochs}", steps)
         started = time.perf_counter()
         for step, (x, y) in enumerate(
@@ -262,15 +262,12 @@ def fit(
             optimizer.step()
             parts = [loss, ce, kl if kl is not None else torch.zeros((), device=device)]
             sums += torch.stack(parts).detach() * len(y)
-            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), step, bad_step)
-            if step % 25 == 0 or step == steps:  # one host sync every 25 steps
-                _check_finite(bad_step, epoch, config)
+            _check_finite(watch.step(loss, step), epoch, config)
             progress.step()
             if stop():
                 progress.close()
                 raise Interrupted(epoch)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        _check_finite(watch.first_bad_step(wait=True), epoch, config)  # waits for the device
         elapsed = time.perf_counter() - started
         progress.close()
         lr = scheduler.get_last_lr()[0]
@@ -298,8 +295,43 @@ def fit(
     return history
 
 
-def _check_finite(bad_step: torch.Tensor, epoch: int, config: TrainConfig) -> None:
-    step = int(bad_step)
+class _NonFiniteWatch:
+    """Finds the first step of an epoch whose loss is NaN or infinite without making the
+    host wait for the device. The device keeps that step's number; every 25 steps it is
+    copied to the host without blocking, and read once the copy is done: at once on a
+    CPU, a few steps later on a GPU. ``first_bad_step(wait=True)`` ends the epoch."""
+
+    EVERY = 25
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.bad = torch.full((), -1, device=device)
+        self.host = torch.full((), -1, pin_memory=self.cuda)
+        self.copied = None  # CUDA event recorded after the last copy to the host
+
+    def step(self, loss: torch.Tensor, step: int) -> int:
+        """Record ``step``'s loss; return the first bad step seen so far, or -1."""
+        self.bad = torch.where((self.bad < 0) & ~torch.isfinite(loss.detach()), step, self.bad)
+        if step % self.EVERY:
+            return -1
+        seen = self.first_bad_step()
+        self.host.copy_(self.bad, non_blocking=self.cuda)
+        if self.cuda:
+            self.copied = torch.cuda.Event()
+            self.copied.record()
+        return seen if seen >= 0 else self.first_bad_step()
+
+    def first_bad_step(self, wait: bool = False) -> int:
+        if wait:
+            if self.cuda:
+                torch.cuda.synchronize()
+            self.host.copy_(self.bad)
+        elif self.copied is not None and not self.copied.query():
+            return -1  # the last copy has not landed yet
+        return int(self.host)
+
+
+def _check_finite(step: int, epoch: int, config: TrainConfig) -> None:
     if step >= 0:
         raise NonFiniteLoss(f"the training loss became NaN or infinite at epoch {epoch}, step {step}; "
                             f"lower lr (now {config.lr}) or check the data")
