@@ -357,3 +357,21 @@ def test_synthetic_data_is_fixed_and_shaped_as_asked():
     assert cifar_like.image_shape == (3, 32, 32) and len(cifar_like.train_y) == 50_000
     with pytest.raises(TTKDError, match="unknown dataset 'synthetic-3x32'"):
         data.load("synthetic-3x32")
+
+
+def test_load_once_decodes_each_data_set_once_inside_the_block(tmp_path, monkeypatch):
+    make_imagefolder(tmp_path)
+    decoded = []
+    real = data.LOADERS["imagefolder"]
+    monkeypatch.setitem(data.LOADERS, "imagefolder", lambda *a: decoded.append(a) or real(*a))
+    with data.load_once():
+        first = data.load("imagefolder", str(tmp_path))
+        with data.load_once():  # a nested block shares the outer one's copies
+            assert data.load("imagefolder", str(tmp_path / "train" / "..")) is first  # same folder
+        on_disk = data.load("imagefolder", str(tmp_path), stream=True)  # other arguments: loaded
+        assert on_disk.streamed and not first.streamed
+        assert data.load("imagefolder", str(tmp_path), stream=True) is on_disk
+        assert len(decoded) == 2
+    again = data.load("imagefolder", str(tmp_path))  # outside the block: read afresh
+    assert again is not first and len(decoded) == 3
+    assert torch.equal(again.train_x, first.train_x)

@@ -71,6 +71,19 @@ def test_stages_by_hand(store, cli, tmp_path):
     assert torch.allclose(net.eval()(x), registered(x), atol=1e-5)
 
 
+def test_a_study_reads_its_data_set_once_for_its_five_stages(store, cli, monkeypatch):
+    loads = []
+    real = data.LOADERS["digits"]
+    monkeypatch.setitem(data.LOADERS, "digits", lambda *a: loads.append(a) or real(*a))
+    status, out, err = cli("main", "--epochs", "1", "--register_as", "once")
+    assert status == 0, err
+    assert "| student, KD from trained teacher |" in out
+    assert len(loads) == 1
+    runs = mlflow.search_runs(output_format="list", filter_string="tags.`ttkd.role` = 'kd_trained'")
+    assert len(runs) == 1 and {d.dataset.name for d in runs[0].inputs.dataset_inputs} == {
+        "digits-training", "digits-validation"}
+
+
 @pytest.mark.slow
 def test_mlflow_run_main_study(tmp_path):
     """The real `mlflow run` of the default entry point, as a user starts it."""

@@ -18,6 +18,7 @@ Add a data set by writing a loader ``(data_dir) -> ImageData`` and listing it in
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import gzip
@@ -432,10 +433,41 @@ LOADERS: dict[str, Callable[[str | None], ImageData]] = {
 FILE_DATASETS = ("imagefolder", "tiny-imagenet")  # the data sets that can stay on disk
 
 
+_loaded: dict[tuple, ImageData] | None = None  # inside ``load_once()``: load()'s arguments -> data
+
+
+@contextlib.contextmanager
+def load_once():
+    """Inside this block ``load`` reads and decodes each data set once: called again with
+    the same arguments, it returns the same :class:`ImageData` (a study's five stages
+    share one copy of Tiny-ImageNet instead of decoding it five times). The copies are
+    dropped when the outermost block ends."""
+    global _loaded
+    outermost = _loaded is None
+    if outermost:
+        _loaded = {}
+    try:
+        yield
+    finally:
+        if outermost:
+            _loaded = None
+
+
 def load(name: str, data_dir: str | None = None, stream: bool | None = None) -> ImageData:
     """Load data set ``name`` (a key of ``LOADERS``); ``data_dir`` is where its files live.
     ``stream`` (folders of image files only): True leaves the images on disk, False
-    decodes them into memory, None decides by their decoded size."""
+    decodes them into memory, None decides by their decoded size. Inside
+    :func:`load_once`, a data set already loaded there is returned as it is."""
+    key = (name, str(Path(data_dir).resolve()) if data_dir else None, stream)
+    if _loaded is not None and key in _loaded:
+        return _loaded[key]
+    data = _load(name, data_dir, stream)
+    if _loaded is not None:
+        _loaded[key] = data
+    return data
+
+
+def _load(name: str, data_dir: str | None, stream: bool | None) -> ImageData:
     if not known(name):
         raise TTKDError(f"unknown dataset {name!r}; choose one of: {', '.join(names())}")
     if stream and name not in FILE_DATASETS:

@@ -405,6 +405,7 @@ STUDY_ROWS = ("student", "kd_normal", "kd_trained", "teacher_normal", "teacher_t
 STUDY_ROLES = ("student", "teacher_normal", "teacher_trained", "kd_normal", "kd_trained")
 
 
+@datasets.load_once()  # the data set is read and decoded once, not once per stage
 def study(*, student_arch: str, teacher_arch: str, student_train: TrainConfig,
           teacher_train: TrainConfig, weight: float = 0.005, alpha: float = 0.9,
           temperature: float = 4.0, kd_temperature: float = 4.0, dataset: str = "digits",
