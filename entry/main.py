@@ -2,7 +2,7 @@
 
 from entry import baseline, distill, teach
 from entry.options import command, run, stage_options
-from ttkd import config, stages
+from ttkd import config, studies
 from ttkd.errors import TTKDError
 
 ALL_PARAMS = tuple(dict.fromkeys(n for names in config.STAGE_PARAMS.values() for n in names))
@@ -25,9 +25,9 @@ def main(preset, **given):
         return
     cfg = config.resolve("main", given, preset)
     if cfg.values["resume"]:
-        print(stages.resume_study(cfg.values["resume"]))
+        print(studies.resume_study(cfg.values["resume"]))
         return
-    print(stages.study(**cfg.stage_kwargs()))
+    print(studies.study(**cfg.stage_kwargs()))
 
 
 if __name__ == "__main__":

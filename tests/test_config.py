@@ -5,23 +5,27 @@ import pytest
 import yaml
 
 from ttkd import config, data, models
+from ttkd.engine import TrainConfig
 from ttkd.errors import TTKDError
-from ttkd.train import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 SEED_SCHEDULES = {"cifar10": ((80, 120), 0.1, 160), "cifar100": ((60, 120, 160), 0.2, 200),
                   "tiny-imagenet": ((60, 120, 160), 0.2, 200)}
 
 
+SEED_PRESETS = [n for n in config.preset_names() if "-lit-" not in n]
+LIT_PRESETS = [n for n in config.preset_names() if "-lit-" in n and n != "cifar100-lit-schedule"]
+
+
 def test_every_seed_experiment_has_a_preset():
-    names = config.preset_names()
+    names = SEED_PRESETS
     assert len(names) == 63
     for dataset in ("cifar10", "cifar100", "tiny-imagenet"):
         assert f"{dataset}-study" in names and f"{dataset}-baseline-resnet18" in names
     assert "cifar100-trained-resnet50" in names and "tiny-imagenet-kd-trained-resnext29-shufflenetv2" in names
 
 
-@pytest.mark.parametrize("name", config.preset_names())
+@pytest.mark.parametrize("name", SEED_PRESETS)
 def test_every_preset_resolves_to_a_valid_run(name):
     stage, settings = config.load_preset(name)
     cfg = config.resolve(stage, {}, name)
@@ -46,6 +50,32 @@ def test_every_preset_resolves_to_a_valid_run(name):
         assert cfg.values["alpha"] == 0.9 and kd_t == (4.0 if dataset == "cifar10" else 20.0)
     kwargs = cfg.stage_kwargs()  # what the entry point hands to ttkd.stages
     assert kwargs["dataset"] == dataset
+
+
+@pytest.mark.parametrize("name", LIT_PRESETS)
+def test_literature_presets_extend_the_shared_schedule_and_chain_by_name(name):
+    stage, _ = config.load_preset(name)
+    cfg = config.resolve(stage, {}, name)
+    train = cfg.train[""]
+    assert (train.epochs, train.batch_size, train.lr, train.milestones, train.gamma, train.weight_decay) == \
+        (240, 64, 0.05, (150, 180, 210), 0.1, 5e-4)
+    assert cfg.values["dataset"] == "cifar100" and cfg.values["arch"] in models.names()
+    registered = {config.resolve(s, {}, n).values["register_as"]: n
+                  for n in LIT_PRESETS for s in [config.load_preset(n)[0]]}
+    partner = cfg.values.get("student") or cfg.values.get("teacher")
+    if partner:  # the partner is what another literature preset registers
+        assert partner in registered, partner
+    if stage == "distill":
+        assert name.split("-")[2] == cfg.values["method"]
+
+
+def test_lit_preset_count_and_pairs():
+    assert len(LIT_PRESETS) == 8 + 4 + 16
+    for teacher, student in (("resnet32x4", "resnet8x4"), ("wrn_40_2", "wrn_16_2"), ("resnet56", "resnet20"),
+                             ("vgg13", "vgg8")):
+        assert f"cifar100-lit-trained-{teacher}" in LIT_PRESETS
+        for method in ("kd", "dkd", "dist", "crd"):
+            assert f"cifar100-lit-{method}-{teacher}-{student}" in LIT_PRESETS
 
 
 def test_trained_resnet50_is_trained_against_the_resnet18_student():

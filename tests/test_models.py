@@ -19,6 +19,11 @@ def test_every_architecture_trains_on_every_shape(arch, channels, side):
     grads = [p.grad for p in model.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     assert torch.equal(model.eval().forward_head(model.forward_features(x)), model(x))
+    maps, embedding = model.forward_stages(x)
+    assert maps and all(m.dim() == 4 and m.shape[0] == 2 for m in maps)
+    assert torch.equal(embedding, model.forward_features(x))
+    sides = [m.shape[-1] for m in maps]
+    assert sides == sorted(sides, reverse=True)  # shallow to deep: resolution never grows
 
 
 def test_unknown_architecture_lists_the_known_ones():
@@ -47,3 +52,18 @@ def test_cifar_stem_keeps_32x32_resolution():
     net.features[6].register_forward_hook(lambda m, i, o: seen.append(o.shape))  # layer4
     net(torch.randn(2, 3, 32, 32))
     assert seen[0][-2:] == (4, 4)
+
+
+@pytest.mark.parametrize("arch, millions", [  # at 100 classes, as the KD literature counts them
+    ("resnet8x4", 1.23), ("resnet32x4", 7.43), ("resnet20", 0.28), ("resnet56", 0.86),
+    ("wrn_16_2", 0.70), ("wrn_40_2", 2.26), ("vgg8", 3.96), ("vgg13", 9.46),
+])
+def test_the_kd_literature_zoo_has_its_published_sizes(arch, millions):
+    count = models.num_parameters(models.build(arch, 100, 3, image_size=32))
+    assert count == pytest.approx(millions * 1e6, rel=0.01)
+
+
+def test_stage_maps_of_a_cifar_resnet_are_its_three_stage_outputs():
+    maps, embedding = models.build("resnet32x4", 100, 3).forward_stages(torch.randn(2, 3, 32, 32))
+    assert [tuple(m.shape[1:]) for m in maps] == [(64, 32, 32), (128, 16, 16), (256, 8, 8)]
+    assert embedding.shape == (2, 256)

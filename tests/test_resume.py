@@ -12,10 +12,23 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from ttkd import losses
+from ttkd.kd.logits import CrossEntropy, TrainedTeacher
 
 REPO = Path(__file__).resolve().parents[1]
 SLOW_ARGS = ["--arch", "cnn", "--batch_size", "8", "--epochs", "4", "--deterministic", "true"]
+
+
+def poison(monkeypatch, cls, after: int = 30):
+    """Make ``cls``'s loss NaN from its ``after``-th call on (digits at batch 64: 23 steps
+    an epoch, so call 30 is epoch 2, step 7); returns a function that undoes it."""
+    real, calls = cls.forward, []
+
+    def poisoned(self, b):
+        calls.append(1)
+        parts = real(self, b)
+        return parts | {"loss": parts["loss"] * float("nan")} if len(calls) >= after else parts
+    monkeypatch.setattr(cls, "forward", poisoned)
+    return lambda: monkeypatch.setattr(cls, "forward", real)
 
 
 def env_for(store):
@@ -23,8 +36,8 @@ def env_for(store):
     return {**os.environ, "MLFLOW_TRACKING_URI": store, "OMP_NUM_THREADS": "2", "PYTHONPATH": str(REPO)}
 
 
-def stage(store, *args, wait=True):
-    cmd = [sys.executable, "-m", "entry.baseline", *args]
+def stage(store, *args, wait=True, module="baseline"):
+    cmd = [sys.executable, "-m", f"entry.{module}", *args]
     proc = subprocess.Popen(cmd, env=env_for(store), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if not wait:
         return proc
@@ -76,6 +89,30 @@ def test_kill_9_then_resume_ends_exactly_like_an_uninterrupted_run(store, tmp_pa
 
 
 @pytest.mark.slow
+def test_kill_9_then_resume_of_a_feature_method_with_a_memory_bank_is_exact(store, tmp_path):
+    """CRD owns trained embeddings and a memory bank: both must come back from the checkpoint."""
+    status, _, err = stage(store, "--arch", "cnn", "--epochs", "1", "--register_as", "teacher")
+    assert status == 0, err
+    args = ["--teacher", "teacher", "--method", "crd", "--arch", "resnet8", "--batch_size", "16",
+            "--epochs", "4", "--deterministic", "true"]
+    status, _, err = stage(store, *args, "--register_as", "whole", module="distill")
+    assert status == 0, err
+    proc = stage(store, *args, "--register_as", "cut", wait=False, module="distill")
+    run_id = wait_for_epochs(store, 2, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    status, out, err = stage(store, "--resume", "last", module="distill")
+    assert status == 0, err
+    client = MlflowClient()
+    whole = client.get_model_version("whole", "1").run_id
+    assert client.get_model_version("cut", "1").run_id == run_id
+    for metric in ("train_loss", "train_crd", "val_acc"):
+        assert history(client, run_id, metric) == history(client, whole, metric), metric
+    a, b = final_weights(whole, tmp_path / "a"), final_weights(run_id, tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
 def test_sigterm_leaves_a_resumable_run_marked_killed(store, cli):
     # cnn with small batches: epochs long enough that the signal lands during training
     proc = stage(store, "--arch", "cnn", "--batch_size", "8", "--epochs", "4", "--register_as", "t", wait=False)
@@ -83,7 +120,7 @@ def test_sigterm_leaves_a_resumable_run_marked_killed(store, cli):
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM
-    assert err.strip().splitlines()[-1].startswith(f"ttkd baseline: error: stopped by SIGTERM in epoch")
+    assert err.strip().splitlines()[-1].startswith("ttkd baseline: error: stopped by SIGTERM in epoch")
     assert f"resume={run_id}" in err
     assert MlflowClient().get_run(run_id).info.status == "KILLED"
     assert MlflowClient().search_registered_models() == []
@@ -94,14 +131,7 @@ def test_sigterm_leaves_a_resumable_run_marked_killed(store, cli):
 
 
 def test_nan_fails_the_run_registers_nothing_and_keeps_the_last_good_checkpoint(store, cli, monkeypatch, tmp_path):
-    calls = []
-    real = losses.cross_entropy
-
-    def poisoned(z, y):  # good for the first epoch (23 steps of 64 images), NaN from step 30
-        calls.append(1)
-        loss, ce, kl = real(z, y)
-        return (loss * float("nan"), ce, kl) if len(calls) >= 30 else (loss, ce, kl)
-    monkeypatch.setattr(losses, "cross_entropy", poisoned)
+    poison(monkeypatch, CrossEntropy)
     status, _, err = cli("baseline", "--epochs", "3", "--register_as", "never")
     assert status == 1
     assert "the training loss became NaN or infinite at epoch 2, step 7;" in err
@@ -139,14 +169,7 @@ def test_resume_errors(store, cli, monkeypatch):
 
 
 def test_damaged_checkpoint_is_refused(store, cli, monkeypatch):
-    real = losses.cross_entropy
-    calls = []
-
-    def poisoned(z, y):
-        calls.append(1)
-        loss, ce, kl = real(z, y)
-        return (loss * float("nan"), ce, kl) if len(calls) >= 30 else (loss, ce, kl)
-    monkeypatch.setattr(losses, "cross_entropy", poisoned)
+    poison(monkeypatch, CrossEntropy)
     cli("baseline", "--epochs", "3")  # fails in epoch 2, leaving epoch 1's checkpoint
     run = mlflow.search_runs(output_format="list")[0]
     artifact = Path(run.info.artifact_uri.removeprefix("file://")) / "checkpoints" / "last.pt"
@@ -171,21 +194,14 @@ def test_unreachable_tracking_server_fails_fast_with_its_uri(cli, monkeypatch, t
 
 @pytest.mark.slow
 def test_a_failed_study_resumes_reusing_its_finished_stages(store, cli, monkeypatch):
-    real = losses.teacher_loss
-    calls = []
-
-    def poisoned(*args):  # the first teacher fails in its second epoch
-        calls.append(1)
-        loss, ce, kl = real(*args)
-        return (loss * float("nan"), ce, kl) if len(calls) >= 30 else (loss, ce, kl)
-    monkeypatch.setattr(losses, "teacher_loss", poisoned)
+    undo = poison(monkeypatch, TrainedTeacher)  # the first teacher fails in its second epoch
     status, _, err = cli("main", "--epochs", "2", "--register_as", "st")
     assert status == 1 and "NaN or infinite at epoch 2" in err
     parent = mlflow.search_runs(output_format="list", filter_string="tags.`ttkd.stage` = 'main'")[0]
     assert parent.info.status == "FAILED"
     assert {m.name for m in MlflowClient().search_registered_models()} == {"st-student"}
 
-    monkeypatch.setattr(losses, "teacher_loss", real)
+    undo()
     status, out, err = cli("main", "--resume", "last")
     assert status == 0, err
     assert "resuming run" in out and "| student, KD from trained teacher |" in out

@@ -10,8 +10,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from ttkd import data, models, registry, stages
-from ttkd.train import EpochStats
+from ttkd import data, models, registry, tracking
 
 REPO = Path(__file__).resolve().parents[1]
 EPOCH_METRICS = {"train_loss", "train_ce", "val_acc", "val_loss", "lr", "epoch_time_s", "throughput"}
@@ -85,6 +84,51 @@ def test_a_study_reads_its_data_set_once_for_its_five_stages(store, cli, monkeyp
 
 
 @pytest.mark.slow
+def test_every_method_distils_from_a_registered_teacher_rebuilt_from_its_weights(store, cli, monkeypatch):
+    status, _, err = cli("baseline", "--arch", "cnn", "--epochs", "1", "--register_as", "teacher")
+    assert status == 0, err
+
+    def no_pt2(*args, **kwargs):
+        raise AssertionError("the partner must be rebuilt from its weights, not loaded from pt2")
+    monkeypatch.setattr(mlflow.pytorch, "load_model", no_pt2)
+    parts = {"kd": {"ce", "kl"}, "dkd": {"ce", "tckd", "nckd"}, "dist": {"ce", "inter", "intra"},
+             "fitnet": {"ce", "hint"}, "at": {"ce", "at"}, "rkd": {"ce", "distance", "angle"},
+             "crd": {"ce", "crd"}}
+    assert set(parts) == set(kd_names())
+    for method, names in parts.items():
+        status, out, err = cli("distill", "--teacher", "teacher", "--method", method, "--arch", "resnet8",
+                               "--epochs", "2")
+        assert status == 0, f"{method}: {err}"
+        version = MlflowClient().get_model_version(f"digits-resnet8-{method}", "1")
+        assert version.tags["ttkd.method"] == method
+        assert version.tags["ttkd.partner_model"] == "models:/teacher/1"
+        run = mlflow.get_run(version.run_id)
+        assert run.data.tags["ttkd.method"] == run.data.params["method"] == method
+        logged = {m.removeprefix("train_") for m in run.data.metrics if m.startswith("train_")}
+        assert logged == names | {"loss"}, method
+        assert len(MlflowClient().get_metric_history(run.info.run_id, "train_loss")) == 2
+    assert mlflow.get_run(version.run_id).data.params["crd_k"] == "16384"
+
+
+def kd_names():
+    from ttkd import kd
+    return kd.names()
+
+
+@pytest.mark.slow
+def test_a_study_with_another_method_registers_its_students_by_method(store, cli):
+    status, out, err = cli("main", "--method", "dkd", "--epochs", "1", "--register_as", "d")
+    assert status == 0, err
+    assert "| student, DKD from trained teacher |" in out
+    names = {m.name for m in MlflowClient().search_registered_models()}
+    assert {"d-student-dkd-normal", "d-student-dkd-trained"} <= names
+    version = MlflowClient().get_model_version("d-student-dkd-trained", "1")
+    assert version.tags["ttkd.method"] == "dkd"
+    run = mlflow.get_run(version.run_id)
+    assert run.data.params["dkd_beta"] == "8.0" and "alpha" not in run.data.params
+
+
+@pytest.mark.slow
 def test_mlflow_run_main_study(tmp_path):
     """The real `mlflow run` of the default entry point, as a user starts it."""
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
@@ -130,7 +174,7 @@ def register_foreign(shape, num_classes, name):
                           num_classes, (0.5,) * c, (0.25,) * c)
     with mlflow.start_run():
         mlflow.log_metric("val_acc", 50.0)
-        info = stages.log_model(models.build("mlp", num_classes, c, image_size=h), fake)
+        info = tracking.log_model(models.build("mlp", num_classes, c, image_size=h), fake)
     registry.register(info.model_uri, name, {"ttkd.stage": "baseline"})
 
 
@@ -171,6 +215,19 @@ BAD_INPUTS = [
      "preset 'cifar10-baseline-cnn' is for the baseline stage; run it with -e baseline"),
     (("main", "--preset", "cifar10-baseline-cnn", "--alpha", "0.5"), 1, "the baseline stage does not take alpha"),
     (("main", "--weight", "0"), 1, "the study's trained teacher needs weight > 0"),
+    (("distill", "--teacher", "digits-mlp", "--method", "fitnets"), 1,
+     "invalid method: 'fitnets'; method must be one of kd, dkd, dist, fitnet, at, rkd, crd"),
+    (("distill", "--teacher", "digits-mlp", "--method", "dkd", "--dkd_beta", "-1"), 1,
+     "invalid dkd_beta: '-1'; dkd_beta must be a number >= 0"),
+    (("distill", "--teacher", "digits-mlp", "--method", "crd", "--crd_k", "0"), 1,
+     "crd_k must be an integer >= 1"),
+    (("distill", "--teacher", "digits-mlp", "--method", "dist", "--alpha", "0.5"), 1,
+     "method dist does not use alpha; it takes dist_beta, dist_gamma, dist_tau"),
+    (("distill", "--teacher", "digits-mlp", "--dkd_beta", "4"), 1, "method kd does not use dkd_beta"),
+    (("distill", "--teacher", "digits-mlp"), 1,
+     "teacher models:/digits-mlp/1 has no weights to rebuild it from (no checkpoints/last.pt"),
+    (("main", "--method", "at"), 1, "method at matches spatial attention maps, but mlp and cnn have no pair"),
+    (("main", "--method", "dkd", "--alpha", "0.5"), 1, "method dkd does not use alpha"),
     (("promote", "--model", "nope"), 1, "no registered model named 'nope'"),
     (("promote", "--model", "digits-mlp", "--force", "maybe"), 2, "invalid force"),
 ]
@@ -214,6 +271,7 @@ def test_seed_presets_start_and_chain_through_the_registry(store, cli, tmp_path,
     """baseline CNN -> trained ResNet-18 against it -> KD PreResNet-20 from that teacher,
     each from its preset (one epoch, on generated CIFAR-10 files), as `mlflow run . -P preset=...`."""
     import torchvision.datasets.cifar
+
     from tests.test_data import write_cifar10
     write_cifar10(tmp_path / "cifar", n_train=20, n_test=10)
     monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *args: True)

@@ -19,9 +19,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ttkd import data, models
+from ttkd import data, kd, models
+from ttkd.engine import TrainConfig
 from ttkd.errors import TTKDError
-from ttkd.train import TrainConfig
 
 STAGES = ("baseline", "teach", "distill", "main")
 
@@ -96,7 +96,43 @@ PARAMS: dict[str, Param] = {p.name: p for p in [
     Param("kd_temperature", "float", 4.0, "T of the study's distill stages", "a number > 0",
           lambda v: v > 0),
     Param("register_as", "str", "", "registered model name (main: prefix of the five names)"),
+    Param("method", "str", "kd", "distillation method", "one of " + ", ".join(kd.names()),
+          _choice(kd.names)),
+    # each method's own hyper-parameters, with the defaults of its paper / reference code
+    Param("dkd_alpha", "float", 1.0, "dkd: weight α of TCKD (target vs. rest)", "a number >= 0",
+          lambda v: v >= 0),
+    Param("dkd_beta", "float", 8.0, "dkd: weight β of NCKD (among non-target classes)", "a number >= 0",
+          lambda v: v >= 0),
+    Param("dkd_warmup", "int", 20, "dkd: epochs over which the KD term ramps up linearly from 0",
+          "an integer >= 0", lambda v: v >= 0),
+    Param("dist_beta", "float", 2.0, "dist: weight β of the inter-class relation", "a number >= 0",
+          lambda v: v >= 0),
+    Param("dist_gamma", "float", 2.0, "dist: weight γ of the intra-class relation", "a number >= 0",
+          lambda v: v >= 0),
+    Param("dist_tau", "float", 4.0, "dist: temperature τ", "a number > 0", lambda v: v > 0),
+    Param("fitnet_beta", "float", 100.0, "fitnet: weight β of the hint (MSE of middle-stage maps)",
+          "a number >= 0", lambda v: v >= 0),
+    Param("at_beta", "float", 1000.0, "at: weight β of the attention-map loss", "a number >= 0",
+          lambda v: v >= 0),
+    Param("at_p", "float", 2.0, "at: power p of the attention map mean_c |F_c|^p", "a number > 0",
+          lambda v: v > 0),
+    Param("rkd_distance", "float", 25.0, "rkd: weight of the distance term", "a number >= 0",
+          lambda v: v >= 0),
+    Param("rkd_angle", "float", 50.0, "rkd: weight of the angle term", "a number >= 0", lambda v: v >= 0),
+    Param("crd_beta", "float", 0.8, "crd: weight β of the contrastive loss", "a number >= 0",
+          lambda v: v >= 0),
+    Param("crd_dim", "int", 128, "crd: width of the projected embeddings", "an integer >= 1",
+          lambda v: v >= 1),
+    Param("crd_k", "int", 16384, "crd: negatives per sample, drawn from the memory bank",
+          "an integer >= 1", lambda v: v >= 1),
+    Param("crd_tau", "float", 0.07, "crd: temperature τ of the contrastive scores", "a number > 0",
+          lambda v: v > 0),
+    Param("crd_momentum", "float", 0.5, "crd: momentum μ of the memory-bank update", "a number in [0, 1)",
+          lambda v: 0 <= v < 1),
 ]}
+
+# parameters that only some distillation methods take
+METHOD_PARAMS = tuple(n for n in PARAMS if n.split("_")[0] in ("dkd", "dist", "fitnet", "at", "rkd", "crd"))
 
 TRAIN = ("epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay", "schedule",
          "milestones", "gamma", "seed", "device", "amp", "compile", "deterministic")
@@ -104,9 +140,9 @@ COMMON = ("dataset", "data_dir", "stream") + TRAIN + ("register_as",)
 STAGE_PARAMS: dict[str, tuple[str, ...]] = {
     "baseline": COMMON + ("arch", "resume"),
     "teach": COMMON + ("arch", "student", "weight", "temperature", "resume"),
-    "distill": COMMON + ("arch", "teacher", "alpha", "temperature", "resume"),
-    "main": COMMON + ("student_arch", "teacher_arch", "weight", "alpha", "temperature", "kd_temperature",
-                      "resume"),
+    "distill": COMMON + ("arch", "teacher", "method", "alpha", "temperature") + METHOD_PARAMS + ("resume",),
+    "main": COMMON + ("student_arch", "teacher_arch", "weight", "temperature", "method", "alpha",
+                      "kd_temperature") + METHOD_PARAMS + ("resume",),
 }
 STAGE_DEFAULTS = {"teach": {"arch": "cnn"}}  # where a stage differs from the table
 ROLES = ("student", "teacher")  # the per-role tables of a study preset
@@ -128,6 +164,12 @@ class RunConfig:
         kw["data_dir"] = kw["data_dir"] or None
         kw["stream"] = {"auto": None, "true": True, "false": False}[kw["stream"]]
         kw["register_as"] = kw["register_as"] or None
+        if "method" in kw:  # the method's own parameters travel as one dict, by their kd names
+            distill_t = ("temperature",) if self.stage == "distill" else ()
+            for name in ("alpha", "kd_temperature", *METHOD_PARAMS, *distill_t):
+                kw.pop(name, None)
+            kw["method_params"] = {n: self.values[k] for n, k in zip(kd.get(kw["method"]).params,
+                                                                     method_params(self.stage, kw["method"]))}
         if self.stage == "main":
             return kw | {"student_train": self.train["student"], "teacher_train": self.train["teacher"]}
         return kw | {"train": self.train[""]}
@@ -173,18 +215,38 @@ def preset_names() -> list[str]:
     return sorted({p.stem for d in preset_dirs() if d.is_dir() for p in d.glob("*.toml")})
 
 
-def load_preset(name: str) -> tuple[str, dict]:
-    """Read preset ``name`` (a name from ``experiments/`` or a path to a .toml file);
-    returns ``(stage, settings)``."""
+def _preset_path(name: str) -> Path:
     path = Path(name)
     if path.suffix != ".toml":
         path = next((d / f"{name}.toml" for d in preset_dirs() if (d / f"{name}.toml").is_file()), None)
         if path is None:
             raise TTKDError(f"unknown preset {name!r}; presets: {', '.join(preset_names()) or '(none)'}")
+    return path
+
+
+def _read_preset(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """A preset's settings with those of the preset it ``extends`` (a name or a path)
+    underneath: its own values win, and role tables merge key by key."""
+    if path in seen:
+        raise TTKDError(f"preset {path} extends itself through {' -> '.join(p.stem for p in seen)}")
     try:
         settings = tomllib.loads(path.read_text())
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise TTKDError(f"cannot read preset {path}: {exc}") from None
+    base = settings.pop("extends", None)
+    if base is None:
+        return settings
+    merged = _read_preset(_preset_path(base), seen + (path,))
+    for key, value in settings.items():
+        merged[key] = merged.get(key, {}) | value if isinstance(value, dict) else value
+    return merged
+
+
+def load_preset(name: str) -> tuple[str, dict]:
+    """Read preset ``name`` (a name from ``experiments/`` or a path to a .toml file);
+    returns ``(stage, settings)``."""
+    path = _preset_path(name)
+    settings = _read_preset(path)
     stage = settings.pop("stage", None)
     if stage not in STAGES:
         raise TTKDError(f"preset {path} must set stage to one of {', '.join(STAGES)} (found {stage!r})")
@@ -234,6 +296,8 @@ def resolve(stage: str, given: dict[str, Any], preset: str | None = None) -> Run
         return STAGE_DEFAULTS.get(stage, {}).get(name, param.default)
 
     values = {name: value(name) for name in STAGE_PARAMS[stage]}
+    if "method" in values:
+        _check_method_params(stage, values["method"], set(cli) | set(settings))
     if stage == "main":
         train = {role: _train_config({n: value(n, role) for n in TRAIN}) for role in ROLES}
         for role in ROLES:  # a role table may name the architecture as `arch`
@@ -243,6 +307,23 @@ def resolve(stage: str, given: dict[str, Any], preset: str | None = None) -> Run
     else:
         train = {"": _train_config({n: values[n] for n in TRAIN})}
     return RunConfig(stage, values, train, preset)
+
+
+def method_params(stage: str, method: str) -> tuple[str, ...]:
+    """The parameters of ``stage`` that ``method`` reads (in main, kd_temperature is the
+    distill stages' temperature)."""
+    names = kd.get(method).params
+    return tuple("kd_temperature" if stage == "main" and n == "temperature" else n for n in names)
+
+
+def _check_method_params(stage: str, method: str, given: set[str]) -> None:
+    """Refuse a method parameter that the chosen method would silently ignore."""
+    own = {"alpha", "kd_temperature"} | set(METHOD_PARAMS) | ({"temperature"} if stage == "distill" else set())
+    stray = sorted((given & own) - set(method_params(stage, method)))
+    if stray:
+        takes = ", ".join(method_params(stage, method)) or "no parameters of its own"
+        raise TTKDError(f"method {method} does not use {', '.join(stray)}; it takes {takes} "
+                        f"(drop the others, or choose the method they belong to)")
 
 
 def _train_config(values: dict) -> TrainConfig:

@@ -524,8 +524,10 @@ def batches(
     *,
     generator: torch.Generator | None = None,
     channels_last: bool = False,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield ``(images, labels)`` batches of ``split`` ("train" or "val").
+    indices: bool = False,
+) -> Iterator[tuple[torch.Tensor, ...]]:
+    """Yield ``(images, labels)`` batches of ``split`` ("train" or "val"), with
+    ``indices`` ``(images, labels, positions)``: each sample's ``(B,)`` position in the split.
 
     Training batches are shuffled with ``generator`` and augmented; validation batches
     come in order, unaugmented. Images come out as normalised float32 ``(B, C, H, W)``
@@ -558,7 +560,8 @@ def batches(
         if train and augment:
             images = apply(images, amount, draws=[t[start:start + batch_size] for t in draws])
         images = images.contiguous(memory_format=layout)
-        yield torch.addcmul(shift, images.float(), scale), y[idx]
+        images = torch.addcmul(shift, images.float(), scale)
+        yield (images, y[idx], idx) if indices else (images, y[idx])
 
 
 def crop_flip_draws(n: int, padding: int, generator: torch.Generator | None = None):

@@ -2,7 +2,7 @@
 
 import re
 
-from ttkd import bench
+from benchmarks import bench
 
 
 def test_speed_benchmark_reports_every_stage(capsys):
@@ -30,3 +30,12 @@ def test_on_disk_benchmark_times_both_paths(capsys):
     out = capsys.readouterr().out
     found = re.search(r"in memory ([\d,]+) images/s, on disk ([\d,]+) images/s", out)
     assert found and all(float(g.replace(",", "")) > 0 for g in found.groups())
+
+
+def test_method_benchmark_times_every_method(capsys):
+    from ttkd import kd
+    bench.main(["--methods", "--images", "64", "--batch-size", "16", "--repeat", "1",
+                "--dataset", "synthetic-3x16x16-10"])
+    rows = [l for l in capsys.readouterr().out.splitlines() if l.startswith("| ") and "x |" in l]
+    assert [r.split("|")[1].strip() for r in rows] == kd.names()
+    assert rows[0].endswith("| 1.00x |")  # kd against itself

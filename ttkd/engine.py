@@ -1,11 +1,12 @@
 """The training engine: one loop for every stage.
 
-``fit`` trains ``model`` on ``data`` with a stage's loss. If a frozen ``partner`` is
-given (the student in ``teach``, the teacher in ``distill``) it runs beside the model
-in inference mode and its logits go to the loss. Running sums of the losses stay on
-the device and are read once per epoch, so the step loop never waits for the host.
-The engine knows nothing of MLflow: the caller gets each epoch's figures through
-``on_epoch``.
+``fit`` trains ``model`` on ``data`` with a stage's objective, a method from
+``ttkd.kd``. If a frozen ``partner`` is given (the student in ``teach``, the teacher in
+``distill``) it runs beside the model in inference mode and its outputs go to the
+method. Running sums of the method's named loss parts stay on the device and are read
+once per epoch, so the step loop never waits for the host. The engine knows nothing of
+MLflow and prints nothing: the caller gets each epoch's figures through ``on_epoch``
+and may wrap the batches in a progress bar.
 """
 
 from __future__ import annotations
@@ -15,10 +16,9 @@ import dataclasses
 import math
 import os
 import random
-import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
@@ -27,9 +27,7 @@ from torch import nn
 
 from ttkd.data import ImageData, batches
 from ttkd.errors import TTKDError
-
-# loss_fn(model_logits (B, K), partner_logits (B, K) or None, labels (B,)) -> (loss, ce, kl|None)
-LossFn = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor], tuple]
+from ttkd.kd import Batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,15 +60,14 @@ class NonFiniteLoss(TTKDError):
     """The training loss became NaN or infinite."""
 
 
-def make_optimizer(model: nn.Module, config: TrainConfig):
-    """The optimiser and per-epoch learning-rate scheduler that ``config`` names."""
+def make_optimizer(params: list[nn.Parameter], config: TrainConfig):
+    """The optimiser of ``params`` and per-epoch learning-rate scheduler that ``config`` names."""
     # one fused kernel for the whole update where the parameters' device has one
-    fused = {"fused": True} if next(model.parameters()).device.type in ("cpu", "cuda") else {}
+    fused = {"fused": True} if params[0].device.type in ("cpu", "cuda") else {}
     if config.optimizer == "adam":
-        optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
-                                     **fused)
+        optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay, **fused)
     else:
-        optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+        optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
                                     weight_decay=config.weight_decay, **fused)
     if config.schedule == "step":
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(config.milestones), config.gamma)
@@ -86,9 +83,7 @@ class EpochStats:
     """One epoch's figures; accuracies and agreement in percent."""
 
     epoch: int
-    train_loss: float
-    train_ce: float
-    train_kl: float | None     # None when the loss has no KL term
+    train: dict[str, float]    # the method's loss parts, "loss" first, each a mean over images
     val_loss: float
     val_acc: float
     lr: float                  # learning rate used during this epoch
@@ -98,7 +93,9 @@ class EpochStats:
 
     def metrics(self) -> dict[str, float]:
         """The figures as MLflow metrics: the one place their names are set."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k != "epoch" and v is not None}
+        figures = {k: v for k, v in dataclasses.asdict(self).items()
+                   if k not in ("epoch", "train") and v is not None}
+        return {f"train_{k}": v for k, v in self.train.items()} | figures
 
 
 def resolve_device(name: str) -> torch.device:
@@ -187,40 +184,64 @@ def frozen(partner: nn.Module, fast: bool) -> nn.Module:
     return partner
 
 
-def forward(model: nn.Module, partner: nn.Module | None, x: torch.Tensor, fast: bool):
-    """Float32 logits ``(B, K)`` of the trained model and of the frozen partner (None
-    without one), in bf16 autocast when ``fast``; the partner runs in inference mode."""
-    partner_logits = None
+def forward(model: nn.Module, partner: nn.Module | None, x: torch.Tensor, y: torch.Tensor,
+            fast: bool, features: bool = False, **batch) -> Batch:
+    """The step's :class:`ttkd.kd.Batch`: float32 logits ``(B, K)`` of the trained model
+    and of the frozen partner (None without one), and with ``features`` both networks'
+    stage maps and embeddings; computed in bf16 autocast when ``fast``, the partner in
+    inference mode. ``batch`` fills the remaining fields (epoch, index)."""
+    b = Batch(logits=None, labels=y, **batch)
     with autocast(x.device, fast):
         if partner is not None:
             with torch.inference_mode():
-                partner_logits = partner(x)
-            # inference tensors cannot be saved for backward: take a normal copy
-            partner_logits = partner_logits.float().clone()
-        logits = model(x).float()  # losses in float32, whatever the compute dtype
-    return logits, partner_logits
+                if features:
+                    stages, embedding = partner.forward_stages(x)
+                    out = [partner.forward_head(embedding), embedding, *stages]
+                else:
+                    out = [partner(x)]
+            # inference tensors cannot be saved for backward: take normal float32 copies
+            out = [t.float().clone() for t in out]
+            b.partner_logits = out[0]
+            if features:
+                b.partner_embedding, b.partner_stages = out[1], out[2:]
+        if features:
+            stages, embedding = model.forward_stages(x)
+            b.logits = model.forward_head(embedding).float()
+            b.stages, b.embedding = [t.float() for t in stages], embedding.float()
+        else:
+            b.logits = model(x).float()  # losses in float32, whatever the compute dtype
+    return b
+
+
+def no_progress(batches: Iterable, total: int, label: str) -> Iterable:
+    return batches
 
 
 def fit(
     model: nn.Module,
     data: ImageData,
-    loss_fn: LossFn,
+    method: nn.Module,
     config: TrainConfig,
     partner: nn.Module | None = None,
     on_epoch: Callable[[EpochStats, dict], None] | None = None,
     resume: dict | None = None,
     stop: Callable[[], bool] = lambda: False,
+    progress: Callable[[Iterable, int, str], Iterable] = no_progress,
 ) -> list[EpochStats]:
     """Train ``model`` in place up to epoch ``config.epochs``; returns the stats of the
     epochs it ran.
 
-    ``data`` and both networks must already be on the training device. The partner is
-    never updated: it runs in eval mode under ``torch.inference_mode()``. After every
-    epoch ``on_epoch(stats, state)`` gets the engine state (optimiser, epoch, data-order
-    generator and every RNG); passing such a state back as ``resume`` (with the model's
-    weights already loaded) continues exactly where it left off. ``stop()`` is asked
-    after every step; when it says yes, ``Interrupted`` is raised and the epoch in
-    progress is dropped. A NaN or infinite loss raises ``NonFiniteLoss`` naming its step.
+    ``method`` (from ``ttkd.kd.build``) turns each step's :class:`ttkd.kd.Batch` into
+    named loss parts; its own parameters are trained with the model's, and its buffers
+    are part of the engine state. ``data`` and both networks must already be on the
+    training device. The partner is never updated: it runs in eval mode under
+    ``torch.inference_mode()``. After every epoch ``on_epoch(stats, state)`` gets the
+    engine state (optimiser, method, epoch, data-order generator and every RNG); passing
+    such a state back as ``resume`` (with the model's weights already loaded) continues
+    exactly where it left off. ``stop()`` is asked after every step; when it says yes,
+    ``Interrupted`` is raised and the epoch in progress is dropped. A NaN or infinite
+    loss raises ``NonFiniteLoss`` naming its step. ``progress(batches, steps, label)``
+    may wrap each epoch's batches (a progress bar).
     """
     device = data.train_x.device
     fast = config.amp and bf16_supported(device)  # bf16 and channels_last go together
@@ -228,11 +249,14 @@ def fit(
         model.to(memory_format=torch.channels_last)
     if partner is not None:
         partner = frozen(partner, fast)
-    step_model = torch.compile(model) if config.compile else model
-    optimizer, scheduler = make_optimizer(model, config)
+    method.to(device)
+    features = getattr(method, "features", False)
+    step_model = torch.compile(model) if config.compile and not features else model
+    optimizer, scheduler = make_optimizer([*model.parameters(), *method.parameters()], config)
     generator = torch.Generator().manual_seed(config.seed)
     first = 1
     if resume is not None:
+        method.load_state_dict(resume["method"])
         # replay the schedule first (it computes each lr from the current one), then restore
         # the optimiser, whose saved state holds exactly the lr it had reached
         with warnings.catch_warnings():  # stepping a scheduler without optimiser steps
@@ -249,46 +273,42 @@ def fit(
     history = []
     for epoch in range(first, config.epochs + 1):
         model.train()
-        sums = torch.zeros(3, device=device)  # loss, ce, kl, each summed over images
+        method.train()
+        sums = None  # each loss part, summed over images, on the device
         watch = _NonFiniteWatch(device)
-        progress = _Progress(f"epoch {epoch}/{config.epochs}", steps)
         started = time.perf_counter()
-        for step, (x, y) in enumerate(
-                batches(data, "train", config.batch_size, generator=generator, channels_last=fast), 1):
-            logits, partner_logits = forward(step_model, partner, x, fast)
-            loss, ce, kl = loss_fn(logits, partner_logits, y)
+        train_batches = batches(data, "train", config.batch_size, generator=generator,
+                                channels_last=fast, indices=True)
+        for step, (x, y, idx) in enumerate(progress(train_batches, steps, f"epoch {epoch}/{config.epochs}"), 1):
+            parts = method(forward(step_model, partner, x, y, fast, features, epoch=epoch, index=idx))
+            loss = parts["loss"]
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            parts = [loss, ce, kl if kl is not None else torch.zeros((), device=device)]
-            sums += torch.stack(parts).detach() * len(y)
+            sums = torch.stack(list(parts.values())).detach() * len(y) + (0 if sums is None else sums)
             _check_finite(watch.step(loss, step), epoch, config)
-            progress.step()
             if stop():
-                progress.close()
                 raise Interrupted(epoch)
         _check_finite(watch.first_bad_step(wait=True), epoch, config)  # waits for the device
         elapsed = time.perf_counter() - started
-        progress.close()
         lr = scheduler.get_last_lr()[0]
         scheduler.step()
 
-        train_loss, train_ce, train_kl = (sums / len(data.train_y)).tolist()  # one host sync
+        train = dict(zip(parts, (sums / len(data.train_y)).tolist()))  # one host sync
         model.eval()
         val_logits = predict(step_model, data, config.batch_size, fast)
         stats = EpochStats(
-            epoch=epoch, train_loss=train_loss, train_ce=train_ce,
-            train_kl=train_kl if kl is not None else None,
+            epoch=epoch, train=train,
             val_loss=F.cross_entropy(val_logits, data.val_y).item(),
             val_acc=accuracy(val_logits, data.val_y), lr=lr, epoch_time_s=elapsed,
             throughput=len(data.train_y) / elapsed,
             agreement=None if partner_pred is None
             else 100.0 * (val_logits.argmax(1) == partner_pred).float().mean().item(),
         )
-        print(_summary(stats, config.epochs), flush=True)
         history.append(stats)
         if on_epoch is not None:
             on_epoch(stats, {"epoch": epoch, "optimizer": optimizer.state_dict(),
+                             "method": {k: v.detach().to("cpu", copy=True) for k, v in method.state_dict().items()},
                              "generator": generator.get_state(), "rng": rng_state()})
     if fast:
         model.to(memory_format=torch.contiguous_format)  # checkpoints and export in the usual layout
@@ -335,32 +355,3 @@ def _check_finite(step: int, epoch: int, config: TrainConfig) -> None:
     if step >= 0:
         raise NonFiniteLoss(f"the training loss became NaN or infinite at epoch {epoch}, step {step}; "
                             f"lower lr (now {config.lr}) or check the data")
-
-
-def _summary(s: EpochStats, epochs: int) -> str:
-    kl = f" kl {s.train_kl:.4f}" if s.train_kl is not None else ""
-    agree = f"  agreement {s.agreement:.1f}%" if s.agreement is not None else ""
-    return (f"epoch {s.epoch:>3}/{epochs}  loss {s.train_loss:.4f} (ce {s.train_ce:.4f}{kl})  "
-            f"val_loss {s.val_loss:.4f}  val_acc {s.val_acc:.2f}%{agree}  "
-            f"lr {s.lr:.4g}  {s.throughput:,.0f} img/s")
-
-
-class _Progress:
-    """A one-line progress bar on a terminal's stderr; silent when stderr is not a terminal."""
-
-    def __init__(self, label: str, total: int):
-        self.label, self.total, self.done = label, total, 0
-        self.live = sys.stderr.isatty()
-
-    def step(self) -> None:
-        self.done += 1
-        if self.live and (self.done == self.total or self.done % max(1, self.total // 50) == 0):
-            filled = 30 * self.done // self.total
-            sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (30 - filled)}] "
-                             f"{self.done}/{self.total}")
-            sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.live:
-            sys.stderr.write("\r\033[K")
-            sys.stderr.flush()

@@ -1,8 +1,10 @@
 """Training speed and accuracy: ttkd's engine against a re-creation of the seed's loop.
 
-    python -m ttkd.bench                  # images per second, every stage
-    python -m ttkd.bench --accuracy       # validation accuracy, several seeds, three paths
-    python -m ttkd.bench --on-disk        # an image folder decoded into memory vs left on disk
+    python -m benchmarks.bench                    # images per second, every stage
+    python -m benchmarks.bench --accuracy         # validation accuracy, several seeds, three paths
+    python -m benchmarks.bench --on-disk          # an image folder decoded into memory vs left on disk
+    python -m benchmarks.bench --methods          # each KD method's cost per step, relative to kd
+    python -m benchmarks.bench --methods-accuracy # each KD method's student, from normal and trained teachers
 
 Speed: for each stage (baseline: the student alone; teach: the teacher beside the frozen
 student; distill: the student beside the frozen teacher) it measures in this one process,
@@ -11,8 +13,7 @@ on the same models, batch size and CIFAR-shaped random data:
     seed     the seed's loop: PIL images through per-sample torchvision transforms
              (random crop 32/4, flip, to-tensor, normalise) in a DataLoader with 4 workers,
              float32, the partner under no_grad, ``.item()`` and a numpy accuracy every step
-    ttkd     ``ttkd.train.fit`` (its second epoch), as every stage runs it, the partner
-             in the ``torch.export`` form that a stage loads from the registry
+    ttkd     ``ttkd.engine.fit`` (its second epoch), as every stage runs it
     compute  forward + backward of the same network(s) on one batch already in memory,
              in ttkd's precision: the ceiling for any data pipeline
 
@@ -23,28 +24,40 @@ on the CPU, allocated memory on a GPU).
 
 Accuracy: the digits study's five networks trained by ttkd with bf16 on, with it off, and
 by the seed's DataLoader loop, over several seeds; prints mean ± standard deviation.
+
+Methods: the distill step of every KD method in ``ttkd.kd`` through ``ttkd.engine.fit``,
+in rounds taking turns, as images per second and relative to kd; and, over several
+seeds on digits, the student each method distils from a normal and a trained teacher.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import io
 import statistics
 import sys
 import time
 import warnings
-from contextlib import redirect_stdout
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ttkd import data as datasets
-from ttkd import losses, models
-from ttkd.train import (TrainConfig, accuracy, bf16_supported, fit, forward, frozen, predict,
-                        resolve_device, seed_everything)
+from ttkd import kd, models
+from ttkd.config import PARAMS
+from ttkd.engine import (
+    TrainConfig,
+    accuracy,
+    bf16_supported,
+    fit,
+    forward,
+    frozen,
+    predict,
+    resolve_device,
+    seed_everything,
+)
+from ttkd.stages import shapes
 
 STAGES = ("baseline", "teach", "distill")
 
@@ -81,7 +94,7 @@ def seed_loader(data, split, batch_size, seed, workers=4):
                                        persistent_workers=workers > 0)
 
 
-def seed_style_epoch(model, partner, loader, loss_fn, optimizer, device, max_images=None) -> float:
+def seed_style_epoch(model, partner, loader, method, optimizer, device, max_images=None) -> float:
     """One epoch of the seed's loop; returns training images per second."""
     model.train()
     seen, started = 0, None
@@ -94,7 +107,7 @@ def seed_style_epoch(model, partner, loader, loss_fn, optimizer, device, max_ima
         if partner is not None:
             with torch.no_grad():
                 partner_out = partner(x)
-        loss = loss_fn(out, partner_out, y)[0]
+        loss = method(kd.Batch(logits=out, labels=y, epoch=1, partner_logits=partner_out))["loss"]
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -108,22 +121,32 @@ def seed_style_epoch(model, partner, loader, loss_fn, optimizer, device, max_ima
 
 # --- speed ----------------------------------------------------------------------------------
 
-def stage_setup(stage, student, teacher, data, device, registered=False):
-    """(trained network, frozen partner or None, loss_fn) for ``stage``. With
-    ``registered`` the partner is in the form a stage loads from the registry: the
-    ``torch.export`` program that MLflow's pt2 format stores."""
+def make_method(name: str, model, partner, data, role: str = "distill", **params):
+    """The ``ttkd.kd`` method ``name`` for ``model`` beside ``partner``, with the
+    defaults of ``ttkd.config`` for what ``params`` does not set."""
+    spec = kd.get(name, role)
+    values = {n: params.get(n, PARAMS[n].default) for n in spec.params}
+    context = kd.Context(data.num_classes, data.train_y.cpu(),
+                         shapes(model, data.image_shape) if spec.features else None,
+                         shapes(partner, data.image_shape) if spec.features else None)
+    return kd.build(name, context, role, **values)
+
+
+def stage_setup(stage, student, teacher, data, device, method="kd"):
+    """(trained network, frozen partner or None, method) for ``stage``; the partner is
+    ttkd's own class, as a stage rebuilds it from the registered weights."""
     build = lambda arch: models.build(arch, data.num_classes, data.in_channels,  # noqa: E731
-                                      image_size=data.image_shape[-1]).to(device)
+                                      image_size=data.image_shape[-1])
     if stage == "baseline":
-        return build(student), None, lambda z, p, y: losses.cross_entropy(z, y)
+        model = build(student)
+        return model.to(device), None, make_method("ce", model, None, data, "baseline")
     partner = build(student if stage == "teach" else teacher).eval()
-    if registered:
-        example = torch.zeros(2, *data.image_shape, device=device)
-        partner = torch.export.export(partner, (example,),
-                                      dynamic_shapes=({0: torch.export.Dim.AUTO},)).module()
+    model = build(teacher if stage == "teach" else student)
     if stage == "teach":
-        return build(teacher), partner, lambda z, p, y: losses.teacher_loss(z, p, y, 0.005, 4.0)
-    return build(student), partner, lambda z, p, y: losses.distill_loss(z, p, y, 0.9, 4.0)
+        objective = make_method("teach", model, partner, data, "teach", weight=0.005, temperature=4.0)
+    else:
+        objective = make_method(method, model, partner, data)
+    return model.to(device), partner.to(device), objective
 
 
 class PeakMemory:
@@ -156,27 +179,27 @@ class PeakMemory:
 
 def measure_seed(stage, args, data, device):
     torch.manual_seed(0)
-    model, partner, loss_fn = stage_setup(stage, args.student, args.teacher, data, device)
+    model, partner, method = stage_setup(stage, args.student, args.teacher, data, device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     loader = seed_loader(data, "train", args.batch_size, 0, args.workers)
     with PeakMemory(device) as mem:
-        seed_style_epoch(model, partner, loader, loss_fn, optimizer, device, max_images=args.batch_size * 3)
-        rate = seed_style_epoch(model, partner, loader, loss_fn, optimizer, device, args.images)
+        seed_style_epoch(model, partner, loader, method, optimizer, device, max_images=args.batch_size * 3)
+        rate = seed_style_epoch(model, partner, loader, method, optimizer, device, args.images)
     return rate, mem.mib
 
 
-def measure_ttkd(stage, args, data, device):
+def measure_ttkd(stage, args, data, device, method="kd"):
     torch.manual_seed(0)
-    model, partner, loss_fn = stage_setup(stage, args.student, args.teacher, data, device, registered=True)
+    model, partner, objective = stage_setup(stage, args.student, args.teacher, data, device, method)
     config = TrainConfig(epochs=2, batch_size=args.batch_size, lr=0.01, amp=args.amp, device=str(device))
-    with PeakMemory(device) as mem, redirect_stdout(io.StringIO()):
-        history = fit(model, data, loss_fn, config, partner=partner)
+    with PeakMemory(device) as mem:
+        history = fit(model, data, objective, config, partner=partner)
     return history[-1].throughput, mem.mib
 
 
 def measure_compute(stage, args, data, device):
     torch.manual_seed(0)
-    model, partner, loss_fn = stage_setup(stage, args.student, args.teacher, data, device, registered=True)
+    model, partner, method = stage_setup(stage, args.student, args.teacher, data, device)
     fast = args.amp and bf16_supported(device)
     model.to(memory_format=torch.channels_last if fast else torch.contiguous_format)
     if partner is not None:
@@ -186,8 +209,7 @@ def measure_compute(stage, args, data, device):
     model.train()
 
     def step():
-        logits, partner_logits = forward(model, partner, x, fast)
-        loss_fn(logits, partner_logits, y)[0].backward()
+        method(forward(model, partner, x, y, fast, epoch=1))["loss"].backward()
         model.zero_grad(set_to_none=True)
 
     steps = max(3, args.images // args.batch_size)
@@ -273,15 +295,15 @@ def on_disk(args) -> dict[str, float]:
 
 # --- accuracy -------------------------------------------------------------------------------
 
-def seed_style_fit(model, data, loss_fn, config, partner, device) -> float:
+def seed_style_fit(model, data, method, config, partner, device) -> float:
     """Train like the seed (DataLoader of PIL images, float32) with ttkd's optimiser and
     schedule; returns the final validation accuracy (percent)."""
-    from ttkd.train import make_optimizer
+    from ttkd.engine import make_optimizer
 
-    optimizer, scheduler = make_optimizer(model, config)
+    optimizer, scheduler = make_optimizer(list(model.parameters()), config)
     loader = seed_loader(data, "train", config.batch_size, config.seed, workers=2)
     for _ in range(config.epochs):
-        seed_style_epoch(model, partner, loader, loss_fn, optimizer, device)
+        seed_style_epoch(model, partner, loader, method, optimizer, device)
         scheduler.step()
     model.eval()
     return accuracy(predict(model, data.to(device), config.batch_size), data.val_y.to(device))
@@ -294,25 +316,25 @@ def study_accuracies(path: str, seed: int, args) -> dict[str, float]:
     on_device = data.to(device)
     config = TrainConfig(seed=seed, amp=path == "bf16", device=str(device))
 
-    def train(arch, loss_fn, partner=None):
+    def train(arch, method, role, partner=None, **params):
         seed_everything(seed)
-        model = models.build(arch, data.num_classes, data.in_channels, image_size=8).to(device)
+        model = models.build(arch, data.num_classes, data.in_channels, image_size=8)
+        objective = make_method(method, model, partner, data, role, **params)
+        model.to(device)
         if path == "seed-loop":
-            acc = seed_style_fit(model, data, loss_fn, config, partner, device)
+            acc = seed_style_fit(model, data, objective, config, partner, device)
         else:
-            with redirect_stdout(io.StringIO()):
-                acc = fit(model, on_device, loss_fn, config, partner=partner)[-1].val_acc
+            acc = fit(model, on_device, objective, config, partner=partner)[-1].val_acc
         return model.eval(), acc
 
     result = {}
-    student, result["student"] = train("mlp", lambda z, p, y: losses.cross_entropy(z, y))
+    student, result["student"] = train("mlp", "ce", "baseline")
     teachers = {}
     for kind, w in (("normal", 0.0), ("trained", 0.005)):
-        teachers[kind], result[f"teacher_{kind}"] = train(
-            "cnn", lambda z, p, y, w=w: losses.teacher_loss(z, p, y, w, 4.0), student)
+        teachers[kind], result[f"teacher_{kind}"] = train("cnn", "teach", "teach", student, weight=w,
+                                                          temperature=4.0)
     for kind in ("normal", "trained"):
-        _, result[f"kd_{kind}"] = train("mlp", lambda z, p, y: losses.distill_loss(z, p, y, 0.9, 4.0),
-                                        teachers[kind])
+        _, result[f"kd_{kind}"] = train("mlp", "kd", "distill", teachers[kind])
     return result
 
 
@@ -327,6 +349,67 @@ def accuracy_table(args) -> str:
             values = [s[k] for s in scores[p]]
             cells.append(f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}")
         lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def method_speed(args) -> list[tuple[str, float, float]]:
+    """The distill stage's training images/s for every KD method, through ``fit`` (its
+    second epoch), methods taking turns for ``args.repeat`` rounds; returns
+    ``(method, median images/s, median ratio to kd in the same round)``."""
+    device = resolve_device(args.device)
+    full = datasets.load(args.dataset)
+    data = dataclasses.replace(full, train_x=full.train_x[:args.images], train_y=full.train_y[:args.images],
+                               val_x=full.val_x[:args.batch_size], val_y=full.val_y[:args.batch_size])
+    data = data.to(device)
+    rates = {m: [] for m in kd.names()}
+    for _ in range(args.repeat):
+        for method in rates:
+            rates[method].append(measure_ttkd("distill", args, data, device, method)[0])
+    return [(m, statistics.median(r), statistics.median([a / b for a, b in zip(rates["kd"], r)]))
+            for m, r in rates.items()]
+
+
+def method_accuracies(args) -> str:
+    """Over ``args.seeds`` seeds on digits: a ``args.student`` baseline, a normal (w = 0)
+    and a trained (w = 0.005) ``args.teacher`` against it, and a student distilled by every
+    method from each teacher, all with the stages' default parameters; a markdown table
+    of val_acc mean ± standard deviation."""
+    device = resolve_device(args.device)
+    data = datasets.load("digits")
+    on_device = data.to(device)
+    scores: dict[str, list[float]] = {}
+
+    def train(arch, method, role, seed, partner=None, **params):
+        seed_everything(seed)
+        model = models.build(arch, data.num_classes, data.in_channels, image_size=8).to(device)
+        objective = make_method(method, model, partner, data, role, **params)
+        acc = fit(model, on_device, objective, TrainConfig(seed=seed, device=str(device)),
+                  partner=partner)[-1].val_acc
+        return model.eval(), acc
+
+    for seed in range(args.seeds):
+        student, acc = train(args.student, "ce", "baseline", seed)
+        scores.setdefault("student, no KD", []).append(acc)
+        for kind, w in (("normal", 0.0), ("trained", 0.005)):
+            teacher, acc = train(args.teacher, "teach", "teach", seed, student, weight=w, temperature=4.0)
+            scores.setdefault(f"{kind} teacher", []).append(acc)
+            for method in kd.names():
+                _, acc = train(args.student, method, "distill", seed, teacher)
+                scores.setdefault(f"{method} {kind}", []).append(acc)
+                print(f"seed {seed} {method:>6} from {kind} teacher: {acc:.2f}", file=sys.stderr, flush=True)
+
+    def cell(values):
+        return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}" if len(values) > 1 \
+            else f"{values[0]:.2f}"
+
+    lines = ["| method | from normal teacher | from trained teacher | trained − normal (pp) |",
+             "|---|---:|---:|---:|"]
+    for method in kd.names():
+        normal, trained = scores[f"{method} normal"], scores[f"{method} trained"]
+        diff = [t - n for t, n in zip(trained, normal)]
+        lines.append(f"| {method} | {cell(normal)} | {cell(trained)} | {cell(diff)} |")
+    lines.append(f"| (no KD) | {cell(scores['student, no KD'])} | | |")
+    lines.append(f"| (teacher itself) | {cell(scores['normal teacher'])} | {cell(scores['trained teacher'])} | |")
     return "\n".join(lines)
 
 
@@ -346,6 +429,11 @@ def main(argv=None) -> None:
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--on-disk", action="store_true",
                         help="time the baseline stage on PNG files, decoded into memory and left on disk")
+    parser.add_argument("--methods", action="store_true",
+                        help="time the distill stage with every KD method, relative to kd")
+    parser.add_argument("--methods-accuracy", action="store_true",
+                        help="digits: each KD method's student from a normal and a trained teacher "
+                             "(default --student resnet8 --teacher cnn)")
     args = parser.parse_args(argv)
     # the seed's 4 workers on a machine with fewer cores are what is being measured
     warnings.filterwarnings("ignore", message="This DataLoader will create", category=UserWarning)
@@ -354,6 +442,22 @@ def main(argv=None) -> None:
           f"bf16 {'on' if args.amp and bf16_supported(device) else 'off'}", file=sys.stderr)
     if args.accuracy:
         print(accuracy_table(args))
+        return
+    if args.methods_accuracy:
+        if "--student" not in (argv or sys.argv):
+            args.student = "resnet8"
+        if "--teacher" not in (argv or sys.argv):
+            args.teacher = "cnn"
+        print(f"digits, student {args.student}, teacher {args.teacher}, {args.seeds} seeds, "
+              f"default parameters; val_acc (%), mean ± std\n")
+        print(method_accuracies(args))
+        return
+    if args.methods:
+        print(f"distill: student {args.student} beside teacher {args.teacher}, batch {args.batch_size}, "
+              f"{args.images} images per measurement, median of {args.repeat}\n")
+        print("| method | images/s | time per step relative to kd |\n|---|---:|---:|")
+        for method, rate, ratio in method_speed(args):
+            print(f"| {method} | {rate:,.0f} | {ratio:.2f}x |", flush=True)
         return
     if args.on_disk:
         rates = on_disk(args)

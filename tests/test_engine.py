@@ -1,9 +1,12 @@
+import copy
+
 import pytest
 import torch
 
-from ttkd import data, losses, models
+from ttkd import data, kd, models
+from ttkd.engine import TrainConfig, fit, frozen, seed_everything
 from ttkd.errors import TTKDError
-from ttkd.train import TrainConfig, fit, frozen, seed_everything
+from ttkd.kd.logits import KD, CrossEntropy
 
 DIGITS = data.load("digits")
 
@@ -13,14 +16,14 @@ def build(arch):
     return models.build(arch, 10, 1, image_size=8)
 
 
-def ce(z, _, y):
-    return losses.cross_entropy(z, y)
+def ce():
+    return CrossEntropy(None)
 
 
 def test_fit_learns_and_reports_every_metric():
-    history = fit(build("mlp"), DIGITS, ce, TrainConfig(epochs=3))
+    history = fit(build("mlp"), DIGITS, ce(), TrainConfig(epochs=3))
     assert [s.epoch for s in history] == [1, 2, 3]
-    assert history[-1].train_loss < history[0].train_loss
+    assert history[-1].train["loss"] < history[0].train["loss"]
     assert history[-1].val_acc > 80
     assert set(history[-1].metrics()) == {"train_loss", "train_ce", "val_loss", "val_acc", "lr",
                                           "epoch_time_s", "throughput"}
@@ -32,18 +35,20 @@ def test_frozen_partner_gets_no_gradient_and_does_not_change():
     before = {k: v.clone() for k, v in partner.state_dict().items()}
     seen = []
 
-    def loss(z, p, y):
-        seen.append(p)
-        return losses.distill_loss(z, p, y, 0.9, 4.0)
+    class Spy(KD):
+        def forward(self, b):
+            seen.append(b.partner_logits)
+            return super().forward(b)
 
-    history = fit(build("mlp"), DIGITS, loss, TrainConfig(epochs=1), partner=partner)
+    history = fit(build("mlp"), DIGITS, Spy(None, 0.9, 4.0), TrainConfig(epochs=1), partner=partner)
     assert all(p is not None and not p.requires_grad for p in seen)
     assert all(p.grad is None for p in partner.parameters())
     assert all(torch.equal(before[k], v) for k, v in partner.state_dict().items())
     assert not partner.training
     stats = history[0]
-    assert stats.train_kl is not None and stats.agreement is not None
-    assert stats.train_loss == pytest.approx(0.1 * stats.train_ce + 0.9 * stats.train_kl, rel=1e-4)
+    assert list(stats.train) == ["loss", "ce", "kl"] and stats.agreement is not None
+    assert stats.train["loss"] == pytest.approx(0.1 * stats.train["ce"] + 0.9 * stats.train["kl"], rel=1e-4)
+    assert {"train_loss", "train_ce", "train_kl", "agreement"} <= set(stats.metrics())
 
 
 def test_frozen_partner_is_a_bf16_copy_that_predicts_like_the_original():
@@ -60,21 +65,22 @@ def test_frozen_partner_is_a_bf16_copy_that_predicts_like_the_original():
 
 
 def test_same_seed_same_result():
-    a = fit(build("mlp"), DIGITS, ce, TrainConfig(epochs=1, seed=5))[-1]
-    b = fit(build("mlp"), DIGITS, ce, TrainConfig(epochs=1, seed=5))[-1]
-    assert a.train_loss == b.train_loss and a.val_acc == b.val_acc
+    a = fit(build("mlp"), DIGITS, ce(), TrainConfig(epochs=1, seed=5))[-1]
+    b = fit(build("mlp"), DIGITS, ce(), TrainConfig(epochs=1, seed=5))[-1]
+    assert a.train == b.train and a.val_acc == b.val_acc
 
 
 def test_non_finite_loss_stops_with_the_epoch():
-    def broken(z, _, y):
-        loss, ce_, kl = losses.cross_entropy(z, y)
-        return loss * float("nan"), ce_, kl
+    class Broken(CrossEntropy):
+        def forward(self, b):
+            parts = super().forward(b)
+            return parts | {"loss": parts["loss"] * float("nan")}
     with pytest.raises(TTKDError, match="became NaN or infinite at epoch 1, step 1;"):
-        fit(build("mlp"), DIGITS, broken, TrainConfig(epochs=2))
+        fit(build("mlp"), DIGITS, Broken(None), TrainConfig(epochs=2))
 
 
 def test_non_finite_watch_names_the_first_bad_step_every_25_steps_and_at_the_end():
-    from ttkd.train import _NonFiniteWatch
+    from ttkd.engine import _NonFiniteWatch
     watch = _NonFiniteWatch(torch.device("cpu"))
     reported = {}
     for step in range(1, 61):
@@ -92,15 +98,15 @@ def test_non_finite_watch_names_the_first_bad_step_every_25_steps_and_at_the_end
 @pytest.mark.parametrize("amp", [True, False])
 def test_mixed_precision_on_and_off_both_learn(amp):
     model = build("cnn")
-    history = fit(model, DIGITS, ce, TrainConfig(epochs=2, amp=amp))
-    assert history[-1].val_acc > 60 and history[-1].train_loss < history[0].train_loss
+    history = fit(model, DIGITS, ce(), TrainConfig(epochs=2, amp=amp))
+    assert history[-1].val_acc > 60 and history[-1].train["loss"] < history[0].train["loss"]
     weights = [p for p in model.parameters() if p.dim() == 4]
     assert all(p.is_contiguous() for p in weights)  # back in the usual layout for export
     assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights stay float32
 
 
 def test_bf16_is_used_where_supported():
-    from ttkd.train import autocast, bf16_supported
+    from ttkd.engine import autocast, bf16_supported
     cpu = torch.device("cpu")
     with autocast(cpu, True):
         out = torch.nn.Linear(4, 4)(torch.randn(2, 4))
@@ -111,5 +117,36 @@ def test_bf16_is_used_where_supported():
 
 @pytest.mark.slow
 def test_compile_option_trains():
-    history = fit(build("mlp"), DIGITS, ce, TrainConfig(epochs=1, compile=True))
+    history = fit(build("mlp"), DIGITS, ce(), TrainConfig(epochs=1, compile=True))
     assert history[-1].val_acc > 50
+
+
+def test_a_method_with_parameters_and_buffers_is_trained_and_resumed_exactly():
+    """FitNets' connector is optimised with the student; CRD's memory bank travels in the
+    engine state, and resuming from epoch 1's state repeats epoch 2 exactly."""
+    data8 = DIGITS
+    teacher = build("cnn").eval()
+
+    def method():
+        from ttkd.stages import shapes
+        torch.manual_seed(0)
+        student = build("resnet8")
+        context = kd.Context(10, data8.train_y, shapes(student, (1, 8, 8)), shapes(teacher, (1, 8, 8)))
+        return student, kd.build("crd", context, crd_beta=0.8, crd_dim=16, crd_k=64, crd_tau=0.07,
+                                 crd_momentum=0.5)
+
+    config = TrainConfig(epochs=2, deterministic=True)
+    states = []
+    student, crd = method()
+    before = crd.embed_s.weight.detach().clone(), crd.memory_s.clone()
+    whole = fit(student, data8, crd, config, partner=teacher, on_epoch=lambda s, st: states.append(
+        (copy.deepcopy(st), {k: v.clone() for k, v in student.state_dict().items()})))
+    assert not torch.equal(crd.embed_s.weight, before[0])  # trained with the student
+    assert not torch.equal(crd.memory_s, before[1])         # the bank moved
+    assert list(whole[-1].train) == ["loss", "ce", "crd"]
+
+    student2, crd2 = method()
+    student2.load_state_dict(states[0][1])
+    again = fit(student2, data8, crd2, config, partner=teacher, resume=states[0][0])
+    assert again[-1].train == whole[-1].train and again[-1].val_acc == whole[-1].val_acc
+    assert torch.equal(crd2.memory_t, crd.memory_t)

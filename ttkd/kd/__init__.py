@@ -1,0 +1,115 @@
+"""Training objectives, distillation methods first: one small ``nn.Module`` each,
+registered by name.
+
+The contract. A method is built once per stage from a :class:`Context` and its own
+hyper-parameters, may own parameters (a connector, embeddings: the engine trains and
+checkpoints them with the network) and buffers (a memory bank: checkpointed), and is
+called once per step with a :class:`Batch`. It returns a dict of named scalar parts,
+``"loss"`` (what is minimised) first; the engine sums every part over the epoch and the
+run logs each as ``train_<part>``. A method with ``features=True`` receives both
+networks' stage maps and embeddings (see ``ttkd.models``); the others do not pay for them.
+
+Notation in the docstrings: z_s, z_t student and teacher logits ``(B, K)``; y labels;
+T a temperature; p^T = softmax(z / T); KL(p‖q) = Σ_k p_k (log p_k − log q_k); every
+term is a batch mean. The network being trained is the student in ``distill`` and the
+teacher in ``teach``; its frozen partner's outputs carry no gradient.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from ttkd.errors import TTKDError
+
+
+@dataclasses.dataclass(frozen=True)
+class Shapes:
+    """A network's stage maps ``(C, H, W)``, shallow to deep, and its embedding width D."""
+
+    stages: tuple[tuple[int, int, int], ...]
+    embedding: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+    """What a method may need to build itself."""
+
+    num_classes: int
+    train_labels: torch.Tensor        # (N,) labels of the training split, on the CPU
+    model: Shapes | None = None       # the trained network (features methods only)
+    partner: Shapes | None = None     # the frozen partner (features methods only)
+    model_arch: str = ""              # for error messages
+    partner_arch: str = ""
+
+
+@dataclasses.dataclass
+class Batch:
+    """One training step as a method sees it; every tensor is float32 except labels/index."""
+
+    logits: torch.Tensor                        # (B, K) of the network being trained
+    labels: torch.Tensor                        # (B,)
+    epoch: int                                  # 1-based
+    index: torch.Tensor | None = None           # (B,) positions in the training split
+    partner_logits: torch.Tensor | None = None  # (B, K), no gradient
+    stages: list[torch.Tensor] | None = None    # (B, C_i, H_i, W_i), features methods only
+    embedding: torch.Tensor | None = None       # (B, D)
+    partner_stages: list[torch.Tensor] | None = None
+    partner_embedding: torch.Tensor | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    name: str
+    build: Callable[..., nn.Module]  # (context, **params) -> module
+    params: tuple[str, ...]          # its hyper-parameters, as named in ttkd.config
+    role: str                        # "distill", "teach" or "baseline"
+    features: bool                   # whether it reads stage maps and embeddings
+    summary: str
+
+
+_REGISTRY: dict[str, Spec] = {}
+
+
+def register(name: str, *, params: tuple[str, ...] = (), role: str = "distill", features: bool = False):
+    """Class decorator: register a method under ``name``; its first docstring line is its summary."""
+    def apply(cls):
+        summary = (cls.__doc__ or name).strip().splitlines()[0]
+        _REGISTRY[name] = Spec(name, cls, params, role, features, summary)
+        cls.features = features  # what the engine reads to decide what to compute
+        return cls
+    return apply
+
+
+def names(role: str = "distill") -> list[str]:
+    """The registered methods of ``role``, in registration order."""
+    return [s.name for s in _REGISTRY.values() if s.role == role]
+
+
+def get(name: str, role: str = "distill") -> Spec:
+    spec = _REGISTRY.get(name)
+    if spec is None or spec.role != role:
+        raise TTKDError(f"unknown method {name!r}; choose one of: {', '.join(names(role))}")
+    return spec
+
+
+def build(name: str, context: Context, role: str = "distill", **params) -> nn.Module:
+    """The method ``name`` for ``context`` with ``params`` (each one it declares)."""
+    spec = get(name, role)
+    return spec.build(context, **{k: params[k] for k in spec.params})
+
+
+def soft_kl(p_logits: torch.Tensor, q_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T² · KL(softmax(p_logits/T) ‖ softmax(q_logits/T)), averaged over the batch.
+
+    The T² factor keeps the gradient's scale independent of T (Hinton et al., 2015).
+    """
+    log_p = torch.log_softmax(p_logits / temperature, dim=1)
+    log_q = torch.log_softmax(q_logits / temperature, dim=1)
+    return temperature**2 * (log_p.exp() * (log_p - log_q)).sum(dim=1).mean()
+
+
+from ttkd.kd import logits, intermediate, crd  # noqa: E402,F401,I001  (they register, in this order)

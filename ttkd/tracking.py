@@ -1,0 +1,164 @@
+"""Everything a stage writes to or reads from MLflow, except the registry's references
+(``ttkd.registry``): parameters, metrics, data sets, models, checkpoints, and the frozen
+partner rebuilt from a registered version's weights."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import shutil
+import urllib.parse
+import urllib.request
+import warnings
+from pathlib import Path
+
+import mlflow
+import torch
+from mlflow.exceptions import MlflowException
+from mlflow.models import infer_signature
+from torch import nn
+
+from ttkd import models
+from ttkd.data import ImageData
+from ttkd.engine import EpochStats
+from ttkd.errors import TTKDError
+from ttkd.registry import ModelRef
+
+CHECKPOINT_FORMAT = 2  # 2: method state in the engine state, named loss parts
+# a stage's own lines, not MLflow's download bars, are what its terminal shows
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+def log_params(params: dict) -> None:
+    """Log ``params`` on the active run, except keys it already has: ``mlflow run`` logs
+    its parameters as given (an empty string as ``''``), and MLflow refuses to change a
+    logged value."""
+    run = mlflow.active_run()
+    logged = mlflow.get_run(run.info.run_id).data.params
+    mlflow.log_params({k: v for k, v in params.items() if k not in logged})
+
+
+def log_epoch(s: EpochStats, partner_acc: float | None) -> None:
+    """Log one epoch's metrics at step = epoch."""
+    metrics = s.metrics()
+    if partner_acc is not None:
+        metrics["partner_val_acc"] = partner_acc
+    mlflow.log_metrics(metrics, step=s.epoch)
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Write ``state`` to ``path`` atomically: a temporary file, then a rename."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A checkpoint, loaded without pickle; a damaged file is a user-facing error."""
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as exc:  # truncated zip, wrong format, disallowed types...
+        raise TTKDError(f"checkpoint {path.name} is damaged or not a ttkd checkpoint "
+                        f"({str(exc).splitlines()[0][:120]}); start the stage again") from None
+
+
+def log_checkpoint(path: Path, artifact_dir: str = "checkpoints") -> None:
+    """Log a checkpoint file so that the run's copy is whole or absent: on a local artifact
+    store, a temporary file renamed into place; elsewhere, MLflow's upload of one object."""
+    uri = urllib.parse.urlparse(mlflow.get_artifact_uri(artifact_dir))
+    if uri.scheme in ("", "file"):
+        dest = Path(urllib.request.url2pathname(uri.path))
+        dest.mkdir(parents=True, exist_ok=True)
+        partial = dest / f".{path.name}.partial"
+        shutil.copyfile(path, partial)
+        os.replace(partial, dest / path.name)
+    else:
+        mlflow.log_artifact(str(path), artifact_dir)
+
+
+def download_checkpoint(run_id: str, dst: str) -> dict | None:
+    """The run's ``checkpoints/last.pt``, loaded without pickle; None if it has none."""
+    try:
+        path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="checkpoints/last.pt",
+                                                   dst_path=dst)
+    except (MlflowException, OSError):
+        return None
+    return load_checkpoint(Path(path))
+
+
+def load_partner(ref: ModelRef, data: ImageData, role: str, tmp: str) -> tuple[nn.Module, str]:
+    """The frozen partner ``ref`` as ttkd's own class, rebuilt from the weights of the run
+    that made it (its last checkpoint, which holds the registered weights), after checking
+    that it fits ``data``; returns ``(network in eval mode, arch)``. The pt2 export stays
+    what the registry serves: it yields logits only and is pinned to its export device."""
+    try:
+        info = mlflow.models.get_model_info(ref.uri)
+    except (MlflowException, OSError) as exc:
+        raise TTKDError(f"cannot read {role} {ref.uri} ({str(exc).splitlines()[0][:120]})") from None
+    signature = info.signature
+    if signature is None or not signature.inputs.is_tensor_spec():
+        raise TTKDError(f"{role} {ref.uri} has no image tensor signature; use a model that "
+                        f"ttkd registered")
+    in_shape = tuple(signature.inputs.inputs[0].shape[1:])
+    num_classes = signature.outputs.inputs[0].shape[-1]
+    if in_shape != data.image_shape or num_classes != data.num_classes:
+        raise TTKDError(
+            f"{role} {ref.uri} takes {_shape(in_shape)} images and predicts {num_classes} classes, "
+            f"but dataset {data.name!r} has {_shape(data.image_shape)} images and "
+            f"{data.num_classes} classes; pick a {role} trained on {data.name}")
+    run_id = ref.run_id or info.run_id
+    state = download_checkpoint(run_id, tmp) if run_id else None
+    if state is None or "model" not in state or "arch" not in state:
+        raise TTKDError(f"{role} {ref.uri} has no weights to rebuild it from (no checkpoints/last.pt "
+                        f"in run {run_id}); use a model that a ttkd stage trained and registered")
+    arch = state["arch"]
+    if arch not in models.names():
+        raise TTKDError(f"{role} {ref.uri} is a {arch!r}, an architecture this ttkd does not know; "
+                        f"known: {', '.join(models.names())}")
+    net = models.build(arch, data.num_classes, data.in_channels, image_size=data.image_shape[-1])
+    try:
+        net.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        raise TTKDError(f"the weights of {role} {ref.uri} do not fit a {arch} "
+                        f"({str(exc).splitlines()[0][:120]}); re-register it with this ttkd") from None
+    return net.eval(), arch
+
+
+def _shape(shape) -> str:
+    return "x".join(str(d) for d in shape)
+
+
+def log_model(model: nn.Module, data: ImageData):
+    """Log ``model`` (eval mode, on the CPU) in MLflow's pickle-free pt2 format."""
+    model.eval().cpu()  # BatchNorm must be exported with its running statistics
+    example = (data.val_x[:4].cpu().float() / 255).sub(torch.tensor(data.mean).view(1, -1, 1, 1))
+    example = example.div(torch.tensor(data.std).view(1, -1, 1, 1)).numpy()  # batch > 1: dynamic
+    with torch.no_grad():
+        output = model(torch.from_numpy(example)).numpy()
+    return mlflow.pytorch.log_model(
+        model, name="model", input_example=example, signature=infer_signature(example, output),
+        serialization_format="pt2",
+        metadata={"input": "float32 (B, C, H, W): (pixel / 255 - mean) / std, per channel",
+                  "mean": list(data.mean), "std": list(data.std), "dataset": data.name},
+        # given, not inferred: inference re-loads the model in a subprocess (seconds)
+        pip_requirements=[f"torch=={importlib.metadata.version('torch')}"],
+    )
+
+
+def log_dataset(data: ImageData) -> None:
+    """Record both splits as the run's inputs (name, digest, schema, where they came from);
+    a data set left on disk is recorded by name, digest and source only, unread."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    with warnings.catch_warnings():  # MLflow registers its local file source twice
+        warnings.filterwarnings("ignore", message="The specified dataset source")
+        source = resolve_dataset_source(Path(data.source).resolve().as_uri())
+    for context, x, y in (("training", data.train_x, data.train_y), ("validation", data.val_x, data.val_y)):
+        name = f"{data.name}-{context}"
+        if data.streamed:
+            record = MetaDataset(source, name=name, digest=data.digest())
+        else:
+            record = mlflow.data.from_numpy(x.cpu().numpy(), targets=y.cpu().numpy(), source=source,
+                                            name=name)
+        mlflow.log_input(record, context=context)
