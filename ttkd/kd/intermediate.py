@@ -107,15 +107,27 @@ class RKD(nn.Module):
 
     @staticmethod
     def distances(e: torch.Tensor) -> torch.Tensor:
-        sq = e.pow(2).sum(1)
-        d = (sq[:, None] + sq[None, :] - 2 * e @ e.T).clamp(min=1e-12).sqrt()
+        """ψ_D: ``(B, B)`` pairwise distances over their mean off the diagonal."""
+        g = e @ e.T
+        sq = g.diagonal()
+        d = (sq[:, None] + sq[None, :] - 2 * g).clamp(min=1e-12).sqrt()
         d = d * (1 - torch.eye(len(e), device=e.device))  # exact zeros on the diagonal
         return d / d[d > 0].mean()
 
     @staticmethod
     def angles(e: torch.Tensor) -> torch.Tensor:
-        u = F.normalize(e[None, :, :] - e[:, None, :], dim=2)  # (B, B, D): u[j, i] = (e_i − e_j)/‖·‖
-        return torch.bmm(u, u.transpose(1, 2)).flatten()
+        """ψ_A: ``(B, B, B)`` cosines, [j, i, k] = ⟨e_i − e_j, e_k − e_j⟩ / (‖e_i − e_j‖ ‖e_k − e_j‖),
+        0 where i = j or k = j. Computed from the Gram matrix G = e eᵀ, as
+        G_ik − G_ij − G_jk + G_jj, in O(B²D + B³) instead of the O(B³D) of forming every
+        difference vector."""
+        g = e @ e.T
+        sq = g.diagonal()
+        d = (sq[:, None] + sq[None, :] - 2 * g).clamp(min=1e-12).sqrt()  # d[j, i] = ‖e_i − e_j‖
+        dot = g[None, :, :] - g[:, :, None] - g[:, None, :] + sq[:, None, None]
+        eye = torch.eye(len(e), dtype=torch.bool, device=e.device)
+        off = ~(eye[:, :, None] | eye[:, None, :])  # i ≠ j and k ≠ j
+        norms = torch.where(off, d[:, :, None] * d[:, None, :], torch.ones((), device=e.device))
+        return torch.where(off, dot / norms, torch.zeros((), device=e.device)).flatten()
 
     def forward(self, b: Batch) -> dict[str, torch.Tensor]:
         e_s, e_t = b.embedding, b.partner_embedding
