@@ -142,3 +142,16 @@ def test_mlproject_has_every_entry_point_and_passes_parameters_through():
         assert entry["command"] == f"python -m entry.{stage}"
     documented = re.findall(r"[a-z_]+", (REPO / "MLproject").read_text().split("entry_points")[0])
     assert set(config.PARAMS) <= set(documented)
+
+
+def test_a_preset_extends_another_and_its_own_values_win(tmp_path):
+    base = tmp_path / "base.toml"
+    base.write_text('dataset = "digits"\nepochs = 7\nlr = 0.2\n')
+    child = tmp_path / "child.toml"
+    child.write_text(f'extends = "{base}"\nstage = "baseline"\nlr = 0.3\n')
+    cfg = config.resolve("baseline", {}, str(child))
+    assert (cfg.train[""].epochs, cfg.train[""].lr) == (7, 0.3)
+    loop = tmp_path / "loop.toml"
+    loop.write_text(f'extends = "{loop}"\nstage = "baseline"\n')
+    with pytest.raises(TTKDError, match="extends itself"):
+        config.resolve("baseline", {}, str(loop))
