@@ -13,6 +13,7 @@ registry only after training finished.
 from __future__ import annotations
 
 import dataclasses
+import os
 import signal
 import sys
 import tempfile
@@ -20,11 +21,13 @@ from pathlib import Path
 
 import mlflow
 import torch
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from tqdm import tqdm
 
 from ttkd import data as datasets
 from ttkd import kd, models, registry, tracking
+from ttkd.config import PARAMS
 from ttkd.engine import (
     EpochStats,
     Interrupted,
@@ -68,7 +71,6 @@ class StageResult:
 
 def default_method_params(method: str) -> dict:
     """The method's hyper-parameters at their defaults (``ttkd.config``'s table)."""
-    from ttkd.config import PARAMS
     return {n: PARAMS[n].default for n in kd.get(method).params}
 
 
@@ -317,8 +319,6 @@ class _stop_on_signals:
 def resume(stage: str, reference: str) -> StageResult:
     """Continue an unfinished ``stage`` run (its id, or ``last`` for the newest one) from
     its last checkpoint, in the same MLflow run."""
-    import os
-
     registry.prepare_store()
     client = MlflowClient()
     run = unfinished_run(stage, reference)
@@ -342,8 +342,6 @@ def resume(stage: str, reference: str) -> StageResult:
 
 def unfinished_run(stage: str, reference: str):
     """The unfinished ``stage`` run named by ``reference`` (a run id, or ``last``)."""
-    from mlflow.exceptions import MlflowException
-
     if reference == "last":
         runs = [r for r in mlflow.search_runs(search_all_experiments=True, output_format="list",
                                               filter_string=f"tags.`{TAG_STAGE}` = '{stage}'",
