@@ -57,7 +57,7 @@ from ttkd.engine import (
     resolve_device,
     seed_everything,
 )
-from ttkd.stages import shapes
+from ttkd.stages import build_method
 
 STAGES = ("baseline", "teach", "distill")
 
@@ -124,12 +124,8 @@ def seed_style_epoch(model, partner, loader, method, optimizer, device, max_imag
 def make_method(name: str, model, partner, data, role: str = "distill", **params):
     """The ``ttkd.kd`` method ``name`` for ``model`` beside ``partner``, with the
     defaults of ``ttkd.config`` for what ``params`` does not set."""
-    spec = kd.get(name, role)
-    values = {n: params.get(n, PARAMS[n].default) for n in spec.params}
-    context = kd.Context(data.num_classes, data.train_y.cpu(),
-                         shapes(model, data.image_shape) if spec.features else None,
-                         shapes(partner, data.image_shape) if spec.features else None)
-    return kd.build(name, context, role, **values)
+    values = {n: params.get(n, PARAMS[n].default) for n in kd.get(name, role).params}
+    return build_method(name, role, data, model, partner, values)
 
 
 def stage_setup(stage, student, teacher, data, device, method="kd"):

@@ -146,6 +146,19 @@ def shapes(net: torch.nn.Module, image_shape) -> kd.Shapes:
     return kd.Shapes(tuple(tuple(m.shape[1:]) for m in maps), embedding.shape[1])
 
 
+def build_method(method: str, role: str, data, model: torch.nn.Module, partner: torch.nn.Module | None,
+                 params: dict, model_arch: str = "", partner_arch: str = "") -> torch.nn.Module:
+    """The ``ttkd.kd`` objective ``method`` for ``model`` beside ``partner`` on ``data``;
+    a features method gets both networks' stage shapes (and refuses networks it cannot pair)."""
+    features = kd.get(method, role).features
+    context = kd.Context(
+        num_classes=data.num_classes, train_labels=data.train_y.cpu(), model_arch=model_arch,
+        partner_arch=partner_arch,
+        model=shapes(model, data.image_shape) if features else None,
+        partner=shapes(partner, data.image_shape) if features else None)
+    return kd.build(method, context, role, **params)
+
+
 def run_stage(stage: str, *, arch: str, train: TrainConfig, partner: str | None, method: str,
               method_params: dict, dataset: str, data_dir: str | None, stream: bool | None,
               register_as: str, resume_from: tuple[str, dict] | None) -> StageResult:
@@ -157,7 +170,7 @@ def run_stage(stage: str, *, arch: str, train: TrainConfig, partner: str | None,
     registry.check_model_name(register_as)
     registry.prepare_store()
     device = resolve_device(train.device)
-    method_spec = kd.get(method, spec.role)
+    kd.get(method, spec.role)
     data = datasets.load(dataset, data_dir, stream)
     set_deterministic(train.deterministic)
     seed_everything(train.seed)
@@ -167,13 +180,8 @@ def run_stage(stage: str, *, arch: str, train: TrainConfig, partner: str | None,
         if partner is not None:
             partner_ref = registry.resolve(partner)
             partner_net, partner_arch = tracking.load_partner(partner_ref, data, spec.partner, tmp)
-    features = method_spec.features
-    context = kd.Context(
-        num_classes=data.num_classes, train_labels=data.train_y, model_arch=arch,
-        partner_arch=partner_arch or "",
-        model=shapes(model, data.image_shape) if features else None,
-        partner=shapes(partner_net, data.image_shape) if features else None)
-    objective = kd.build(method, context, spec.role, **method_params)
+    objective = build_method(method, spec.role, data, model, partner_net, method_params, arch,
+                             partner_arch or "")
     # what resuming needs to rebuild this stage exactly: the partner pinned to its version
     kwargs = {"arch": arch, "dataset": dataset, "data_dir": data_dir, "stream": stream,
               "register_as": register_as, "train": dataclasses.asdict(train), "method": method,

@@ -22,11 +22,11 @@ from ttkd.stages import (
     StageInterrupted,
     StageResult,
     baseline,
+    build_method,
     default_method_params,
     distill,
     resume,
     role_tag,
-    shapes,
     teach,
     train_config,
     unfinished_run,
@@ -77,10 +77,8 @@ def study(*, student_arch: str, teacher_arch: str, student_train: TrainConfig,
     if kd.get(method).features:  # a method that cannot pair these networks' features fails now
         build = lambda arch: models.build(arch, data.num_classes, data.in_channels,  # noqa: E731
                                           image_size=data.image_shape[-1])
-        kd.build(method, kd.Context(data.num_classes, data.train_y,
-                                    shapes(build(student_arch), data.image_shape),
-                                    shapes(build(teacher_arch), data.image_shape),
-                                    student_arch, teacher_arch), **method_params)
+        build_method(method, "distill", data, build(student_arch), build(teacher_arch), method_params,
+                     student_arch, teacher_arch)
     args = {"student_arch": student_arch, "teacher_arch": teacher_arch, "weight": weight,
             "temperature": temperature, "method": method, "method_params": method_params,
             "dataset": dataset, "data_dir": data_dir, "stream": stream, "register_as": prefix,
