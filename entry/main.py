@@ -5,7 +5,8 @@ from entry.options import command, run, stage_options
 from ttkd import config, studies
 from ttkd.errors import TTKDError
 
-ALL_PARAMS = tuple(dict.fromkeys(n for names in config.STAGE_PARAMS.values() for n in names))
+ALL_PARAMS = tuple(dict.fromkeys(n for stage in ("baseline", "teach", "distill", "main")
+                                 for n in config.STAGE_PARAMS[stage]))
 SINGLE = {"baseline": baseline.main, "teach": teach.main, "distill": distill.main}
 
 
@@ -25,7 +26,7 @@ def main(preset, **given):
         return
     cfg = config.resolve("main", given, preset)
     if cfg.values["resume"]:
-        print(studies.resume_study(cfg.values["resume"]))
+        print(studies.resume_grid("main", cfg.values["resume"]))
         return
     print(studies.study(**cfg.stage_kwargs()))
 

@@ -8,12 +8,16 @@ is refused as clearly as one typed on the command line; unknown keys are refused
 
 A study preset (``stage = "main"``) may set training parameters per role in
 ``[student]`` and ``[teacher]`` tables; top-level values apply to both roles, and a
-value given on the command line overrides both.
+value given on the command line overrides both. A sweep (``stage = "sweep"``) takes the
+study's parameters with ``seeds``, ``weights`` and ``methods`` in place of ``seed``,
+``weight`` and ``method``; it also runs a study preset, whose ``weight`` and ``method``
+become the sweep's defaults ``weights = 0,WEIGHT`` and ``methods = METHOD``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
@@ -23,13 +27,15 @@ from ttkd import data, kd, models
 from ttkd.engine import TrainConfig
 from ttkd.errors import TTKDError
 
-STAGES = ("baseline", "teach", "distill", "main")
+STAGES = ("baseline", "teach", "distill", "main", "sweep")
+MAX_MODELS = 100  # a sweep that would register more model versions needs force=true
 
 
 @dataclasses.dataclass(frozen=True)
 class Param:
     name: str
-    kind: str                   # "int", "float", "bool", "str", "ints" (comma-separated list)
+    kind: str                   # "int", "float", "bool", "str", or a comma-separated list:
+                                # "ints", "floats", "strs", "seeds" (a count or a list)
     default: Any
     help: str
     allowed: str = ""           # what a valid value is, for the error message
@@ -81,6 +87,22 @@ PARAMS: dict[str, Param] = {p.name: p for p in [
     Param("compile", "bool", TrainConfig.compile, "torch.compile the trained model", "true or false"),
     Param("deterministic", "bool", TrainConfig.deterministic,
           "deterministic kernels, so that a resumed run repeats an uninterrupted one", "true or false"),
+    Param("seeds", "seeds", (0, 1, 2, 3, 4), "the sweep's seeds: a count N (seeds 0 to N-1), or a "
+          "comma-separated list such as 3,7 (one seed other than 0: 7,)",
+          "a count >= 1 or a list of distinct integers >= 0, like 5 or 0,3,7",
+          lambda v: len(v) >= 1 and min(v) >= 0 and len(set(v)) == len(v)),
+    Param("weights", "floats", (0.0, 0.005), "the sweep's teacher weights w (0, the normal teacher, "
+          "is always included)", "a comma-separated list of distinct numbers, like -0.02,0,0.005,0.02",
+          lambda v: len(v) >= 1 and len(set(v)) == len(v)),
+    Param("methods", "strs", ("kd",), "the sweep's distillation methods",
+          "a comma-separated list of distinct methods among " + ", ".join(kd.names()),
+          lambda v: len(v) >= 1 and len(set(v)) == len(v) and set(v) <= set(kd.names())),
+    Param("jobs", "int", 1, "points of the sweep trained at once, each in its own worker process",
+          "an integer >= 1", lambda v: v >= 1),
+    Param("threads", "int", 0, "CPU threads per point (0: the machine's cores / jobs); the thread "
+          "count changes a CPU run's last bits, jobs does not", "an integer >= 0", lambda v: v >= 0),
+    Param("force", "bool", False, f"let a sweep register more than {MAX_MODELS} model versions",
+          "true or false"),
     Param("resume", "str", "", "continue an unfinished run of this stage from its last checkpoint: "
           "its run id, or last for the newest"),
     Param("student", "str", "", "the frozen student: a model reference", "a model reference",
@@ -137,13 +159,16 @@ METHOD_PARAMS = tuple(n for n in PARAMS if n.split("_")[0] in ("dkd", "dist", "f
 TRAIN = ("epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay", "schedule",
          "milestones", "gamma", "seed", "device", "amp", "compile", "deterministic")
 COMMON = ("dataset", "data_dir", "stream") + TRAIN + ("register_as",)
+STUDY = ("student_arch", "teacher_arch", "temperature", "alpha", "kd_temperature") + METHOD_PARAMS
 STAGE_PARAMS: dict[str, tuple[str, ...]] = {
     "baseline": COMMON + ("arch", "resume"),
     "teach": COMMON + ("arch", "student", "weight", "temperature", "resume"),
     "distill": COMMON + ("arch", "teacher", "method", "alpha", "temperature") + METHOD_PARAMS + ("resume",),
-    "main": COMMON + ("student_arch", "teacher_arch", "weight", "temperature", "method", "alpha",
-                      "kd_temperature") + METHOD_PARAMS + ("resume",),
+    "main": COMMON + STUDY + ("weight", "method", "resume"),
+    "sweep": tuple(n for n in COMMON if n != "seed") + STUDY + ("seeds", "weights", "methods", "jobs",
+                                                                "threads", "force", "resume"),
 }
+SWEEP_FROM_STUDY = {"weight": "weights", "method": "methods"}  # a study preset's values in a sweep
 STAGE_DEFAULTS = {"teach": {"arch": "cnn"}}  # where a stage differs from the table
 ROLES = ("student", "teacher")  # the per-role tables of a study preset
 
@@ -151,11 +176,11 @@ ROLES = ("student", "teacher")  # the per-role tables of a study preset
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     """A stage's parameters, checked: ``values`` maps every parameter of ``stage`` to its
-    value; ``train`` is the training configuration (one per role for ``main``)."""
+    value; ``train`` is the training configuration (one per role for ``main`` and ``sweep``)."""
 
     stage: str
     values: dict[str, Any]
-    train: dict[str, TrainConfig]  # "" for single stages, "student"/"teacher" for main
+    train: dict[str, TrainConfig]  # "" for single stages, "student"/"teacher" for main and sweep
     preset: str | None = None
 
     def stage_kwargs(self) -> dict[str, Any]:
@@ -164,13 +189,17 @@ class RunConfig:
         kw["data_dir"] = kw["data_dir"] or None
         kw["stream"] = {"auto": None, "true": True, "false": False}[kw["stream"]]
         kw["register_as"] = kw["register_as"] or None
-        if "method" in kw:  # the method's own parameters travel as one dict, by their kd names
+        if "method" in kw or "methods" in kw:  # a method's own parameters travel as one dict
             distill_t = ("temperature",) if self.stage == "distill" else ()
             for name in ("alpha", "kd_temperature", *METHOD_PARAMS, *distill_t):
                 kw.pop(name, None)
-            kw["method_params"] = {n: self.values[k] for n, k in zip(kd.get(kw["method"]).params,
-                                                                     method_params(self.stage, kw["method"]))}
-        if self.stage == "main":
+            params = {m: {n: self.values[k] for n, k in zip(kd.get(m).params, method_params(self.stage, m))}
+                      for m in kw.get("methods", (kw.get("method"),))}
+            kw["method_params"] = params[kw["method"]] if "method" in kw else params
+        if self.stage == "sweep":
+            kw.pop("force")
+            kw["weights"] = tuple(sorted(set(kw["weights"]) | {0.0}))
+        if self.stage in ("main", "sweep"):
             return kw | {"student_train": self.train["student"], "teacher_train": self.train["teacher"]}
         return kw | {"train": self.train[""]}
 
@@ -190,9 +219,16 @@ def parse(param: Param, raw: Any) -> Any:
         elif param.kind == "bool":
             words = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
             value = raw if isinstance(raw, bool) else words[str(raw).strip().lower()]
-        elif param.kind == "ints":
+        elif param.kind == "seeds" and (isinstance(raw, int) or (isinstance(raw, str) and "," not in raw)):
+            count = parse(Param(param.name, "int", 0, ""), raw)
+            value = tuple(range(count)) if count >= 1 else ()
+        elif param.kind in ("ints", "floats", "strs", "seeds"):
             items = raw.split(",") if isinstance(raw, str) else list(raw)
-            value = tuple(parse(Param(param.name, "int", 0, ""), i) for i in items if str(i).strip())
+            item = Param(param.name, {"floats": "float", "strs": "str"}.get(param.kind, "int"), 0, "")
+            value = tuple(parse(item, i.strip() if isinstance(i, str) else i)
+                          for i in items if str(i).strip())
+            if param.kind == "floats" and not all(math.isfinite(v) for v in value):
+                raise ValueError
         else:
             if not isinstance(raw, str):
                 raise ValueError
@@ -250,17 +286,19 @@ def load_preset(name: str) -> tuple[str, dict]:
     stage = settings.pop("stage", None)
     if stage not in STAGES:
         raise TTKDError(f"preset {path} must set stage to one of {', '.join(STAGES)} (found {stage!r})")
-    allowed = set(STAGE_PARAMS[stage]) | (set(ROLES) if stage == "main" else set())
+    study = stage in ("main", "sweep")
+    allowed = set(STAGE_PARAMS[stage]) | (set(ROLES) if study else set())
     unknown = sorted(set(settings) - allowed)
     if unknown:
         raise TTKDError(f"preset {path} sets {', '.join(unknown)}, which stage {stage} does not take; "
                         f"it takes: {', '.join(sorted(allowed))}")
     for role in ROLES:
-        if role in settings and stage == "main":
-            extra = sorted(set(settings[role]) - set(TRAIN) - {"arch"})
+        if role in settings and study:
+            extra = sorted(set(settings[role]) - set(TRAIN) - {"arch"} | ({"seed"} & set(settings[role])))
             if extra:
                 raise TTKDError(f"preset {path} [{role}] sets {', '.join(extra)}; a role table takes "
-                                f"arch and the training parameters only")
+                                f"arch and the training parameters other than seed (one seed "
+                                f"serves both roles)")
     return stage, settings
 
 
@@ -275,10 +313,20 @@ def resolve(stage: str, given: dict[str, Any], preset: str | None = None) -> Run
     settings: dict = {}
     if preset:
         preset_for, settings = load_preset(preset)
-        if preset_for != stage:
+        if stage == "sweep" and preset_for == "main":  # a study preset: its weight and method
+            if "seed" in settings:                    # become the sweep's defaults
+                raise TTKDError(f"preset {preset!r} sets seed; a sweep takes seeds instead "
+                                f"(-P seeds=N or a list)")
+            for one, many in SWEEP_FROM_STUDY.items():
+                if one in settings:
+                    value = settings.pop(one)
+                    settings[many] = [0.0, value] if one == "weight" else [value]
+        elif preset_for != stage:
             raise TTKDError(f"preset {preset!r} is for the {preset_for} stage; run it with "
                             f"-e {preset_for} (or with the main entry point)")
-    cli = {k: v for k, v in given.items() if v is not None and v != "" and k in STAGE_PARAMS[stage]}
+    # an empty value is "not given", except for a sweep's lists, where it is an empty list
+    cli = {k: v for k, v in given.items() if k in STAGE_PARAMS[stage] and v is not None
+           and (v != "" or PARAMS[k].kind in ("floats", "strs", "seeds"))}
     if cli.get("resume"):
         others = sorted(set(cli) - {"resume"}) + (["preset"] if preset else [])
         if others:
@@ -296,9 +344,14 @@ def resolve(stage: str, given: dict[str, Any], preset: str | None = None) -> Run
         return STAGE_DEFAULTS.get(stage, {}).get(name, param.default)
 
     values = {name: value(name) for name in STAGE_PARAMS[stage]}
-    if "method" in values:
-        _check_method_params(stage, values["method"], set(cli) | set(settings))
-    if stage == "main":
+    if "method" in values or "methods" in values:
+        _check_method_params(stage, values.get("methods", (values.get("method"),)), set(cli) | set(settings))
+    if stage == "sweep":
+        count = sweep_size(values["seeds"], set(values["weights"]) | {0.0}, values["methods"])
+        if count > MAX_MODELS and not values["force"]:
+            raise TTKDError(f"this sweep would register {count} model versions (more than {MAX_MODELS}); "
+                            f"pass force=true to run it, or use fewer seeds, weights or methods")
+    if stage in ("main", "sweep"):  # (a sweep sets each point's seed itself)
         train = {role: _train_config({n: value(n, role) for n in TRAIN}) for role in ROLES}
         for role in ROLES:  # a role table may name the architecture as `arch`
             key = f"{role}_arch"
@@ -313,16 +366,25 @@ def method_params(stage: str, method: str) -> tuple[str, ...]:
     """The parameters of ``stage`` that ``method`` reads (in main, kd_temperature is the
     distill stages' temperature)."""
     names = kd.get(method).params
-    return tuple("kd_temperature" if stage == "main" and n == "temperature" else n for n in names)
+    return tuple("kd_temperature" if stage in ("main", "sweep") and n == "temperature" else n for n in names)
 
 
-def _check_method_params(stage: str, method: str, given: set[str]) -> None:
-    """Refuse a method parameter that the chosen method would silently ignore."""
+def sweep_size(seeds, weights, methods) -> int:
+    """How many model versions a sweep registers: per seed a student, a teacher per weight
+    and a KD student per weight and method."""
+    return len(seeds) * (1 + len(weights) * (1 + len(methods)))
+
+
+def _check_method_params(stage: str, methods: tuple[str, ...], given: set[str]) -> None:
+    """Refuse a method parameter that the chosen method(s) would silently ignore."""
     own = {"alpha", "kd_temperature"} | set(METHOD_PARAMS) | ({"temperature"} if stage == "distill" else set())
-    stray = sorted((given & own) - set(method_params(stage, method)))
+    used = {n for m in methods for n in method_params(stage, m)}
+    stray = sorted((given & own) - used)
     if stray:
-        takes = ", ".join(method_params(stage, method)) or "no parameters of its own"
-        raise TTKDError(f"method {method} does not use {', '.join(stray)}; it takes {takes} "
+        which = f"method {methods[0]} does not" if len(methods) == 1 else f"none of the methods {', '.join(methods)}"
+        takes = ", ".join(sorted(used)) or "no parameters of their own"
+        raise TTKDError(f"{which} use{'s' if len(methods) > 1 else ''} {', '.join(stray)}; "
+                        f"{'it takes' if len(methods) == 1 else 'they take'} {takes} "
                         f"(drop the others, or choose the method they belong to)")
 
 

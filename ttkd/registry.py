@@ -26,6 +26,7 @@ from mlflow.tracking import MlflowClient
 from ttkd.errors import TTKDError
 
 DEFAULT_ALIAS = "champion"
+TAG_PARTNER = "ttkd.partner_model"  # on a version: the pinned reference of the partner it trained beside
 HEALTH_TIMEOUT_S = 5.0  # how long an http(s) tracking server gets to answer before we give up
 _ILLEGAL_NAME = re.compile(r"[/@:]")
 
@@ -188,13 +189,14 @@ class Promotion:
     new: str
     new_value: float
     moved: bool
+    evidence: tuple[str, ...] = ()   # by students: one line per version
 
     def __str__(self) -> str:
         new = f"version {self.new} ({self.metric} {self.new_value:.4g})"
-        if not self.moved:
-            return f"{self.name}@{self.alias} unchanged: already {new}"
         old = f"version {self.old} ({self.metric} {self.old_value:.4g})" if self.old else "(unset)"
-        return f"{self.name}@{self.alias}: {old} -> {new}"
+        line = (f"{self.name}@{self.alias} unchanged: already {new}" if not self.moved
+                else f"{self.name}@{self.alias}: {old} -> {new}")
+        return "\n".join(self.evidence + (line,))
 
 
 def lower_is_better(metric: str) -> bool:
@@ -203,13 +205,21 @@ def lower_is_better(metric: str) -> bool:
 
 
 def promote(reference: str, metric: str = "val_acc", alias: str = DEFAULT_ALIAS,
-            force: bool = False) -> Promotion:
+            force: bool = False, by: str = "self", student_arch: str = "", method: str = "") -> Promotion:
     """Point ``alias`` at a version of a registered model, judged by ``metric``.
 
     ``reference`` is ``NAME`` (pick the best version by the metric, as logged last by
     the run that made it) or a pinned ``NAME/VERSION`` / ``NAME@ALIAS`` (that version).
     A version worse than the alias's current holder is refused unless ``force``.
+
+    ``by="students"`` judges a teacher by how well it teaches: a version's score is the
+    mean ``metric`` of the students distilled from it (registered versions whose
+    ``ttkd.partner_model`` tag names it), only those of ``student_arch`` and ``method``
+    if given. Versions that taught no such student are left out.
     """
+    if by not in ("self", "students"):
+        raise TTKDError(f"invalid by {by!r}: use self (the version's own {metric}) or students "
+                        f"(the mean {metric} of the students it taught)")
     prepare_store()
     client = MlflowClient()
     ref = reference.strip().removeprefix("models:/")
@@ -218,16 +228,25 @@ def promote(reference: str, metric: str = "val_acc", alias: str = DEFAULT_ALIAS,
         raise TTKDError(f"invalid alias {alias!r}: use letters, digits, '_' or '-', not starting "
                         f"with a digit; v<number> is reserved by MLflow")
     _registered(client, name)
-    scores = {str(v.version): _score(client, v, metric) for v in _versions(client, name)}
-    scored = {v: s for v, s in scores.items() if s is not None}
-    if not scored:
-        raise TTKDError(f"no version of {name!r} has a metric {metric!r}; "
-                        f"pick a metric its runs logged, such as val_acc")
+    evidence: tuple[str, ...] = ()
+    if by == "students":
+        scored, evidence = _teaching_scores(client, name, metric, student_arch, method)
+        label = f"students' mean {metric}"
+    else:
+        scores = {str(v.version): _score(client, v, metric) for v in _versions(client, name)}
+        scored = {v: s for v, s in scores.items() if s is not None}
+        label = metric
+        if not scored:
+            raise TTKDError(f"no version of {name!r} has a metric {metric!r}; "
+                            f"pick a metric its runs logged, such as val_acc")
     sign = -1 if lower_is_better(metric) else 1
     if ref == name:
         target = max(scored, key=lambda v: (sign * scored[v], int(v)))
     else:
         target = resolve(ref, client).version
+        if target not in scored and by == "students":
+            raise TTKDError(f"{name} version {target} has taught no student{_which(student_arch, method)}; "
+                            f"distil one from it first, or choose another version")
         if target not in scored:
             raise TTKDError(f"{name} version {target} has no metric {metric!r}; choose another")
     try:
@@ -236,13 +255,51 @@ def promote(reference: str, metric: str = "val_acc", alias: str = DEFAULT_ALIAS,
         current = None
     old_value = scored.get(current)
     if current == target:
-        return Promotion(name, alias, metric, current, old_value, target, scored[target], False)
+        return Promotion(name, alias, label, current, old_value, target, scored[target], False, evidence)
     if old_value is not None and sign * scored[target] < sign * old_value and not force:
         raise TTKDError(
-            f"refusing to move {name}@{alias} from version {current} ({metric} {old_value:.4g}) "
-            f"to the worse version {target} ({metric} {scored[target]:.4g}); pass force=true to do it anyway")
+            f"refusing to move {name}@{alias} from version {current} ({label} {old_value:.4g}) "
+            f"to the worse version {target} ({label} {scored[target]:.4g}); pass force=true to do it anyway")
     retry_locked(lambda: client.set_registered_model_alias(name, alias, target))
-    return Promotion(name, alias, metric, current, old_value, target, scored[target], True)
+    return Promotion(name, alias, label, current, old_value, target, scored[target], True, evidence)
+
+
+def _which(student_arch: str, method: str) -> str:
+    parts = [f"arch {student_arch}" if student_arch else "", f"method {method}" if method else ""]
+    return f" ({', '.join(p for p in parts if p)})" if student_arch or method else ""
+
+
+def _teaching_scores(client: MlflowClient, name: str, metric: str, student_arch: str,
+                     method: str) -> tuple[dict[str, float], tuple[str, ...]]:
+    """Per version of teacher ``name``: the mean ``metric`` of the students it taught; and
+    one line of evidence per version."""
+    versions = _versions(client, name)
+    if not any(v.tags.get("ttkd.stage") == "teach" for v in versions):
+        made = sorted({v.tags.get("ttkd.stage", "outside ttkd") for v in versions})
+        raise TTKDError(f"{name!r} is not a teacher (its versions come from: {', '.join(made)}); "
+                        f"by=students judges models made by the teach stage")
+    scored, lines = {}, [f"{name}: each version judged by the {metric} of the students it taught"
+                         f"{_which(student_arch, method)}"]
+    for v in versions:
+        taught = client.search_model_versions(f"tags.`{TAG_PARTNER}` = 'models:/{name}/{v.version}'",
+                                              max_results=10000)
+        values = [s for sv in taught
+                  if sv.tags.get("ttkd.stage") == "distill"
+                  and (not student_arch or sv.tags.get("ttkd.arch") == student_arch)
+                  and (not method or sv.tags.get("ttkd.method") == method)
+                  and (s := _score(client, sv, metric)) is not None]
+        point = ", ".join(f"{k} {v.tags[f'ttkd.{k}']}" for k in ("seed", "weight") if f"ttkd.{k}" in v.tags)
+        about = f"  version {v.version}" + (f" ({point})" if point else "")
+        if values:
+            scored[str(v.version)] = sum(values) / len(values)
+            lines.append(f"{about}: {len(values)} student{'s' * (len(values) > 1)}, "
+                         f"mean {metric} {scored[str(v.version)]:.4g}")
+        else:
+            lines.append(f"{about}: taught no student, left out")
+    if not scored:
+        raise TTKDError(f"no version of {name!r} has taught a student{_which(student_arch, method)}; "
+                        f"distil one from it first (the distill stage, or a sweep)")
+    return scored, tuple(lines)
 
 
 def _score(client: MlflowClient, version, metric: str) -> float | None:

@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import mlflow
@@ -43,7 +44,7 @@ from ttkd.errors import TTKDError
 from ttkd.registry import ModelRef
 
 TAG_STAGE = "ttkd.stage"
-TAG_PARTNER = "ttkd.partner_model"
+TAG_PARTNER = registry.TAG_PARTNER
 TAG_METHOD = "ttkd.method"
 
 
@@ -76,18 +77,17 @@ def default_method_params(method: str) -> dict:
 
 def baseline(*, arch: str, train: TrainConfig, dataset: str = "digits",
              data_dir: str | None = None, stream: bool | None = None, register_as: str | None = None,
-             resume_from: tuple[str, dict] | None = None) -> StageResult:
+             **run) -> StageResult:
     """Train ``arch`` from scratch with cross-entropy; register it as ``register_as``
-    (default ``DATASET-ARCH``). ``resume_from`` = (run id, checkpoint) continues a run."""
+    (default ``DATASET-ARCH``). ``run``: ``run_stage``'s ``tags``, ``parent_run_id``, ``resume_from``."""
     return run_stage("baseline", arch=arch, train=train, partner=None, method="ce", method_params={},
                      dataset=dataset, data_dir=data_dir, stream=stream,
-                     register_as=register_as or f"{dataset}-{arch}", resume_from=resume_from)
+                     register_as=register_as or f"{dataset}-{arch}", **run)
 
 
 def teach(*, student: str, arch: str, train: TrainConfig, weight: float = 0.005,
           temperature: float = 4.0, dataset: str = "digits", data_dir: str | None = None,
-          stream: bool | None = None, register_as: str | None = None,
-          resume_from: tuple[str, dict] | None = None) -> StageResult:
+          stream: bool | None = None, register_as: str | None = None, **run) -> StageResult:
     """Train teacher ``arch`` against the frozen ``student`` (a model reference) with
     CE + weight·T²·KL(teacher ‖ student); register it (default ``DATASET-ARCH-KIND``,
     KIND trained / normal / nasty for weight > 0 / = 0 / < 0)."""
@@ -95,13 +95,12 @@ def teach(*, student: str, arch: str, train: TrainConfig, weight: float = 0.005,
     return run_stage("teach", arch=arch, train=train, partner=student, method="teach",
                      method_params={"weight": weight, "temperature": temperature},
                      dataset=dataset, data_dir=data_dir, stream=stream,
-                     register_as=register_as or f"{dataset}-{arch}-{kind}", resume_from=resume_from)
+                     register_as=register_as or f"{dataset}-{arch}-{kind}", **run)
 
 
 def distill(*, teacher: str, arch: str, train: TrainConfig, method: str = "kd",
             method_params: dict | None = None, dataset: str = "digits", data_dir: str | None = None,
-            stream: bool | None = None, register_as: str | None = None,
-            resume_from: tuple[str, dict] | None = None) -> StageResult:
+            stream: bool | None = None, register_as: str | None = None, **run) -> StageResult:
     """Distil student ``arch`` from the frozen ``teacher`` (a model reference) with
     ``method`` (``ttkd.kd``; its hyper-parameters in ``method_params``, the defaults where
     missing); register it (default ``DATASET-ARCH-kd``, or ``DATASET-ARCH-METHOD``)."""
@@ -109,7 +108,7 @@ def distill(*, teacher: str, arch: str, train: TrainConfig, method: str = "kd",
     params = default_method_params(method) | (method_params or {})
     return run_stage("distill", arch=arch, train=train, partner=teacher, method=method,
                      method_params=params, dataset=dataset, data_dir=data_dir, stream=stream,
-                     register_as=register_as or f"{dataset}-{arch}-{method}", resume_from=resume_from)
+                     register_as=register_as or f"{dataset}-{arch}-{method}", **run)
 
 
 class StageInterrupted(TTKDError):
@@ -120,20 +119,8 @@ class StageInterrupted(TTKDError):
         self.exit_code = 128 + signum
 
 
-class role_tag:
-    """Tag the next child run with its role in a study (``ttkd.role``)."""
-
-    active: str | None = None
-
-    def __init__(self, role: str):
-        self.role = role
-
-    def __enter__(self):
-        role_tag.active = self.role
-
-    def __exit__(self, *exc):
-        role_tag.active = None
-        return False
+class NoCheckpoint(TTKDError):
+    """A run to resume stopped before its first checkpoint."""
 
 
 def shapes(net: torch.nn.Module, image_shape) -> kd.Shapes:
@@ -161,10 +148,13 @@ def build_method(method: str, role: str, data, model: torch.nn.Module, partner: 
 
 def run_stage(stage: str, *, arch: str, train: TrainConfig, partner: str | None, method: str,
               method_params: dict, dataset: str, data_dir: str | None, stream: bool | None,
-              register_as: str, resume_from: tuple[str, dict] | None) -> StageResult:
+              register_as: str, tags: dict[str, str] | None = None, parent_run_id: str | None = None,
+              resume_from: tuple[str, dict] | None = None) -> StageResult:
     """Run ``stage`` (a name in ``STAGES``): train ``arch`` with ``method`` beside the
     frozen ``partner`` reference, log everything to an MLflow run and register the result
-    as ``register_as``. ``resume_from`` = (run id, checkpoint) continues that run."""
+    as ``register_as``. ``tags`` go on the run and on the registered version; the run is a
+    child of ``parent_run_id`` (or of the active run) if given. ``resume_from`` = (run id,
+    checkpoint) continues that run."""
     spec = STAGES[stage]
     # Everything a user can get wrong is checked here, before a run is opened.
     registry.check_model_name(register_as)
@@ -185,7 +175,8 @@ def run_stage(stage: str, *, arch: str, train: TrainConfig, partner: str | None,
     # what resuming needs to rebuild this stage exactly: the partner pinned to its version
     kwargs = {"arch": arch, "dataset": dataset, "data_dir": data_dir, "stream": stream,
               "register_as": register_as, "train": dataclasses.asdict(train), "method": method,
-              "method_params": method_params, "partner": partner_ref.uri if partner_ref else None}
+              "method_params": method_params, "partner": partner_ref.uri if partner_ref else None,
+              "tags": tags or {}}
     ckpt = resume_from[1] if resume_from else None
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
@@ -195,16 +186,15 @@ def run_stage(stage: str, *, arch: str, train: TrainConfig, partner: str | None,
     if resume_from:
         run = mlflow.start_run(run_id=resume_from[0], nested=mlflow.active_run() is not None)
     else:
-        run = mlflow.start_run(nested=mlflow.active_run() is not None, run_name=f"{stage} {arch}")
+        run = mlflow.start_run(nested=mlflow.active_run() is not None, run_name=f"{stage} {arch}",
+                               parent_run_id=parent_run_id)
     status = "FAILED"
     try:
         if ckpt is None:
-            tags = {TAG_STAGE: stage, TAG_METHOD: method}
-            if role_tag.active:
-                tags["ttkd.role"] = role_tag.active
+            run_tags = {TAG_STAGE: stage, TAG_METHOD: method} | (tags or {})
             if partner_ref is not None:
-                tags[TAG_PARTNER] = partner_ref.uri
-            mlflow.set_tags(tags)
+                run_tags[TAG_PARTNER] = partner_ref.uri
+            mlflow.set_tags(run_tags)
             tracking.log_params({
                 "dataset": dataset, "data_dir": data_dir or "", "stream": STREAM_WORDS[stream],
                 "streamed": data.streamed, "arch": arch,
@@ -230,7 +220,7 @@ def run_stage(stage: str, *, arch: str, train: TrainConfig, partner: str | None,
             if ckpt["epoch"] not in logged:
                 tracking.log_epoch(EpochStats(**last), partner_acc)
         best = [ckpt["best_val_acc"] if ckpt else -1.0]
-        with tempfile.TemporaryDirectory() as tmp, _stop_on_signals() as stop:
+        with tempfile.TemporaryDirectory() as tmp, stop_on_signals() as stop:
             def on_epoch(s: EpochStats, engine: dict) -> None:
                 best[0] = max(best[0], s.val_acc)
                 state = {"format": tracking.CHECKPOINT_FORMAT,
@@ -264,7 +254,8 @@ def run_stage(stage: str, *, arch: str, train: TrainConfig, partner: str | None,
         mlflow.log_metric("best_val_acc", best[0])
 
         info = tracking.log_model(model, data)
-        version_tags = {TAG_STAGE: stage, TAG_METHOD: method, "ttkd.dataset": dataset, "ttkd.arch": arch}
+        version_tags = {TAG_STAGE: stage, TAG_METHOD: method, "ttkd.dataset": dataset, "ttkd.arch": arch,
+                        **(tags or {})}
         if partner_ref is not None:
             version_tags[TAG_PARTNER] = partner_ref.uri
         ref = registry.register(info.model_uri, register_as, version_tags)
@@ -294,12 +285,15 @@ def progress_bar(batches, total: int, label: str):
     return tqdm(batches, total=total, desc=label, leave=False, disable=not sys.stderr.isatty())
 
 
-class _stop_on_signals:
+class stop_on_signals:
     """While active, SIGINT and SIGTERM ask training to stop after the current step
-    (a second signal stops at once); calling the object says whether one came."""
+    (a second signal stops at once); calling the object says whether one came.
+    ``forward(signum)``, if given, is called with the first one (a sweep passes it on to
+    its workers)."""
 
-    def __init__(self):
+    def __init__(self, forward: Callable[[int], None] | None = None):
         self.signum = None
+        self.forward = forward
         self._old = {}
 
     def __call__(self) -> bool:
@@ -309,6 +303,8 @@ class _stop_on_signals:
         if self.signum is not None:
             raise KeyboardInterrupt
         self.signum = signum
+        if self.forward:
+            self.forward(signum)
 
     def __enter__(self):
         try:
@@ -334,18 +330,19 @@ def resume(stage: str, reference: str) -> StageResult:
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = tracking.download_checkpoint(run_id, tmp)
     if ckpt is None:
-        raise TTKDError(f"run {run_id} has no checkpoint (it stopped in its first epoch); "
-                        f"start the stage again without resume")
+        raise NoCheckpoint(f"run {run_id} has no checkpoint (it stopped in its first epoch); "
+                           f"start the stage again without resume")
     if ckpt.get("format") != tracking.CHECKPOINT_FORMAT or ckpt.get("stage") != stage:
         raise TTKDError(f"the checkpoint of run {run_id} cannot be resumed (made by another version "
                         f"of ttkd or another stage); start the stage again")
-    if os.environ.get("MLFLOW_RUN_ID"):  # started by `mlflow run`: point its run at the real one
+    if os.environ.get("MLFLOW_RUN_ID") and mlflow.active_run() is None:
+        # started by `mlflow run`: point its run at the real one
         client.set_tag(os.environ["MLFLOW_RUN_ID"], "ttkd.resumes_run", run_id)
     kw = dict(ckpt["kwargs"])
     return run_stage(stage, arch=kw["arch"], train=train_config(kw["train"]), partner=kw["partner"],
                      method=kw["method"], method_params=kw["method_params"], dataset=kw["dataset"],
                      data_dir=kw["data_dir"], stream=kw["stream"], register_as=kw["register_as"],
-                     resume_from=(run_id, ckpt))
+                     tags=kw.get("tags"), resume_from=(run_id, ckpt))
 
 
 def unfinished_run(stage: str, reference: str):

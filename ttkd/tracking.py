@@ -16,6 +16,7 @@ import mlflow
 import torch
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
+from mlflow.tracking import MlflowClient
 from torch import nn
 
 from ttkd import models
@@ -162,3 +163,18 @@ def log_dataset(data: ImageData) -> None:
             record = mlflow.data.from_numpy(x.cpu().numpy(), targets=y.cpu().numpy(), source=source,
                                             name=name)
         mlflow.log_input(record, context=context)
+
+
+def metric_history(run_id: str, key: str) -> list[float]:
+    """A run's values of metric ``key``, by step."""
+    history = MlflowClient().get_metric_history(run_id, key)
+    return [m.value for m in sorted(history, key=lambda m: (m.step, m.timestamp))]
+
+
+def log_report(text: str, report: dict, figures: dict) -> None:
+    """Log a study's report on the active run: ``report.md``, ``report.json`` and each
+    figure (a matplotlib Figure) as a PNG under its name."""
+    mlflow.log_text(text, "report.md")
+    mlflow.log_dict(report, "report.json")
+    for name, fig in figures.items():
+        mlflow.log_figure(fig, name)

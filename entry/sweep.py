@@ -1,0 +1,20 @@
+"""`mlflow run . -e sweep`: seeds x teacher weights x KD methods, with paired statistics."""
+
+from entry.options import command, run, stage_options
+from ttkd import config, studies
+
+
+@command("sweep")
+@stage_options(config.STAGE_PARAMS["sweep"])
+def main(preset, **given):
+    """Per seed a baseline student; per (seed, w) a teacher against it; per (seed, w, method)
+    a KD student from that teacher. Prints and logs the paired report, then promotes."""
+    cfg = config.resolve("sweep", given, preset)
+    if cfg.values["resume"]:
+        print(studies.resume_grid("sweep", cfg.values["resume"]))
+        return
+    print(studies.sweep(**cfg.stage_kwargs(), print_line=lambda line: print(line, flush=True)))
+
+
+if __name__ == "__main__":
+    run(main)

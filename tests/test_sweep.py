@@ -1,0 +1,260 @@
+"""The sweep: grid parameters, paired statistics against scipy, the report, worker
+processes, failures, resume after SIGTERM, and teachers promoted by their students."""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+
+import mlflow
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+from scipy import stats
+
+from ttkd import config
+from ttkd.errors import TTKDError
+from ttkd.kd.logits import TrainedTeacher
+from ttkd.studies import report
+from ttkd.studies.grid import Grid, Point
+
+from .test_resume import env_for
+
+# ---- statistics -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("values", [[97.2, 98.1, 96.9, 97.5, 98.0], [1.0, -2.5, 0.25], [0.5, 0.7]])
+def test_interval_is_scipys_one_sample_t_interval(values):
+    mine = report.interval(values)
+    theirs = stats.ttest_1samp(values, 0.0)
+    low, high = theirs.confidence_interval(0.95)
+    assert mine.n == len(values) and mine.mean == pytest.approx(np.mean(values))
+    assert mine.std == pytest.approx(np.std(values, ddof=1))
+    assert (mine.low, mine.high) == (pytest.approx(low), pytest.approx(high))
+    assert mine.p == pytest.approx(theirs.pvalue)
+
+
+def test_paired_difference_is_scipys_paired_t_test_over_common_seeds():
+    a = {0: 98.1, 1: 97.5, 2: 98.9, 3: 97.0, 7: 99.0}
+    b = {0: 97.8, 1: 97.6, 2: 98.0, 3: 96.1, 5: 90.0}  # seeds 5 and 7 are not paired
+    mine = report.paired(a, b)
+    seeds = [0, 1, 2, 3]
+    theirs = stats.ttest_rel([a[s] for s in seeds], [b[s] for s in seeds])
+    low, high = theirs.confidence_interval(0.95)
+    assert mine.n == 4 and (mine.low, mine.high) == (pytest.approx(low), pytest.approx(high))
+    assert mine.p == pytest.approx(theirs.pvalue)
+    assert not mine.within_noise or low <= 0 <= high
+
+
+def test_degenerate_samples_say_so_instead_of_inventing_an_interval():
+    one = report.interval([97.0])
+    assert one.n == 1 and one.mean == 97.0 and math.isnan(one.low) and math.isnan(one.std)
+    same = report.interval([0.28, 0.28, 0.28])
+    assert (same.low, same.high, same.p) == (pytest.approx(0.28), pytest.approx(0.28), 0.0)
+    assert report.interval([]).n == 0
+
+
+def fake_values(grid: Grid, gain: dict[float, float]) -> dict:
+    """Every point of ``grid`` with an accuracy: KD students get ``gain[w]`` plus seed noise."""
+    rng = np.random.default_rng(0)
+    values = {}
+    for p in grid.points():
+        acc = 95.0 + (gain[p.weight] + rng.normal(0, 0.1) if p.role == "kd" else 0.0)
+        values[p] = report.PointValues(acc, 90.0, f"models:/m/{len(values) + 1}", "run",
+                                       (80.0, acc) if p.role == "kd" else ())
+    return values
+
+
+def test_report_calls_a_real_gain_beyond_noise_and_a_zero_gain_within_noise():
+    grid = Grid((0, 1, 2, 3, 4), (-0.02, 0.0, 0.005), ("kd",))
+    values = fake_values(grid, {-0.02: -2.0, 0.0: 0.0, 0.005: 0.0})
+    failed = {Point("kd", 4, 0.005, "kd"): "the training loss became NaN"}
+    del values[Point("kd", 4, 0.005, "kd")]
+    r = report.build(grid, values, failed)
+    rows = {row["weight"]: row for row in r["students"]}
+    assert rows[-0.02]["vs_normal"]["high"] < 0 and rows[0.005]["vs_normal"]["n"] == 4
+    text = report.markdown(r)
+    assert "kd from the w = -0.02 (nasty) teacher: -2.0" in text and "worse, beyond noise" in text
+    assert "kd from the w = 0.005 (trained) teacher" in text and "within noise" in text
+    assert "kd seed=4 w=0.005 method=kd: the training loss became NaN" in text
+    assert "| 0.005 (trained) | kd | 4 |" in text  # the failed seed is not counted
+    json.dumps(r)  # report.json must be plain data
+    figs = report.figures(r)
+    assert set(figs) == {"students_vs_weight.png", "teachers_vs_weight.png", "kd_curves.png"}
+    students = figs["students_vs_weight.png"].axes[0]
+    assert [t.get_text() for t in students.get_xticklabels()] == ["-0.02\nnasty", "0\nnormal",
+                                                                 "0.005\ntrained"]
+    assert students.lines[0].get_ydata()[0] == pytest.approx(rows[-0.02]["val_acc"]["mean"])
+
+
+# ---- parameters and bad input ----------------------------------------------------------
+
+def test_sweep_parameters_seeds_as_count_or_list_and_zero_always_included():
+    cfg = config.resolve("sweep", {"seeds": "3", "weights": "-0.02,0.005", "methods": "kd,dkd"})
+    kw = cfg.stage_kwargs()
+    assert kw["seeds"] == (0, 1, 2) and kw["weights"] == (-0.02, 0.0, 0.005)
+    assert set(kw["method_params"]) == {"kd", "dkd"}
+    assert config.resolve("sweep", {"seeds": "7,"}).values["seeds"] == (7,)
+    study = config.resolve("sweep", {}, "cifar10-study").stage_kwargs()
+    assert study["weights"] == (0.0, 0.005) and study["methods"] == ("kd",)
+    assert study["student_train"].epochs == config.resolve("main", {}, "cifar10-study").train["student"].epochs
+
+
+@pytest.mark.parametrize("given, message", [
+    ({"weights": ""}, "invalid weights: ''"),
+    ({"weights": "0.005,0.005"}, "invalid weights: '0.005,0.005'; weights must be a comma-separated list of distinct"),
+    ({"weights": "0.005,x"}, "invalid weights"),
+    ({"seeds": "1,1"}, "invalid seeds: '1,1'"),
+    ({"seeds": "0"}, "invalid seeds: '0'"),
+    ({"methods": ""}, "invalid methods: ''"),
+    ({"methods": "kd,nope"}, "invalid methods: 'kd,nope'"),
+    ({"seeds": "10", "weights": "-1,1,2", "methods": "kd,dkd"}, "this sweep would register 130 model versions"),
+    ({"methods": "kd,dist", "dkd_beta": "2"}, "none of the methods kd, dist uses dkd_beta"),
+])
+def test_bad_sweep_input_is_one_line_and_opens_nothing(store, cli, given, message):
+    args = [a for k, v in given.items() for a in (f"--{k}", v)]
+    status, out, err = cli("sweep", *args)
+    assert status == 1 and message in err and len(err.strip().splitlines()) == 1
+    assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
+    assert MlflowClient().search_registered_models() == []
+
+
+def test_a_big_sweep_runs_with_force(store):
+    cfg = config.resolve("sweep", {"seeds": "10", "weights": "-1,1,2", "methods": "kd,dkd", "force": "true"})
+    assert config.sweep_size(cfg.values["seeds"], (-1, 0, 1, 2), ("kd", "dkd")) == 130
+
+
+def test_promote_by_students_refuses_a_model_that_is_not_a_teacher(store, cli):
+    assert cli("baseline", "--epochs", "1", "--register_as", "plain")[0] == 0
+    status, _, err = cli("promote", "--model", "plain", "--by", "students")
+    assert status == 1
+    assert "'plain' is not a teacher (its versions come from: baseline)" in err
+    assert MlflowClient().get_registered_model("plain").aliases == {}
+
+
+# ---- end to end ------------------------------------------------------------------------
+
+SMALL = ["--seeds", "2", "--weights", "0.005", "--epochs", "2", "--deterministic", "true",
+         "--threads", "1", "--register_as", "sw"]
+
+
+def sweep_children(parent_id):
+    return mlflow.search_runs(output_format="list", filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
+
+
+def point_metrics(parent_id) -> dict[str, float]:
+    return {r.data.tags["ttkd.point"]: r.data.metrics["val_acc"] for r in sweep_children(parent_id)
+            if r.info.status == "FINISHED"}
+
+
+def sweep_run():
+    return mlflow.search_runs(output_format="list", filter_string="tags.`ttkd.stage` = 'sweep'")[0]
+
+
+@pytest.mark.slow
+def test_a_sweep_with_two_jobs_gives_the_metrics_of_one_and_promotes_by_students(store, cli, tmp_path,
+                                                                               monkeypatch):
+    status, out, err = cli("sweep", *SMALL, "--jobs", "1")
+    assert status == 0, err
+    one = sweep_run()
+    assert "## In words" in out and "| 0.005 (trained) | kd | 2 |" in out
+    arts = {a.path for a in MlflowClient().list_artifacts(one.info.run_id)}
+    assert {"report.md", "report.json", "students_vs_weight.png", "teachers_vs_weight.png",
+            "kd_curves.png", "sweep.json"} <= arts
+    children = sweep_children(one.info.run_id)
+    assert len(children) == 2 * (1 + 2 + 2) and all(c.info.status == "FINISHED" for c in children)
+    kd = [c for c in children if c.data.tags["ttkd.point"] == "kd seed=1 w=0.005 method=kd"][0]
+    assert (kd.data.tags["ttkd.seed"], kd.data.tags["ttkd.weight"], kd.data.tags["ttkd.method"]) == (
+        "1", "0.005", "kd")
+
+    # lineage by tags: each teacher version names its student; each KD student its teacher
+    client = MlflowClient()
+    teachers = client.search_model_versions("name = 'sw-teacher'")
+    assert sorted((v.tags["ttkd.seed"], v.tags["ttkd.weight"]) for v in teachers) == [
+        ("0", "0.0"), ("0", "0.005"), ("1", "0.0"), ("1", "0.005")]
+    best = max(teachers, key=lambda v: mlflow.get_run(client.search_model_versions(
+        f"tags.`ttkd.partner_model` = 'models:/sw-teacher/{v.version}'")[0].run_id).data.metrics["val_acc"])
+    assert client.get_model_version_by_alias("sw-teacher", "champion").version == best.version
+    assert "sw-teacher: each version judged by the val_acc of the students it taught" in out
+
+    # the same grid in two worker processes gives the same metrics, point by point
+    metrics = point_metrics(one.info.run_id)
+    assert len(metrics) == 10
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'two.db'}")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'two.db'}")
+    status, out2, err = cli("sweep", *SMALL, "--jobs", "2")
+    assert status == 0, err
+    assert point_metrics(sweep_run().info.run_id) == metrics
+    assert out2[out2.index("## Students"):] == out[out.index("## Students"):]
+
+
+@pytest.mark.slow
+def test_a_failing_point_is_reported_and_the_others_go_on(store, cli, monkeypatch):
+    real = TrainedTeacher.forward
+
+    def nasty_nan(self, b):
+        parts = real(self, b)
+        return parts | {"loss": parts["loss"] * float("nan")} if self.weight < 0 else parts
+    monkeypatch.setattr(TrainedTeacher, "forward", nasty_nan)
+    status, out, err = cli("sweep", "--seeds", "1", "--weights", "-0.02,0.005", "--epochs", "1",
+                           "--register_as", "nan")
+    assert status == 1
+    assert "2 of 7 stages did not finish (teacher seed=0 w=-0.02: the training loss became NaN" in err
+    assert "kd seed=0 w=-0.02 method=kd: skipped: teacher seed=0 w=-0.02 did not finish" in out
+    assert "| 0.005 (trained) | kd | 1 |" in out  # the other points finished and are reported
+    assert sweep_run().info.status == "FAILED"
+
+    monkeypatch.setattr(TrainedTeacher, "forward", real)
+    status, out, err = cli("sweep", "--resume", "last")
+    assert status == 0, err
+    assert out.count("(reused)") == 5 and "| -0.02 (nasty) | kd | 1 |" in out
+    assert sweep_run().info.status == "FINISHED"
+
+
+@pytest.mark.slow
+def test_a_sweep_killed_by_sigterm_resumes_to_the_uninterrupted_table(store, cli, tmp_path):
+    reference = tmp_path / "reference.db"  # the same sweep, never interrupted, in its own store
+    env = env_for(f"sqlite:///{reference}")
+    done = subprocess.run([sys.executable, "-m", "entry.sweep", *SMALL], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    table = done.stdout[done.stdout.index("## Students"):]
+
+    proc = subprocess.Popen([sys.executable, "-m", "entry.sweep", *SMALL, "--jobs", "2"], env=env_for(store),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline:  # half-way: once some KD student is being trained
+        runs = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                                  filter_string="tags.`ttkd.stage` = 'distill'")
+        if runs:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "sweep run" in err and "is marked KILLED" in err
+    parent = sweep_run()
+    assert parent.info.status == "KILLED"
+    finished = point_metrics(parent.info.run_id)
+    assert 0 < len(finished) < 10
+    assert all(r.info.status in ("FINISHED", "KILLED") for r in sweep_children(parent.info.run_id))
+
+    status, out, err = cli("sweep", "--resume", "last")
+    assert status == 0, err
+    assert out.count("(reused)") == len(finished)
+    assert out[out.index("## Students"):] == table
+    assert mlflow.get_run(parent.info.run_id).info.status == "FINISHED"
+
+
+def test_a_preset_seed_is_refused_by_the_sweep(tmp_path):
+    preset = tmp_path / "p.toml"
+    preset.write_text('stage = "main"\nseed = 3\n')
+    with pytest.raises(TTKDError, match="a sweep takes seeds instead"):
+        config.resolve("sweep", {}, str(preset))
+    preset.write_text('stage = "main"\n[teacher]\nseed = 3\n')
+    with pytest.raises(TTKDError, match="other than seed"):
+        config.resolve("main", {}, str(preset))

@@ -1,0 +1,326 @@
+"""Studies: the Trained-Teacher comparison as a grid of stages under one parent run.
+
+``study`` (``mlflow run .``) is the smallest grid: one seed, a normal (w = 0) and a
+trained teacher, one KD method, compared in one table. ``sweep`` (``-e sweep``) runs
+seeds x weights x methods, reports paired statistics and figures, and promotes its
+teachers by how well their students learn. Both continue an unfinished parent run,
+reusing every finished point.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import mlflow
+from mlflow.exceptions import MlflowException
+
+from ttkd import data as datasets
+from ttkd import kd, models, registry, tracking
+from ttkd.engine import TrainConfig, resolve_device
+from ttkd.errors import TTKDError
+from ttkd.stages import (
+    STREAM_WORDS,
+    TAG_PARTNER,
+    TAG_STAGE,
+    StageInterrupted,
+    StageResult,
+    build_method,
+    default_method_params,
+    train_config,
+    unfinished_run,
+)
+from ttkd.studies import report as reports
+from ttkd.studies.grid import TAG_POINT, Grid, Outcome, Plan, Point, run
+from ttkd.tracking import log_params
+
+log = logging.getLogger(__name__)
+STUDY_ROWS = ("student", "kd_normal", "kd_trained", "teacher_normal", "teacher_trained")
+
+
+def kd_name(prefix: str, method: str, kind: str) -> str:
+    """Registered name of a study's KD student: ``PREFIX-student-kd-KIND`` for kd, and
+    ``PREFIX-student-METHOD-KIND`` for the other methods, so methods never share a name."""
+    return f"{prefix}-student-{method}-{kind}"
+
+
+def sweep_name(prefix: str, point: Point) -> str:
+    """A sweep registers one model per role: every seed's student as a version of
+    ``PREFIX-student``, every teacher as a version of ``PREFIX-teacher`` and every KD
+    student as a version of ``PREFIX-student-METHOD``; the versions' tags say which point."""
+    return {"student": f"{prefix}-student", "teacher": f"{prefix}-teacher",
+            "kd": f"{prefix}-student-{point.method}"}[point.role]
+
+
+def study_name(prefix: str, point: Point) -> str:
+    """The study's five names (``PREFIX-teacher-normal``, ``kd_name(...)``, ...)."""
+    if point.role == "student":
+        return f"{prefix}-student"
+    kind = "normal" if point.weight == 0 else "trained"
+    return f"{prefix}-teacher-{kind}" if point.role == "teacher" else kd_name(prefix, point.method, kind)
+
+
+def study_role(point: Point) -> str:
+    """A study point's row: student, teacher_normal, teacher_trained, kd_normal or kd_trained."""
+    return point.role if point.role == "student" else f"{point.role}_{'normal' if point.weight == 0 else 'trained'}"
+
+
+@datasets.load_once()  # the data set is read and decoded once, not once per stage
+def study(*, student_arch: str, teacher_arch: str, student_train: TrainConfig,
+          teacher_train: TrainConfig, weight: float = 0.005, temperature: float = 4.0,
+          method: str = "kd", method_params: dict | None = None, dataset: str = "digits",
+          data_dir: str | None = None, stream: bool | None = None, register_as: str | None = None,
+          resume_run: str | None = None) -> str:
+    """The whole Trained-Teacher study on one data set; returns the comparison table.
+
+    Child runs, in order: baseline student; normal teacher (weight 0) and trained teacher
+    (``weight``, temperature ``temperature``), both against that student; a student
+    distilled from each teacher with ``method`` (``method_params``: its hyper-parameters,
+    defaults where missing). Students train with ``student_train``, teachers with
+    ``teacher_train``, both with the student's seed. Each later stage fetches its partner
+    from the registry by ``NAME/VERSION``, exactly as a user would. Every registered model
+    is then promoted (alias ``champion`` to its best version). Registered names are
+    ``PREFIX-student``, ``PREFIX-teacher-normal``, ``PREFIX-teacher-trained`` and the two of
+    ``kd_name``, with PREFIX = ``register_as`` (default: the data set's name).
+    ``resume_run`` continues an unfinished study run: finished children are reused, the
+    others resumed. A stage that fails does not stop the ones that do not need it.
+    """
+    prefix = register_as or dataset
+    method_params = default_method_params(method) | (method_params or {})
+    if weight <= 0:
+        raise TTKDError(f"the study's trained teacher needs weight > 0 (got {weight}); "
+                        f"run the teach stage by hand for weight <= 0, or a sweep")
+    grid = Grid((student_train.seed,), (0.0, weight), (method,))
+    plan = Plan(grid, student_arch, teacher_arch, student_train, teacher_train, temperature,
+                {method: method_params}, dict(dataset=dataset, data_dir=data_dir, stream=stream),
+                name=lambda p: study_name(prefix, p), tags=lambda p: {"ttkd.role": study_role(p)})
+    _check(plan)
+    args = {"student_arch": student_arch, "teacher_arch": teacher_arch, "weight": weight,
+            "temperature": temperature, "method": method, "method_params": method_params,
+            "dataset": dataset, "data_dir": data_dir, "stream": stream, "register_as": prefix,
+            "student_train": dataclasses.asdict(student_train),
+            "teacher_train": dataclasses.asdict(teacher_train)}
+    params = ({k: v for k, v in args.items() if not k.endswith("_train") and k != "method_params"}
+              | {("kd_temperature" if k == "temperature" else k): v for k, v in method_params.items()})
+
+    def finish(outcomes: dict[Point, Outcome]) -> str:
+        res = {study_role(p): o.result for p, o in outcomes.items()}
+        promotions = [registry.promote(r.model.name) for r in res.values()]
+        table = comparison_table(res, weight, method)
+        mlflow.log_metrics({f"val_acc_{k}": res[k].val_acc for k in STUDY_ROWS})
+        mlflow.log_text(table, "comparison.md")
+        mlflow.log_dict({k: {"model": r.model.uri, "val_acc": r.val_acc, "agreement": r.agreement}
+                         for k, r in res.items()}, "comparison.json")
+        return "\n".join(map(str, promotions)) + "\n" + table
+
+    return _run_grid("main", f"study {dataset}", plan, args, params, student_train, teacher_train,
+                     resume_run, finish, jobs=1, threads=0, verbose=True, method=method)
+
+
+@datasets.load_once()
+def sweep(*, student_arch: str, teacher_arch: str, student_train: TrainConfig,
+          teacher_train: TrainConfig, seeds: tuple[int, ...] = (0, 1, 2, 3, 4),
+          weights: tuple[float, ...] = (0.0, 0.005), methods: tuple[str, ...] = ("kd",),
+          temperature: float = 4.0, method_params: dict[str, dict] | None = None,
+          dataset: str = "digits", data_dir: str | None = None, stream: bool | None = None,
+          register_as: str | None = None, jobs: int = 1, threads: int = 0,
+          resume_run: str | None = None, print_line: Callable[[str], None] = print) -> str:
+    """Seeds x teacher weights x KD methods (module ``ttkd.studies.grid``), one child run
+    per point under one parent run; returns the report's markdown.
+
+    ``weights`` always gets 0, the normal teacher every other weight is compared with.
+    Registered names: ``sweep_name``. The parent run gets ``report.md``, ``report.json``
+    and three figures; then each teacher model's alias ``champion`` goes to the version
+    whose students are best (``registry.promote(by="students")``) and each student model's
+    to its best version by val_acc. A point that fails is reported and the others go on;
+    the parent run then ends FAILED and ``resume`` retries what did not finish.
+    ``jobs`` points train at once in worker processes, each with ``threads`` CPU threads
+    (0: this process's threads / jobs); ``print_line`` gets one line per finished point.
+    """
+    prefix = register_as or dataset
+    weights = tuple(sorted(set(weights) | {0.0}))
+    method_params = {m: default_method_params(m) | (method_params or {}).get(m, {}) for m in methods}
+    grid = Grid(tuple(seeds), weights, tuple(methods))
+    plan = Plan(grid, student_arch, teacher_arch, student_train, teacher_train, temperature,
+                method_params, dict(dataset=dataset, data_dir=data_dir, stream=stream),
+                name=lambda p: sweep_name(prefix, p))
+    _check(plan)
+    args = {"student_arch": student_arch, "teacher_arch": teacher_arch, "seeds": list(seeds),
+            "weights": list(weights), "methods": list(methods), "temperature": temperature,
+            "method_params": method_params, "dataset": dataset, "data_dir": data_dir,
+            "stream": stream, "register_as": prefix, "jobs": jobs, "threads": threads,
+            "student_train": dataclasses.asdict(student_train),
+            "teacher_train": dataclasses.asdict(teacher_train)}
+    params = ({k: (",".join(map(str, v)) if isinstance(v, list) else v) for k, v in args.items()
+               if not k.endswith("_train") and k != "method_params"}
+              | {("kd_temperature" if k == "temperature" else f"{m}.{k}" if len(methods) > 1 else k): v
+                 for m, p in method_params.items() for k, v in p.items()})
+
+    def finish(outcomes: dict[Point, Outcome]) -> str:
+        report = reports.build(grid, _values(outcomes), _failures(outcomes))
+        text = reports.markdown(report)
+        tracking.log_report(text, report, reports.figures(report))
+        lines = []
+        for name in [sweep_name(prefix, Point("teacher", 0))]:
+            try:
+                lines.append(str(registry.promote(name, by="students")))
+            except TTKDError as exc:
+                lines.append(f"{name}: not promoted ({exc})")
+        for name in dict.fromkeys(sweep_name(prefix, p) for p in grid.points() if p.role != "teacher"):
+            try:
+                lines.append(str(registry.promote(name)))
+            except TTKDError as exc:
+                lines.append(f"{name}: not promoted ({exc})")
+        return "\n".join(lines) + "\n\n" + text
+
+    def on_outcome(o: Outcome, i: int, n: int) -> None:
+        width = len(str(n))
+        if o.result is not None:
+            how = "reused" if o.reused else f"{o.seconds:.1f} s"
+            print_line(f"[{i:>{width}}/{n}] {o.point.key}: val_acc {o.result.val_acc:.2f}% "
+                       f"{o.result.model.uri} ({how})")
+        else:
+            print_line(f"[{i:>{width}}/{n}] {o.point.key}: {'stopped' if o.interrupted else 'FAILED'}: "
+                       f"{o.error}")
+
+    return _run_grid("sweep", f"sweep {dataset}", plan, args, params, student_train, teacher_train,
+                     resume_run, finish, jobs=jobs, threads=threads, verbose=False,
+                     on_outcome=on_outcome, method=",".join(methods))
+
+
+def _check(plan: Plan) -> None:
+    """Everything a user can get wrong, before the parent run opens."""
+    registry.prepare_store()
+    for name in dict.fromkeys(plan.name(p) for p in plan.grid.points()):
+        registry.check_model_name(name)
+    models.get(plan.student_arch), models.get(plan.teacher_arch)
+    resolve_device(plan.student_train.device), resolve_device(plan.teacher_train.device)
+    data = datasets.load(plan.data["dataset"], plan.data["data_dir"], plan.data["stream"])
+    build = lambda arch: models.build(arch, data.num_classes, data.in_channels,  # noqa: E731
+                                      image_size=data.image_shape[-1])
+    for method in plan.grid.methods:  # a method that cannot pair these networks' features fails now
+        if kd.get(method).features:
+            build_method(method, "distill", data, build(plan.student_arch), build(plan.teacher_arch),
+                         plan.method_params[method], plan.student_arch, plan.teacher_arch)
+
+
+def _run_grid(kind: str, run_name: str, plan: Plan, args: dict, params: dict, student_train: TrainConfig,
+              teacher_train: TrainConfig, resume_run: str | None,
+              finish: Callable[[dict[Point, Outcome]], str], *, jobs: int, threads: int, verbose: bool,
+              method: str, on_outcome: Callable[[Outcome, int, int], None] = lambda o, i, n: None) -> str:
+    """Open (or reopen) the parent run, train the grid's points as its children, then
+    ``finish`` (tables, report, promotions) with every point's outcome."""
+    found = _children(resume_run, plan.grid) if resume_run else {}
+    run_ = mlflow.start_run(run_id=resume_run) if resume_run else mlflow.start_run(run_name=run_name)
+    parent_id = run_.info.run_id
+    status = "FAILED"
+    try:
+        if not resume_run:
+            mlflow.set_tags({TAG_STAGE: kind, "ttkd.method": method})
+            per_seed = ("seed",) if kind == "sweep" else ()  # a sweep's seeds are a parameter of their own
+            log_params(params | {"stream": STREAM_WORDS[args["stream"]], "data_dir": args["data_dir"] or ""}
+                       | {f"{role}.{k}": v for role, train in (("student", student_train), ("teacher", teacher_train))
+                          for k, v in dataclasses.asdict(train).items() if k not in per_seed})
+            mlflow.log_dict(args, f"{kind}.json")  # what resuming rebuilds the grid from
+        outcomes, signum = run(plan, parent_id, found, jobs=jobs, threads=threads, verbose=verbose,
+                               on_outcome=on_outcome)
+        if signum is not None:
+            status = "KILLED"
+            left = len(plan.grid.points()) - sum(o.result is not None for o in outcomes.values())
+            raise StageInterrupted(f"stopped by a signal with {left} of {len(plan.grid.points())} stages "
+                                   f"unfinished; {kind} run {parent_id} is marked KILLED and keeps every "
+                                   f"finished stage: continue it with resume={parent_id}", signum)
+        failed = {p: o.error for p, o in outcomes.items() if o.result is None}
+        if kind == "main" and failed:  # the study's table needs all five
+            raise TTKDError(_failure_line(failed, parent_id, len(outcomes)))
+        text = finish(outcomes)
+        if failed:
+            print(text)
+            raise TTKDError(_failure_line(failed, parent_id, len(outcomes)))
+        status = "FINISHED"
+    finally:
+        mlflow.end_run(status)
+    return text
+
+
+def _failure_line(failed: dict[Point, str], parent_id: str, total: int) -> str:
+    first = next((p for p, e in failed.items() if not e.startswith("skipped")), next(iter(failed)))
+    return (f"{len(failed)} of {total} stages did not finish ({first.key}: {failed[first]}); "
+            f"run {parent_id} is marked FAILED: resume={parent_id} retries them")
+
+
+def _values(outcomes: dict[Point, Outcome]) -> dict[Point, reports.PointValues]:
+    values = {}
+    for p, o in outcomes.items():
+        if o.result is None:
+            continue
+        curve = tracking.metric_history(o.result.run_id, "val_acc") if p.role == "kd" else ()
+        values[p] = reports.PointValues(o.result.val_acc, o.result.agreement, o.result.model.uri,
+                                        o.result.run_id, tuple(curve))
+    return values
+
+
+def _failures(outcomes: dict[Point, Outcome]) -> dict[Point, str]:
+    return {p: o.error for p, o in outcomes.items() if o.result is None}
+
+
+def resume_grid(kind: str, reference: str) -> str:
+    """Continue an unfinished study or sweep run (its id, or ``last``) where it stopped."""
+    registry.prepare_store()
+    run_ = unfinished_run(kind, reference)
+    try:
+        path = mlflow.artifacts.download_artifacts(run_id=run_.info.run_id, artifact_path=f"{kind}.json")
+        args = json.loads(Path(path).read_text())
+    except (MlflowException, OSError, ValueError):
+        raise TTKDError(f"{kind} run {run_.info.run_id} has no readable {kind}.json; start it again") from None
+    trains = {k: train_config(args.pop(k)) for k in ("student_train", "teacher_train")}
+    print(f"resuming {kind} run {run_.info.run_id}", flush=True)
+    if kind == "main":
+        return study(**args, **trains, resume_run=run_.info.run_id)
+    args = args | {k: tuple(args[k]) for k in ("seeds", "weights", "methods")}
+    return sweep(**args, **trains, resume_run=run_.info.run_id)
+
+
+def _children(parent_id: str, grid: Grid) -> dict[Point, StageResult | str]:
+    """What an earlier attempt left of each point: its result (finished and registered)
+    or its newest unfinished run's id (to continue)."""
+    points = {p.key: p for p in grid.points()}
+    found: dict[Point, StageResult | str] = {}
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                              filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'",
+                              order_by=["attributes.start_time ASC"])
+    for r in runs:  # oldest first: a point's newest run wins
+        point, tags = points.get(r.data.tags.get(TAG_POINT, "")), r.data.tags
+        if point is None:
+            continue
+        if r.info.status == "FINISHED" and "ttkd.registered_model" in tags:
+            ref = registry.resolve(tags["ttkd.registered_model"])
+            partner = registry.resolve(tags[TAG_PARTNER]) if TAG_PARTNER in tags else None
+            m = r.data.metrics
+            found[point] = StageResult(r.info.run_id, ref, m["val_acc"], m.get("agreement"),
+                                       partner, m.get("partner_val_acc"))
+        elif r.info.status != "FINISHED":
+            found[point] = r.info.run_id
+    return found
+
+
+def comparison_table(res: dict[str, StageResult], weight: float, method: str = "kd") -> str:
+    """A markdown table of the study: students first, then the teachers."""
+    name = method.upper()
+    labels = {
+        "student": "student, no KD", "kd_normal": f"student, {name} from normal teacher",
+        "kd_trained": f"student, {name} from trained teacher", "teacher_normal": "normal teacher (w = 0)",
+        "teacher_trained": f"trained teacher (w = {weight:g})",
+    }
+    base = res["student"].val_acc
+    lines = ["| model | val_acc (%) | vs no-KD student (pp) | agreement with partner (%) | registered as |",
+             "|---|---:|---:|---:|---|"]
+    for key in STUDY_ROWS:
+        r = res[key]
+        delta = f"{r.val_acc - base:+.2f}" if key.startswith(("student", "kd")) else ""
+        agree = f"{r.agreement:.2f}" if r.agreement is not None else ""
+        lines.append(f"| {labels[key]} | {r.val_acc:.2f} | {delta} | {agree} | {r.model.uri} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,266 @@
+"""A grid of stages and the scheduler that runs it.
+
+A grid is seeds x teacher weights x KD methods. Each seed has one baseline student;
+each (seed, w) one teacher trained against that seed's student; each (seed, w, method)
+one student distilled from that teacher. Every point is an ordinary stage run
+(``ttkd.stages``), a child of the grid's parent run, that fetches its partner from the
+registry by ``NAME/VERSION`` exactly as a user would. Points run in this process
+(``jobs=1``) or in ``jobs`` worker processes; a point's results depend on its seed and
+thread count, never on ``jobs`` or on the order in which points finish.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import contextlib
+import dataclasses
+import logging
+import multiprocessing
+import os
+import signal
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterator
+
+import mlflow
+import torch
+
+from ttkd import data as datasets
+from ttkd import stages
+from ttkd.engine import TrainConfig
+from ttkd.stages import StageInterrupted, StageResult
+
+log = logging.getLogger(__name__)
+TAG_POINT = "ttkd.point"
+
+
+@dataclasses.dataclass(frozen=True)
+class Point:
+    """One stage of a grid: a baseline ``student``, a ``teacher`` trained with weight
+    ``weight`` against that seed's student, or a ``kd`` student distilled from that
+    teacher with ``method``."""
+
+    role: str
+    seed: int
+    weight: float | None = None
+    method: str | None = None
+
+    @property
+    def key(self) -> str:
+        """``student seed=0``, ``teacher seed=0 w=0.005``, ``kd seed=0 w=0.005 method=kd``."""
+        parts = [self.role, f"seed={self.seed}"]
+        if self.weight is not None:
+            parts.append(f"w={self.weight:g}")
+        if self.method is not None:
+            parts.append(f"method={self.method}")
+        return " ".join(parts)
+
+    @property
+    def needs(self) -> Point | None:
+        """The point whose registered model this one trains beside."""
+        if self.role == "teacher":
+            return Point("student", self.seed)
+        if self.role == "kd":
+            return Point("teacher", self.seed, self.weight)
+        return None
+
+    def tags(self) -> dict[str, str]:
+        """Tags of its run and registered version, so lineage is queryable by point."""
+        tags = {TAG_POINT: self.key, "ttkd.seed": str(self.seed)}
+        if self.weight is not None:
+            tags["ttkd.weight"] = repr(float(self.weight))
+        return tags
+
+
+@dataclasses.dataclass(frozen=True)
+class Grid:
+    seeds: tuple[int, ...]
+    weights: tuple[float, ...]
+    methods: tuple[str, ...]
+
+    def points(self) -> list[Point]:
+        """Every point, seed by seed, each after the point it needs."""
+        found = []
+        for seed in self.seeds:
+            found.append(Point("student", seed))
+            found += [Point("teacher", seed, w) for w in self.weights]
+            found += [Point("kd", seed, w, m) for w in self.weights for m in self.methods]
+        return found
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What each point of a grid trains and the name it registers under."""
+
+    grid: Grid
+    student_arch: str
+    teacher_arch: str
+    student_train: TrainConfig
+    teacher_train: TrainConfig
+    temperature: float                 # T of the teach stage
+    method_params: dict[str, dict]     # per KD method, its hyper-parameters
+    data: dict                         # dataset, data_dir, stream
+    name: Callable[[Point], str]       # the registered model a point's version goes to
+    tags: Callable[[Point], dict] = lambda p: {}  # more tags for a point's run and version
+
+    def task(self, point: Point, done: dict[Point, Outcome], parent_run_id: str,
+             resume_run: str | None = None) -> Task:
+        """The stage call that trains ``point``, its partner pinned to the version that
+        the point it needs registered."""
+        train = {"student": self.student_train, "teacher": self.teacher_train}
+        role = "teacher" if point.role == "teacher" else "student"
+        config = dataclasses.replace(train[role], seed=point.seed)
+        kw = dict(arch=getattr(self, f"{role}_arch"), train=config, register_as=self.name(point),
+                  tags=point.tags() | self.tags(point), parent_run_id=parent_run_id, **self.data)
+        if point.needs is not None:
+            partner = done[point.needs].result.model
+            kw[{"teacher": "student", "kd": "teacher"}[point.role]] = f"{partner.name}/{partner.version}"
+        if point.role == "teacher":
+            kw |= dict(weight=point.weight, temperature=self.temperature)
+        if point.role == "kd":
+            kw |= dict(method=point.method, method_params=self.method_params[point.method])
+        stage = {"student": "baseline", "teacher": "teach", "kd": "distill"}[point.role]
+        return Task(point, stage, kw, resume_run)
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """A point's stage call, as plain data that a worker process can receive."""
+
+    point: Point
+    stage: str
+    kwargs: dict
+    resume_run: str | None = None   # an unfinished run of this point to continue
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    """How a point ended: ``result`` when it registered its model, else ``error``."""
+
+    point: Point
+    result: StageResult | None = None
+    error: str | None = None
+    interrupted: int = 0        # the signal that stopped it, if one did
+    seconds: float = 0.0
+    reused: bool = False
+
+
+def run_task(task: Task, verbose: bool = False) -> Outcome:
+    """Train one point; never raises for a failure of the point itself (a NaN, an
+    unreachable store): the outcome says what went wrong, and the grid goes on."""
+    start = time.perf_counter()
+    try:
+        with contextlib.ExitStack() as quiet:
+            if not verbose:  # the grid prints a line per point; the stage's own lines go
+                sink = quiet.enter_context(open(os.devnull, "w"))
+                quiet.enter_context(contextlib.redirect_stdout(sink))
+                quiet.enter_context(contextlib.redirect_stderr(sink))
+            if task.resume_run:
+                try:
+                    result = stages.resume(task.stage, task.resume_run)
+                except stages.NoCheckpoint:  # stopped in its first epoch: start it again
+                    result = getattr(stages, task.stage)(**task.kwargs)
+            else:
+                result = getattr(stages, task.stage)(**task.kwargs)
+        return Outcome(task.point, result, seconds=time.perf_counter() - start)
+    except StageInterrupted as exc:
+        return Outcome(task.point, error=str(exc), interrupted=exc.exit_code - 128,
+                       seconds=time.perf_counter() - start)
+    except Exception as exc:
+        if os.environ.get("TTKD_DEBUG"):
+            traceback.print_exc(file=sys.__stderr__)
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return Outcome(task.point, error=message, seconds=time.perf_counter() - start)
+
+
+def run(plan: Plan, parent_run_id: str, found: dict[Point, StageResult | str], *, jobs: int = 1,
+        threads: int = 0, verbose: bool = False,
+        on_outcome: Callable[[Outcome, int, int], None] = lambda o, i, n: None
+        ) -> tuple[dict[Point, Outcome], int | None]:
+    """Train every point of ``plan``'s grid as a child run of ``parent_run_id``.
+
+    ``found`` holds what an earlier attempt left: a point's :class:`StageResult` (reused
+    as it is) or the id of its unfinished run (continued from its checkpoint). A point
+    whose partner failed is skipped. SIGINT or SIGTERM stops every running point after
+    its current step (its run is marked KILLED) and starts no new one. Returns the
+    outcomes (points never started are missing) and the signal that stopped the grid, if any.
+    """
+    points = plan.grid.points()
+    done = {p: Outcome(p, r, reused=True) for p, r in found.items() if isinstance(r, StageResult)}
+    for o in done.values():
+        on_outcome(o, len(done), len(points))
+    pending = [p for p in points if p not in done]
+    running: dict[cf.Future, Point] = {}
+    threads = threads or max(1, torch.get_num_threads() // jobs)
+    with _executor(jobs, threads, verbose) as pool, stages.stop_on_signals(_forward_to_workers) as stop:
+        while pending or running:
+            for point in list(pending):
+                if stop() or len(running) >= jobs:
+                    break
+                if point.needs is not None and point.needs not in done:
+                    continue  # its partner is still training
+                pending.remove(point)
+                if point.needs is not None and done[point.needs].result is None:
+                    done[point] = Outcome(point, error=f"skipped: {point.needs.key} did not finish")
+                    on_outcome(done[point], len(done), len(points))
+                    continue
+                resume = found.get(point) if isinstance(found.get(point), str) else None
+                task = plan.task(point, done, parent_run_id, resume)
+                running[pool.submit(run_task, task, verbose)] = point
+            if not running:
+                break
+            finished, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
+            for future in finished:
+                outcome = future.result()
+                del running[future]
+                done[outcome.point] = outcome
+                on_outcome(outcome, len(done), len(points))
+                if outcome.interrupted and not stop():
+                    stop.signum = outcome.interrupted  # a point stopped by a signal stops the grid
+    return done, stop.signum
+
+
+class _InlineExecutor:
+    """``submit`` runs the call at once in this process (``jobs=1``)."""
+
+    def submit(self, fn, *args) -> cf.Future:
+        future = cf.Future()
+        future.set_result(fn(*args))
+        return future
+
+
+@contextlib.contextmanager
+def _executor(jobs: int, threads: int, verbose: bool) -> Iterator:
+    if jobs == 1:
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            yield _InlineExecutor()
+        finally:
+            torch.set_num_threads(before)
+        return
+    context = multiprocessing.get_context("spawn")  # no fork of a process holding threads
+    with cf.ProcessPoolExecutor(jobs, mp_context=context, initializer=_start_worker,
+                                initargs=(threads, mlflow.get_tracking_uri())) as pool:
+        yield pool
+
+
+def _start_worker(threads: int, tracking_uri: str) -> None:
+    """A worker process: its own thread count; no `mlflow run` run of its own to attach
+    to; its data sets kept for the points it trains; signals only from the grid (its own
+    process group), which it ignores between points."""
+    os.setpgrp()
+    os.environ.pop("MLFLOW_RUN_ID", None)
+    mlflow.set_tracking_uri(tracking_uri)
+    torch.set_num_threads(threads)
+    datasets.load_once().__enter__()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    logging.basicConfig(stream=sys.stderr, level=logging.WARNING)
+
+
+def _forward_to_workers(signum: int) -> None:
+    for child in multiprocessing.active_children():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child.pid, signum)

@@ -1,0 +1,320 @@
+"""A sweep's report: statistics over seeds, a markdown table with plain words, figures.
+
+Every accuracy is a mean over seeds with its 95% confidence interval (Student's t with
+n − 1 degrees of freedom). A comparison between two kinds of student is **paired**:
+the difference is taken seed by seed (same seed, same baseline student, same data
+order), and the interval is that of the mean difference. A difference whose interval
+contains 0 is "within noise". Nothing here talks to MLflow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterable
+
+import matplotlib
+import numpy as np
+from matplotlib.figure import Figure  # figures without pyplot: no window, no global state
+from matplotlib.ticker import MaxNLocator
+from scipy import stats
+
+from ttkd.studies.grid import Grid, Point
+
+CONFIDENCE = 0.95
+
+
+@dataclasses.dataclass(frozen=True)
+class Interval:
+    """The mean of ``n`` values, their standard deviation and the ``CONFIDENCE`` interval
+    of the mean; ``p`` is the two-sided p-value of "the mean is 0" (for differences).
+    With one value the spread and the interval are NaN."""
+
+    n: int
+    mean: float
+    std: float
+    low: float
+    high: float
+    p: float
+
+    @property
+    def within_noise(self) -> bool:
+        return not (self.low > 0 or self.high < 0)
+
+
+def interval(values: Iterable[float], confidence: float = CONFIDENCE) -> Interval:
+    """mean ± t_{(1+c)/2, n−1} · s / √n, with s the sample standard deviation (ddof 1)."""
+    x = np.asarray(list(values), dtype=float)
+    n = len(x)
+    if n == 0:
+        return Interval(0, math.nan, math.nan, math.nan, math.nan, math.nan)
+    mean = float(x.mean())
+    if n == 1:
+        return Interval(1, mean, math.nan, math.nan, math.nan, math.nan)
+    std = float(x.std(ddof=1))
+    se = std / math.sqrt(n)
+    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * se
+    if se == 0:  # every value equal: no spread, the mean is exact
+        p = 1.0 if mean == 0 else 0.0
+    else:
+        p = float(2 * stats.t.sf(abs(mean) / se, n - 1))
+    return Interval(n, mean, std, mean - half, mean + half, p)
+
+
+def paired(a: dict[int, float], b: dict[int, float]) -> Interval:
+    """The interval of mean(a − b) over the seeds both have (a paired t interval)."""
+    common = sorted(set(a) & set(b))
+    return interval(a[s] - b[s] for s in common)
+
+
+def kind(weight: float) -> str:
+    return "trained" if weight > 0 else "normal" if weight == 0 else "nasty"
+
+
+@dataclasses.dataclass(frozen=True)
+class PointValues:
+    """What the report needs of one finished point."""
+
+    val_acc: float
+    agreement: float | None
+    model: str
+    run_id: str
+    curve: tuple[float, ...] = ()   # val_acc per epoch (KD students)
+
+
+def build(grid: Grid, values: dict[Point, PointValues], failed: dict[Point, str]) -> dict:
+    """The report as plain data (``report.json``)."""
+    def acc(role, w=None, m=None, field="val_acc"):
+        found = {s: getattr(values[p], field) for s in grid.seeds
+                 if (p := Point(role, s, w, m)) in values and getattr(values[p], field) is not None}
+        return found
+
+    no_kd = acc("student")
+    students = []
+    for method in grid.methods:
+        normal = acc("kd", 0.0, method)
+        for w in grid.weights:
+            mine = acc("kd", w, method)
+            students.append({
+                "weight": w, "kind": kind(w), "method": method, "val_acc": _dict(interval(mine.values())),
+                "vs_normal": _dict(paired(mine, normal)) if w != 0 else None,
+                "vs_no_kd": _dict(paired(mine, no_kd)),
+                "agreement": _dict(interval(acc("kd", w, method, "agreement").values())),
+                "per_seed": mine,
+                "curve": _curve([values[Point("kd", s, w, method)].curve for s in mine]),
+            })
+    teachers = [{"weight": w, "kind": kind(w), "val_acc": _dict(interval(acc("teacher", w).values())),
+                 "agreement": _dict(interval(acc("teacher", w, field="agreement").values())),
+                 "per_seed": acc("teacher", w)} for w in grid.weights]
+    return {
+        "grid": dataclasses.asdict(grid), "confidence": CONFIDENCE,
+        "no_kd": {"val_acc": _dict(interval(no_kd.values())), "per_seed": no_kd},
+        "students": students, "teachers": teachers,
+        "failed": [{"point": p.key, "error": e} for p, e in failed.items()],
+        "points": [{"point": p.key, "role": p.role, "seed": p.seed, "weight": p.weight, "method": p.method,
+                    "val_acc": v.val_acc, "agreement": v.agreement, "model": v.model, "run_id": v.run_id}
+                   for p, v in values.items()],
+    }
+
+
+def _dict(i: Interval) -> dict:
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in dataclasses.asdict(i).items()}
+
+
+def _curve(curves: list[tuple[float, ...]]) -> dict | None:
+    """Per epoch: the mean over seeds and its interval (seeds with the full curve only)."""
+    longest = max((len(c) for c in curves), default=0)
+    full = [c for c in curves if len(c) == longest]
+    if not full or longest == 0:
+        return None
+    per_epoch = [interval(c[e] for c in full) for e in range(longest)]
+    return {"epochs": list(range(1, longest + 1)), "mean": [i.mean for i in per_epoch],
+            "low": [i.low for i in per_epoch], "high": [i.high for i in per_epoch], "n": len(full)}
+
+
+def _num(x: float | None, signed: bool = False) -> str:
+    if x is None:
+        return "n/a"
+    return f"{x:+.2f}" if signed else f"{x:.2f}"
+
+
+def _mean_std(i: dict) -> str:
+    if i["n"] == 0:
+        return "n/a"
+    return _num(i["mean"]) + (f" ± {_num(i['std'])}" if i["std"] is not None else "")
+
+
+def _diff(i: dict | None) -> str:
+    if i is None:
+        return "(reference)"
+    if i["n"] == 0:
+        return "n/a"
+    if i["low"] is None:
+        return f"{_num(i['mean'], True)} (1 seed)"
+    return f"{_num(i['mean'], True)} [{_num(i['low'], True)}, {_num(i['high'], True)}]"
+
+
+def _w(w: float) -> str:
+    return f"{w:g} ({kind(w)})"
+
+
+def markdown(report: dict) -> str:
+    """The tables and, under them, in words, which differences are within noise."""
+    seeds = len(report["grid"]["seeds"])
+    pct = int(report["confidence"] * 100)
+    lines = [f"## Students: val_acc (%) over {seeds} seed{'s' * (seeds > 1)}",
+             "",
+             f"mean ± std over seeds; Δ: paired difference per seed (pp), mean [{pct}% CI]",
+             "",
+             "| teacher w | method | seeds | student val_acc | Δ vs student of the w = 0 teacher "
+             "| Δ vs no-KD student | agreement with teacher (%) |",
+             "|---|---|---:|---:|---:|---:|---:|",
+             f"| (no KD) | | {report['no_kd']['val_acc']['n']} | {_mean_std(report['no_kd']['val_acc'])} "
+             f"| | (reference) | |"]
+    for r in report["students"]:
+        lines.append(f"| {_w(r['weight'])} | {r['method']} | {r['val_acc']['n']} | {_mean_std(r['val_acc'])} "
+                     f"| {_diff(r['vs_normal'])} | {_diff(r['vs_no_kd'])} | {_mean_std(r['agreement'])} |")
+    lines += ["", "## Teachers", "",
+              "| w | seeds | teacher val_acc (%) | agreement with its frozen student (%) |",
+              "|---|---:|---:|---:|"]
+    for t in report["teachers"]:
+        lines.append(f"| {_w(t['weight'])} | {t['val_acc']['n']} | {_mean_std(t['val_acc'])} "
+                     f"| {_mean_std(t['agreement'])} |")
+    lines += ["", "## In words", ""] + [f"- {s}" for s in sentences(report)]
+    if report["failed"]:
+        lines += ["", "## Points that did not finish", ""]
+        lines += [f"- {f['point']}: {f['error']}" for f in report["failed"]]
+    return "\n".join(lines) + "\n"
+
+
+def sentences(report: dict) -> list[str]:
+    """One sentence per comparison: the difference, its interval, and whether it is noise."""
+    pct = int(report["confidence"] * 100)
+    said = []
+
+    def verdict(i: dict, what: str, than: str) -> str:
+        if i["n"] == 0:
+            return f"{what}: no seed finished both, so no comparison {than}."
+        if i["low"] is None:
+            return (f"{what}: {_num(i['mean'], True)} pp {than} on one seed; one seed gives no "
+                    f"interval, so this says nothing yet (run more seeds).")
+        span = f"{pct}% CI {_num(i['low'], True)} to {_num(i['high'], True)}, {i['n']} seeds"
+        if i["low"] <= 0 <= i["high"]:
+            return f"{what}: {_num(i['mean'], True)} pp {than} ({span}): within noise."
+        side = "better" if i["mean"] > 0 else "worse"
+        return f"{what}: {_num(i['mean'], True)} pp {than} ({span}): {side}, beyond noise."
+
+    for r in report["students"]:
+        if r["vs_normal"] is not None:
+            said.append(verdict(r["vs_normal"], f"{r['method']} from the w = {_w(r['weight'])} teacher",
+                                "against the normal teacher's student"))
+    for r in report["students"]:
+        if r["weight"] == 0:
+            said.append(verdict(r["vs_no_kd"], f"{r['method']} from the normal teacher",
+                                "against the no-KD student"))
+    return said
+
+
+def figures(report: dict) -> dict[str, Figure]:
+    """``students_vs_weight.png``, ``teachers_vs_weight.png`` and ``kd_curves.png``."""
+    return {"students_vs_weight.png": _students_figure(report),
+            "teachers_vs_weight.png": _teachers_figure(report),
+            "kd_curves.png": _curves_figure(report)}
+
+
+def _weight_axis(ax, weights: list[float]) -> None:
+    ax.set_xticks(range(len(weights)), [f"{w:g}\n{kind(w)}" for w in weights])
+    ax.set_xlabel("teacher weight w (evenly spaced; < 0 nasty, 0 normal, > 0 trained)")
+    ax.grid(alpha=0.3)
+
+
+def _band(ax, x, rows: list[dict], label: str, **style) -> None:
+    """A line of means with its interval as a band, cut at 0 and 100 (percentages)."""
+    mean = [r["mean"] if r["n"] else np.nan for r in rows]
+    ax.plot(x, mean, marker="o", label=label, **style)
+    low = [max(r["low"], 0.0) if r["low"] is not None else np.nan for r in rows]
+    high = [min(r["high"], 100.0) if r["high"] is not None else np.nan for r in rows]
+    ax.fill_between(x, low, high, alpha=0.2, color=ax.lines[-1].get_color())
+
+
+def _weight_colors(weights: list[float]) -> list:
+    """Nasty teachers in reds, the normal one in black, trained ones in blues; darker = larger |w|."""
+    nasty = sorted((w for w in weights if w < 0), reverse=True)
+    trained = sorted(w for w in weights if w > 0)
+    def shade(cmap, ws, w):
+        return matplotlib.colormaps[cmap](0.45 + 0.55 * (ws.index(w) + 1) / len(ws))
+    return [shade("Reds", nasty, w) if w < 0 else shade("Blues", trained, w) if w > 0 else "black"
+            for w in weights]
+
+
+def _students_figure(report: dict) -> Figure:
+    weights = report["grid"]["weights"]
+    seeds = len(report["grid"]["seeds"])
+    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    ax = fig.subplots()
+    x = np.arange(len(weights))
+    for method in report["grid"]["methods"]:
+        rows = [r["val_acc"] for r in report["students"] if r["method"] == method]
+        _band(ax, x, rows, f"KD student ({method})")
+    base = report["no_kd"]["val_acc"]
+    if base["n"]:
+        ax.axhline(base["mean"], color="grey", linestyle="--", label="no-KD student")
+        if base["low"] is not None:
+            ax.axhspan(base["low"], base["high"], color="grey", alpha=0.12)
+    _weight_axis(ax, weights)
+    ax.set_ylabel("student val_acc (%)")
+    ax.set_title(f"Students distilled from each teacher: mean over {seeds} seed{'s' * (seeds > 1)}, "
+                 f"band = {int(report['confidence'] * 100)}% CI", fontsize=10)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def _teachers_figure(report: dict) -> Figure:
+    weights = report["grid"]["weights"]
+    x = np.arange(len(weights))
+    fig = Figure(figsize=(11, 4.5), layout="constrained")
+    left, right = fig.subplots(1, 2)
+    _band(left, x, [t["val_acc"] for t in report["teachers"]], "teacher", color="black")
+    _weight_axis(left, weights)
+    left.set_ylabel("teacher val_acc (%)")
+    left.set_title("The teachers' own accuracy", fontsize=10)
+    _band(right, x, [t["agreement"] for t in report["teachers"]],
+          "teacher with the frozen student it trained against", color="black")
+    for method in report["grid"]["methods"]:
+        rows = [r["agreement"] for r in report["students"] if r["method"] == method]
+        _band(right, x, rows, f"KD student ({method}) with its teacher")
+    _weight_axis(right, weights)
+    right.set_ylabel("top-1 agreement (%)")
+    right.set_title("Teacher–student agreement on the validation split", fontsize=10)
+    right.legend(fontsize=8)
+    fig.suptitle(f"mean over seeds, band = {int(report['confidence'] * 100)}% CI", fontsize=9)
+    return fig
+
+
+def _curves_figure(report: dict) -> Figure:
+    methods = report["grid"]["methods"]
+    cols = min(len(methods), 3)
+    rows = math.ceil(len(methods) / cols)
+    fig = Figure(figsize=(5.5 * cols, 4 * rows), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False)
+    colors = _weight_colors(report["grid"]["weights"])
+    for ax, method in zip(axes.flat, methods):
+        for color, r in zip(colors, (r for r in report["students"] if r["method"] == method)):
+            c = r["curve"]
+            if c is None:
+                continue
+            ax.plot(c["epochs"], c["mean"], color=color, label=f"w = {_w(r['weight'])}, {c['n']} seeds")
+            if c["n"] > 1:
+                ax.fill_between(c["epochs"], np.clip(c["low"], 0, 100), np.clip(c["high"], 0, 100),
+                                color=color, alpha=0.12)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title(f"{method} students, by their teacher's w", fontsize=10)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("val_acc (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    for ax in axes.flat[len(methods):]:
+        ax.set_visible(False)
+    fig.suptitle(f"Validation accuracy per epoch: mean over seeds, band = "
+                 f"{int(report['confidence'] * 100)}% CI", fontsize=9)
+    return fig
