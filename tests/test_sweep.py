@@ -128,12 +128,18 @@ def test_a_big_sweep_runs_with_force(store):
     assert config.sweep_size(cfg.values["seeds"], (-1, 0, 1, 2), ("kd", "dkd")) == 130
 
 
-def test_promote_by_students_refuses_a_model_that_is_not_a_teacher(store, cli):
+def test_promote_by_students_refuses_a_non_teacher_and_a_teacher_without_students(store, cli):
     assert cli("baseline", "--epochs", "1", "--register_as", "plain")[0] == 0
     status, _, err = cli("promote", "--model", "plain", "--by", "students")
     assert status == 1
     assert "'plain' is not a teacher (its versions come from: baseline)" in err
     assert MlflowClient().get_registered_model("plain").aliases == {}
+    assert cli("teach", "--student", "plain", "--epochs", "1", "--register_as", "lonely")[0] == 0
+    for model in ("lonely", "lonely/1"):
+        status, _, err = cli("promote", "--model", model, "--by", "students")
+        assert status == 1 and "taught" in err and "distil one from it first" in err
+        assert len(err.strip().splitlines()) == 1
+    assert MlflowClient().get_registered_model("lonely").aliases == {}
 
 
 # ---- end to end ------------------------------------------------------------------------
@@ -201,7 +207,7 @@ def test_a_failing_point_is_reported_and_the_others_go_on(store, cli, monkeypatc
         return parts | {"loss": parts["loss"] * float("nan")} if self.weight < 0 else parts
     monkeypatch.setattr(TrainedTeacher, "forward", nasty_nan)
     status, out, err = cli("sweep", "--seeds", "1", "--weights", "-0.02,0.005", "--epochs", "1",
-                           "--register_as", "nan")
+                           "--register_as", "nan", "--jobs", "1")  # in this process, where the NaN is
     assert status == 1
     assert "2 of 7 stages did not finish (teacher seed=0 w=-0.02: the training loss became NaN" in err
     assert "kd seed=0 w=-0.02 method=kd: skipped: teacher seed=0 w=-0.02 did not finish" in out

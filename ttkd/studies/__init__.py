@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
+import os
+import signal
 from collections.abc import Callable
 from pathlib import Path
 
 import mlflow
 from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
 
 from ttkd import data as datasets
 from ttkd import kd, models, registry, tracking
@@ -37,7 +39,6 @@ from ttkd.studies import report as reports
 from ttkd.studies.grid import TAG_POINT, Grid, Outcome, Plan, Point, run
 from ttkd.tracking import log_params
 
-log = logging.getLogger(__name__)
 STUDY_ROWS = ("student", "kd_normal", "kd_trained", "teacher_normal", "teacher_trained")
 
 
@@ -126,7 +127,7 @@ def sweep(*, student_arch: str, teacher_arch: str, student_train: TrainConfig,
           weights: tuple[float, ...] = (0.0, 0.005), methods: tuple[str, ...] = ("kd",),
           temperature: float = 4.0, method_params: dict[str, dict] | None = None,
           dataset: str = "digits", data_dir: str | None = None, stream: bool | None = None,
-          register_as: str | None = None, jobs: int = 1, threads: int = 0,
+          register_as: str | None = None, jobs: int = 2, threads: int = 0,
           resume_run: str | None = None, print_line: Callable[[str], None] = print) -> str:
     """Seeds x teacher weights x KD methods (module ``ttkd.studies.grid``), one child run
     per point under one parent run; returns the report's markdown.
@@ -182,9 +183,11 @@ def sweep(*, student_arch: str, teacher_arch: str, student_train: TrainConfig,
             how = "reused" if o.reused else f"{o.seconds:.1f} s"
             print_line(f"[{i:>{width}}/{n}] {o.point.key}: val_acc {o.result.val_acc:.2f}% "
                        f"{o.result.model.uri} ({how})")
+        elif o.interrupted:
+            print_line(f"[{i:>{width}}/{n}] {o.point.key}: {o.error.split(';')[0]}; its run is KILLED "
+                       f"and resuming the sweep continues it")
         else:
-            print_line(f"[{i:>{width}}/{n}] {o.point.key}: {'stopped' if o.interrupted else 'FAILED'}: "
-                       f"{o.error}")
+            print_line(f"[{i:>{width}}/{n}] {o.point.key}: FAILED: {o.error}")
 
     return _run_grid("sweep", f"sweep {dataset}", plan, args, params, student_train, teacher_train,
                      resume_run, finish, jobs=jobs, threads=threads, verbose=False,
@@ -230,7 +233,8 @@ def _run_grid(kind: str, run_name: str, plan: Plan, args: dict, params: dict, st
         if signum is not None:
             status = "KILLED"
             left = len(plan.grid.points()) - sum(o.result is not None for o in outcomes.values())
-            raise StageInterrupted(f"stopped by a signal with {left} of {len(plan.grid.points())} stages "
+            raise StageInterrupted(f"stopped by {signal.Signals(signum).name} with {left} of "
+                                   f"{len(plan.grid.points())} stages "
                                    f"unfinished; {kind} run {parent_id} is marked KILLED and keeps every "
                                    f"finished stage: continue it with resume={parent_id}", signum)
         failed = {p: o.error for p, o in outcomes.items() if o.result is None}
@@ -278,6 +282,8 @@ def resume_grid(kind: str, reference: str) -> str:
         raise TTKDError(f"{kind} run {run_.info.run_id} has no readable {kind}.json; start it again") from None
     trains = {k: train_config(args.pop(k)) for k in ("student_train", "teacher_train")}
     print(f"resuming {kind} run {run_.info.run_id}", flush=True)
+    if os.environ.get("MLFLOW_RUN_ID"):  # started by `mlflow run`: point its run at the real one
+        MlflowClient().set_tag(os.environ["MLFLOW_RUN_ID"], "ttkd.resumes_run", run_.info.run_id)
     if kind == "main":
         return study(**args, **trains, resume_run=run_.info.run_id)
     args = args | {k: tuple(args[k]) for k in ("seeds", "weights", "methods")}

@@ -31,7 +31,6 @@ from ttkd import stages
 from ttkd.engine import TrainConfig
 from ttkd.stages import StageInterrupted, StageResult
 
-log = logging.getLogger(__name__)
 TAG_POINT = "ttkd.point"
 
 
@@ -187,9 +186,11 @@ def run(plan: Plan, parent_run_id: str, found: dict[Point, StageResult | str], *
     outcomes (points never started are missing) and the signal that stopped the grid, if any.
     """
     points = plan.grid.points()
-    done = {p: Outcome(p, r, reused=True) for p, r in found.items() if isinstance(r, StageResult)}
-    for o in done.values():
-        on_outcome(o, len(done), len(points))
+    done = {}
+    for p in points:
+        if isinstance(found.get(p), StageResult):
+            done[p] = Outcome(p, found[p], reused=True)
+            on_outcome(done[p], len(done), len(points))
     pending = [p for p in points if p not in done]
     running: dict[cf.Future, Point] = {}
     threads = threads or max(1, torch.get_num_threads() // jobs)

@@ -237,14 +237,16 @@ def _band(ax, x, rows: list[dict], label: str, **style) -> None:
     ax.fill_between(x, low, high, alpha=0.2, color=ax.lines[-1].get_color())
 
 
-def _weight_colors(weights: list[float]) -> list:
-    """Nasty teachers in reds, the normal one in black, trained ones in blues; darker = larger |w|."""
+def _weight_styles(weights: list[float]) -> list[dict]:
+    """Nasty teachers in reds, trained ones in blues (darker = larger |w|), the normal one
+    a dashed black line."""
     nasty = sorted((w for w in weights if w < 0), reverse=True)
     trained = sorted(w for w in weights if w > 0)
+
     def shade(cmap, ws, w):
-        return matplotlib.colormaps[cmap](0.45 + 0.55 * (ws.index(w) + 1) / len(ws))
-    return [shade("Reds", nasty, w) if w < 0 else shade("Blues", trained, w) if w > 0 else "black"
-            for w in weights]
+        return {"color": matplotlib.colormaps[cmap](0.4 + 0.45 * (ws.index(w) + 1) / len(ws))}
+    return [shade("Reds", nasty, w) if w < 0 else shade("Blues", trained, w) if w > 0
+            else {"color": "black", "linestyle": "--"} for w in weights]
 
 
 def _students_figure(report: dict) -> Figure:
@@ -292,29 +294,32 @@ def _teachers_figure(report: dict) -> Figure:
 
 
 def _curves_figure(report: dict) -> Figure:
+    """Per method a row: every epoch, and the second half zoomed in, where the students of
+    the different teachers separate (or do not)."""
     methods = report["grid"]["methods"]
-    cols = min(len(methods), 3)
-    rows = math.ceil(len(methods) / cols)
-    fig = Figure(figsize=(5.5 * cols, 4 * rows), layout="constrained")
-    axes = fig.subplots(rows, cols, squeeze=False)
-    colors = _weight_colors(report["grid"]["weights"])
-    for ax, method in zip(axes.flat, methods):
-        for color, r in zip(colors, (r for r in report["students"] if r["method"] == method)):
+    fig = Figure(figsize=(11, 4 * len(methods)), layout="constrained")
+    axes = fig.subplots(len(methods), 2, squeeze=False)
+    styles = _weight_styles(report["grid"]["weights"])
+    for (whole, zoom), method in zip(axes, methods):
+        for style, r in zip(styles, (r for r in report["students"] if r["method"] == method)):
             c = r["curve"]
             if c is None:
                 continue
-            ax.plot(c["epochs"], c["mean"], color=color, label=f"w = {_w(r['weight'])}, {c['n']} seeds")
-            if c["n"] > 1:
-                ax.fill_between(c["epochs"], np.clip(c["low"], 0, 100), np.clip(c["high"], 0, 100),
-                                color=color, alpha=0.12)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_title(f"{method} students, by their teacher's w", fontsize=10)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("val_acc (%)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    for ax in axes.flat[len(methods):]:
-        ax.set_visible(False)
+            half = len(c["epochs"]) // 2
+            for ax, first in ((whole, 0), (zoom, half)):
+                epochs = c["epochs"][first:]
+                ax.plot(epochs, c["mean"][first:], label=f"w = {_w(r['weight'])}, {c['n']} seeds", **style)
+                if c["n"] > 1:
+                    ax.fill_between(epochs, np.clip(c["low"][first:], 0, 100),
+                                    np.clip(c["high"][first:], 0, 100), color=style["color"], alpha=0.12)
+        whole.set_title(f"{method} students, by their teacher's w: every epoch", fontsize=10)
+        zoom.set_title(f"{method} students: the second half, zoomed in", fontsize=10)
+        for ax in (whole, zoom):
+            ax.set_xlabel("epoch")
+            ax.set_ylabel("val_acc (%)")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.grid(alpha=0.3)
+        whole.legend(fontsize=8)
     fig.suptitle(f"Validation accuracy per epoch: mean over seeds, band = "
                  f"{int(report['confidence'] * 100)}% CI", fontsize=9)
     return fig
