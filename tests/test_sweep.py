@@ -83,6 +83,9 @@ def test_report_calls_a_real_gain_beyond_noise_and_a_zero_gain_within_noise():
     assert "kd seed=4 w=0.005 method=kd: the training loss became NaN" in text
     assert "| 0.005 (trained) | kd | 4 |" in text  # the failed seed is not counted
     json.dumps(r)  # report.json must be plain data
+    metrics = report.headline_metrics(r)
+    assert metrics["kd.w-0.02.vs_w0"] == pytest.approx(rows[-0.02]["vs_normal"]["mean"])
+    assert "kd.w0.vs_w0" not in metrics and metrics["no_kd.val_acc"] == pytest.approx(95.0)
     figs = report.figures(r)
     assert set(figs) == {"students_vs_weight.png", "teachers_vs_weight.png", "kd_curves.png"}
     students = figs["students_vs_weight.png"].axes[0]
@@ -162,12 +165,16 @@ def sweep_run():
 
 
 @pytest.mark.slow
-def test_a_sweep_with_two_jobs_gives_the_metrics_of_one_and_promotes_by_students(store, cli, tmp_path,
-                                                                               monkeypatch):
+def test_one_job_and_two_jobs_killed_by_sigterm_then_resumed_give_the_same_sweep(store, cli, tmp_path,
+                                                                                monkeypatch):
+    # the reference: one job, in this process, never interrupted, in a store of its own
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'one.db'}")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'one.db'}")
     status, out, err = cli("sweep", *SMALL, "--jobs", "1")
     assert status == 0, err
     one = sweep_run()
     assert "## In words" in out and "| 0.005 (trained) | kd | 2 |" in out
+    assert one.data.metrics["kd.w0.005.val_acc"] > 0 and "kd.w0.005.vs_w0" in one.data.metrics
     arts = {a.path for a in MlflowClient().list_artifacts(one.info.run_id)}
     assert {"report.md", "report.json", "students_vs_weight.png", "teachers_vs_weight.png",
             "kd_curves.png", "sweep.json"} <= arts
@@ -182,20 +189,42 @@ def test_a_sweep_with_two_jobs_gives_the_metrics_of_one_and_promotes_by_students
     teachers = client.search_model_versions("name = 'sw-teacher'")
     assert sorted((v.tags["ttkd.seed"], v.tags["ttkd.weight"]) for v in teachers) == [
         ("0", "0.0"), ("0", "0.005"), ("1", "0.0"), ("1", "0.005")]
-    best = max(teachers, key=lambda v: mlflow.get_run(client.search_model_versions(
-        f"tags.`ttkd.partner_model` = 'models:/sw-teacher/{v.version}'")[0].run_id).data.metrics["val_acc"])
-    assert client.get_model_version_by_alias("sw-teacher", "champion").version == best.version
+    taught = {v.version: mlflow.get_run(client.search_model_versions(
+        f"tags.`ttkd.partner_model` = 'models:/sw-teacher/{v.version}'")[0].run_id).data.metrics["val_acc"]
+        for v in teachers}
+    champion = client.get_model_version_by_alias("sw-teacher", "champion").version
+    assert taught[champion] == max(taught.values())
     assert "sw-teacher: each version judged by the val_acc of the students it taught" in out
-
-    # the same grid in two worker processes gives the same metrics, point by point
     metrics = point_metrics(one.info.run_id)
-    assert len(metrics) == 10
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'two.db'}")
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'two.db'}")
-    status, out2, err = cli("sweep", *SMALL, "--jobs", "2")
+    table = out[out.index("## Students"):]
+
+    # two worker processes, stopped by SIGTERM half-way, then resumed: the same sweep
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    mlflow.set_tracking_uri(store)
+    proc = subprocess.Popen([sys.executable, "-m", "entry.sweep", *SMALL, "--jobs", "2"], env=env_for(store),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline:  # half-way: once some KD student is being trained
+        if mlflow.search_runs(search_all_experiments=True, output_format="list",
+                              filter_string="tags.`ttkd.stage` = 'distill'"):
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "stopped by SIGTERM with" in err and "is marked KILLED" in err
+    parent = sweep_run()
+    assert parent.info.status == "KILLED"
+    finished = point_metrics(parent.info.run_id)
+    assert 0 < len(finished) < 10
+    assert all(r.info.status in ("FINISHED", "KILLED") for r in sweep_children(parent.info.run_id))
+
+    status, out, err = cli("sweep", "--resume", "last")  # two jobs again, from sweep.json
     assert status == 0, err
-    assert point_metrics(sweep_run().info.run_id) == metrics
-    assert out2[out2.index("## Students"):] == out[out.index("## Students"):]
+    assert out.count("(reused)") == len(finished)
+    assert point_metrics(parent.info.run_id) == metrics
+    assert out[out.index("## Students"):] == table
+    assert mlflow.get_run(parent.info.run_id).info.status == "FINISHED"
 
 
 @pytest.mark.slow
@@ -219,41 +248,6 @@ def test_a_failing_point_is_reported_and_the_others_go_on(store, cli, monkeypatc
     assert status == 0, err
     assert out.count("(reused)") == 5 and "| -0.02 (nasty) | kd | 1 |" in out
     assert sweep_run().info.status == "FINISHED"
-
-
-@pytest.mark.slow
-def test_a_sweep_killed_by_sigterm_resumes_to_the_uninterrupted_table(store, cli, tmp_path):
-    reference = tmp_path / "reference.db"  # the same sweep, never interrupted, in its own store
-    env = env_for(f"sqlite:///{reference}")
-    done = subprocess.run([sys.executable, "-m", "entry.sweep", *SMALL], env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert done.returncode == 0, done.stderr
-    table = done.stdout[done.stdout.index("## Students"):]
-
-    proc = subprocess.Popen([sys.executable, "-m", "entry.sweep", *SMALL, "--jobs", "2"], env=env_for(store),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while time.time() < deadline:  # half-way: once some KD student is being trained
-        runs = mlflow.search_runs(search_all_experiments=True, output_format="list",
-                                  filter_string="tags.`ttkd.stage` = 'distill'")
-        if runs:
-            break
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 128 + signal.SIGTERM, err
-    assert "sweep run" in err and "is marked KILLED" in err
-    parent = sweep_run()
-    assert parent.info.status == "KILLED"
-    finished = point_metrics(parent.info.run_id)
-    assert 0 < len(finished) < 10
-    assert all(r.info.status in ("FINISHED", "KILLED") for r in sweep_children(parent.info.run_id))
-
-    status, out, err = cli("sweep", "--resume", "last")
-    assert status == 0, err
-    assert out.count("(reused)") == len(finished)
-    assert out[out.index("## Students"):] == table
-    assert mlflow.get_run(parent.info.run_id).info.status == "FINISHED"
 
 
 def test_a_preset_seed_is_refused_by_the_sweep(tmp_path):

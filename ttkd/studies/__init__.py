@@ -164,6 +164,7 @@ def sweep(*, student_arch: str, teacher_arch: str, student_train: TrainConfig,
         report = reports.build(grid, _values(outcomes), _failures(outcomes))
         text = reports.markdown(report)
         tracking.log_report(text, report, reports.figures(report))
+        mlflow.log_metrics(reports.headline_metrics(report))  # to sort and compare sweeps in mlflow ui
         lines = []
         for name in [sweep_name(prefix, Point("teacher", 0))]:
             try:

@@ -29,6 +29,7 @@ import torch
 from ttkd import data as datasets
 from ttkd import stages
 from ttkd.engine import TrainConfig
+from ttkd.errors import TTKDError
 from ttkd.stages import StageInterrupted, StageResult
 
 TAG_POINT = "ttkd.point"
@@ -194,7 +195,7 @@ def run(plan: Plan, parent_run_id: str, found: dict[Point, StageResult | str], *
     pending = [p for p in points if p not in done]
     running: dict[cf.Future, Point] = {}
     threads = threads or max(1, torch.get_num_threads() // jobs)
-    with _executor(jobs, threads, verbose) as pool, stages.stop_on_signals(_forward_to_workers) as stop:
+    with _executor(jobs, threads) as pool, stages.stop_on_signals(_forward_to_workers) as stop:
         while pending or running:
             for point in list(pending):
                 if stop() or len(running) >= jobs:
@@ -213,7 +214,12 @@ def run(plan: Plan, parent_run_id: str, found: dict[Point, StageResult | str], *
                 break
             finished, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
             for future in finished:
-                outcome = future.result()
+                try:
+                    outcome = future.result()
+                except cf.process.BrokenProcessPool:  # a worker was killed (kill -9, out of memory)
+                    lost = ", ".join(p.key for p in running.values())
+                    raise TTKDError(f"a worker process died while training {lost}; run {parent_run_id} is "
+                                    f"marked FAILED: resume={parent_run_id} continues it") from None
                 del running[future]
                 done[outcome.point] = outcome
                 on_outcome(outcome, len(done), len(points))
@@ -232,7 +238,7 @@ class _InlineExecutor:
 
 
 @contextlib.contextmanager
-def _executor(jobs: int, threads: int, verbose: bool) -> Iterator:
+def _executor(jobs: int, threads: int) -> Iterator:
     if jobs == 1:
         before = torch.get_num_threads()
         torch.set_num_threads(threads)

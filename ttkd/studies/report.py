@@ -117,6 +117,19 @@ def build(grid: Grid, values: dict[Point, PointValues], failed: dict[Point, str]
     }
 
 
+def headline_metrics(report: dict) -> dict[str, float]:
+    """The report's means as metrics of the parent run: ``no_kd.val_acc``,
+    ``METHOD.wW.val_acc`` and ``METHOD.wW.vs_w0`` (the paired difference)."""
+    found = {"no_kd.val_acc": report["no_kd"]["val_acc"]["mean"]}
+    for r in report["students"]:
+        found[f"{r['method']}.w{r['weight']:g}.val_acc"] = r["val_acc"]["mean"]
+        if r["vs_normal"] is not None:
+            found[f"{r['method']}.w{r['weight']:g}.vs_w0"] = r["vs_normal"]["mean"]
+    for t in report["teachers"]:
+        found[f"teacher.w{t['weight']:g}.val_acc"] = t["val_acc"]["mean"]
+    return {k: v for k, v in found.items() if v is not None and not math.isnan(v)}
+
+
 def _dict(i: Interval) -> dict:
     return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in dataclasses.asdict(i).items()}
 
