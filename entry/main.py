@@ -16,6 +16,8 @@ def main(preset, **given):
     """Baseline student, normal and trained teacher, a KD student from each, compared.
     With a preset for a single stage, run that stage instead."""
     stage = config.preset_stage(preset) or "main"
+    if stage == "sweep":
+        raise TTKDError(f"preset {preset!r} is for the sweep; run it with -e sweep")
     taken = set(config.STAGE_PARAMS[stage])
     stray = sorted(k for k, v in given.items() if v not in (None, "") and k not in taken)
     if stray:

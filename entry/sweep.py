@@ -11,7 +11,8 @@ def main(preset, **given):
     a KD student from that teacher. Prints and logs the paired report, then promotes."""
     cfg = config.resolve("sweep", given, preset)
     if cfg.values["resume"]:
-        print(studies.resume_grid("sweep", cfg.values["resume"]))
+        print(studies.resume_grid("sweep", cfg.values["resume"], jobs=given["jobs"] and cfg.values["jobs"],
+                                  threads=given["threads"] and cfg.values["threads"]))
         return
     print(studies.sweep(**cfg.stage_kwargs(), print_line=lambda line: print(line, flush=True)))
 

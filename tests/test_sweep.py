@@ -111,7 +111,9 @@ def test_sweep_parameters_seeds_as_count_or_list_and_zero_always_included():
     ({"weights": ""}, "invalid weights: ''"),
     ({"weights": "0.005,0.005"}, "invalid weights: '0.005,0.005'; weights must be a comma-separated list of distinct"),
     ({"weights": "0.005,x"}, "invalid weights"),
+    ({"weights": "0.005,0.0050000001"}, "invalid weights"),  # two weights that print the same
     ({"seeds": "1,1"}, "invalid seeds: '1,1'"),
+    ({"seeds": "100000000"}, "invalid seeds: '100000000'"),
     ({"seeds": "0"}, "invalid seeds: '0'"),
     ({"methods": ""}, "invalid methods: ''"),
     ({"methods": "kd,nope"}, "invalid methods: 'kd,nope'"),
@@ -126,9 +128,18 @@ def test_bad_sweep_input_is_one_line_and_opens_nothing(store, cli, given, messag
     assert MlflowClient().search_registered_models() == []
 
 
-def test_a_big_sweep_runs_with_force(store):
+def test_a_big_sweep_is_allowed_with_force():
     cfg = config.resolve("sweep", {"seeds": "10", "weights": "-1,1,2", "methods": "kd,dkd", "force": "true"})
-    assert config.sweep_size(cfg.values["seeds"], (-1, 0, 1, 2), ("kd", "dkd")) == 130
+    kw = cfg.stage_kwargs()
+    assert config.sweep_size(kw["seeds"], kw["weights"], kw["methods"]) == 130 > config.MAX_MODELS
+
+
+def test_a_sweep_preset_through_the_main_entry_point_is_one_line(store, cli, tmp_path):
+    preset = tmp_path / "grid.toml"
+    preset.write_text('stage = "sweep"\nseeds = 3\n')
+    status, _, err = cli("main", "--preset", str(preset))
+    assert status == 1 and err.strip().endswith("is for the sweep; run it with -e sweep")
+    assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
 
 
 def test_promote_by_students_refuses_a_non_teacher_and_a_teacher_without_students(store, cli):

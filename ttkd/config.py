@@ -89,18 +89,18 @@ PARAMS: dict[str, Param] = {p.name: p for p in [
           "deterministic kernels, so that a resumed run repeats an uninterrupted one", "true or false"),
     Param("seeds", "seeds", (0, 1, 2, 3, 4), "the sweep's seeds: a count N (seeds 0 to N-1), or a "
           "comma-separated list such as 3,7 (one seed other than 0: 7,)",
-          "a count >= 1 or a list of distinct integers >= 0, like 5 or 0,3,7",
+          "a count from 1 to 10000 or a list of distinct integers >= 0, like 5 or 0,3,7",
           lambda v: len(v) >= 1 and min(v) >= 0 and len(set(v)) == len(v)),
     Param("weights", "floats", (0.0, 0.005), "the sweep's teacher weights w (0, the normal teacher, "
           "is always included)", "a comma-separated list of distinct numbers, like -0.02,0,0.005,0.02",
-          lambda v: len(v) >= 1 and len(set(v)) == len(v)),
+          lambda v: len(v) >= 1 and len({f"{w:g}" for w in v}) == len(v)),
     Param("methods", "strs", ("kd",), "the sweep's distillation methods",
           "a comma-separated list of distinct methods among " + ", ".join(kd.names()),
           lambda v: len(v) >= 1 and len(set(v)) == len(v) and set(v) <= set(kd.names())),
     Param("jobs", "int", 2, "points of the sweep trained at once, each in its own worker process "
           "(2 jobs of 1 thread beat 1 job of 2 threads by 1.47x on a 2-core CPU)",
           "an integer >= 1", lambda v: v >= 1),
-    Param("threads", "int", 0, "CPU threads per point (0: the machine's cores / jobs); the thread "
+    Param("threads", "int", 0, "CPU threads per point (0: this process's torch threads / jobs); the thread "
           "count changes a CPU run's last bits, jobs does not", "an integer >= 0", lambda v: v >= 0),
     Param("force", "bool", False, f"let a sweep register more than {MAX_MODELS} model versions",
           "true or false"),
@@ -222,7 +222,7 @@ def parse(param: Param, raw: Any) -> Any:
             value = raw if isinstance(raw, bool) else words[str(raw).strip().lower()]
         elif param.kind == "seeds" and (isinstance(raw, int) or (isinstance(raw, str) and "," not in raw)):
             count = parse(Param(param.name, "int", 0, ""), raw)
-            value = tuple(range(count)) if count >= 1 else ()
+            value = tuple(range(count)) if 1 <= count <= 10_000 else ()
         elif param.kind in ("ints", "floats", "strs", "seeds"):
             items = raw.split(",") if isinstance(raw, str) else list(raw)
             item = Param(param.name, {"floats": "float", "strs": "str"}.get(param.kind, "int"), 0, "")
@@ -324,12 +324,12 @@ def resolve(stage: str, given: dict[str, Any], preset: str | None = None) -> Run
                     settings[many] = [0.0, value] if one == "weight" else [value]
         elif preset_for != stage:
             raise TTKDError(f"preset {preset!r} is for the {preset_for} stage; run it with "
-                            f"-e {preset_for} (or with the main entry point)")
+                            f"-e {preset_for}" + ("" if preset_for == "sweep" else " (or with the main entry point)"))
     # an empty value is "not given", except for a sweep's lists, where it is an empty list
     cli = {k: v for k, v in given.items() if k in STAGE_PARAMS[stage] and v is not None
            and (v != "" or PARAMS[k].kind in ("floats", "strs", "seeds"))}
-    if cli.get("resume"):
-        others = sorted(set(cli) - {"resume"}) + (["preset"] if preset else [])
+    if cli.get("resume"):  # a sweep may resume with other jobs and threads (same results per thread count)
+        others = sorted(set(cli) - {"resume", "jobs", "threads"}) + (["preset"] if preset else [])
         if others:
             raise TTKDError(f"resume continues a run with the parameters it started with; "
                             f"drop {', '.join(others)}")

@@ -272,10 +272,15 @@ def _failures(outcomes: dict[Point, Outcome]) -> dict[Point, str]:
     return {p: o.error for p, o in outcomes.items() if o.result is None}
 
 
-def resume_grid(kind: str, reference: str) -> str:
-    """Continue an unfinished study or sweep run (its id, or ``last``) where it stopped."""
+def resume_grid(kind: str, reference: str, **change) -> str:
+    """Continue an unfinished study or sweep run (its id, or ``last``) where it stopped;
+    ``change``: a sweep's ``jobs`` and ``threads`` for the rest of it."""
     registry.prepare_store()
     run_ = unfinished_run(kind, reference)
+    names = [a.path for a in MlflowClient().list_artifacts(run_.info.run_id)]
+    if f"{kind}.json" not in names:
+        why = "was made by an older ttkd" if "study.json" in names else f"has no {kind}.json"
+        raise TTKDError(f"{kind} run {run_.info.run_id} {why}; start it again")
     try:
         path = mlflow.artifacts.download_artifacts(run_id=run_.info.run_id, artifact_path=f"{kind}.json")
         args = json.loads(Path(path).read_text())
@@ -283,12 +288,13 @@ def resume_grid(kind: str, reference: str) -> str:
         raise TTKDError(f"{kind} run {run_.info.run_id} has no readable {kind}.json; start it again") from None
     trains = {k: train_config(args.pop(k)) for k in ("student_train", "teacher_train")}
     print(f"resuming {kind} run {run_.info.run_id}", flush=True)
-    if os.environ.get("MLFLOW_RUN_ID"):  # started by `mlflow run`: point its run at the real one
+    if os.environ.get("MLFLOW_RUN_ID"):  # started by `mlflow run`: point its run at the real one,
         MlflowClient().set_tag(os.environ["MLFLOW_RUN_ID"], "ttkd.resumes_run", run_.info.run_id)
+        del os.environ["MLFLOW_RUN_ID"]    # which new child runs must not attach to
     if kind == "main":
         return study(**args, **trains, resume_run=run_.info.run_id)
     args = args | {k: tuple(args[k]) for k in ("seeds", "weights", "methods")}
-    return sweep(**args, **trains, resume_run=run_.info.run_id)
+    return sweep(**(args | {k: v for k, v in change.items() if v}), **trains, resume_run=run_.info.run_id)
 
 
 def _children(parent_id: str, grid: Grid) -> dict[Point, StageResult | str]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 import contextlib
 import dataclasses
-import logging
 import multiprocessing
 import os
 import signal
@@ -209,7 +208,8 @@ def run(plan: Plan, parent_run_id: str, found: dict[Point, StageResult | str], *
                     continue
                 resume = found.get(point) if isinstance(found.get(point), str) else None
                 task = plan.task(point, done, parent_run_id, resume)
-                running[pool.submit(run_task, task, verbose)] = point
+                with _signals_blocked():  # a worker started here ignores them until it can take them
+                    running[pool.submit(run_task, task, verbose)] = point
             if not running:
                 break
             finished, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
@@ -248,23 +248,42 @@ def _executor(jobs: int, threads: int) -> Iterator:
             torch.set_num_threads(before)
         return
     context = multiprocessing.get_context("spawn")  # no fork of a process holding threads
-    with cf.ProcessPoolExecutor(jobs, mp_context=context, initializer=_start_worker,
-                                initargs=(threads, mlflow.get_tracking_uri())) as pool:
+    pool = cf.ProcessPoolExecutor(jobs, mp_context=context, initializer=_start_worker,
+                                  initargs=(threads, mlflow.get_tracking_uri()))
+    try:
         yield pool
+    except BaseException:  # a dead worker, a second Ctrl-C: do not wait for the others
+        for child in multiprocessing.active_children():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child.pid, signal.SIGKILL)  # their runs stay RUNNING: resume continues them
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
+
+
+@contextlib.contextmanager
+def _signals_blocked() -> Iterator:
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _start_worker(threads: int, tracking_uri: str) -> None:
     """A worker process: its own thread count; no `mlflow run` run of its own to attach
     to; its data sets kept for the points it trains; signals only from the grid (its own
-    process group), which it ignores between points."""
+    process group). It starts with them blocked; between points it notes a stop request
+    for the next point, which then stops at its first step."""
     os.setpgrp()
     os.environ.pop("MLFLOW_RUN_ID", None)
     mlflow.set_tracking_uri(tracking_uri)
     torch.set_num_threads(threads)
     datasets.load_once().__enter__()
+    stages.note_signal.installed = True
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, signal.SIG_IGN)
-    logging.basicConfig(stream=sys.stderr, level=logging.WARNING)
+        signal.signal(sig, stages.note_signal)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
 
 
 def _forward_to_workers(signum: int) -> None:

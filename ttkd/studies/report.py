@@ -140,9 +140,9 @@ def _curve(curves: list[tuple[float, ...]]) -> dict | None:
     full = [c for c in curves if len(c) == longest]
     if not full or longest == 0:
         return None
-    per_epoch = [interval(c[e] for c in full) for e in range(longest)]
-    return {"epochs": list(range(1, longest + 1)), "mean": [i.mean for i in per_epoch],
-            "low": [i.low for i in per_epoch], "high": [i.high for i in per_epoch], "n": len(full)}
+    per_epoch = [_dict(interval(c[e] for c in full)) for e in range(longest)]
+    return {"epochs": list(range(1, longest + 1)), "mean": [i["mean"] for i in per_epoch],
+            "low": [i["low"] for i in per_epoch], "high": [i["high"] for i in per_epoch], "n": len(full)}
 
 
 def _num(x: float | None, signed: bool = False) -> str:
