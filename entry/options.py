@@ -28,7 +28,8 @@ def stage_options(names: tuple[str, ...]):
     def apply(f):
         for name in reversed(names):
             p = config.PARAMS[name]
-            default = ",".join(map(str, p.default)) if p.kind == "ints" else p.default
+            default = (len(p.default) if p.kind == "seeds" else ",".join(map(str, p.default))
+                       if p.kind in ("ints", "floats", "strs") else p.default)
             f = click.option(f"--{name}", default=None,
                              help=f"{p.help} [default: {default if default != '' else 'none'}]")(f)
         return click.option("--preset", default=None,
