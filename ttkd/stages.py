@@ -85,13 +85,18 @@ def baseline(*, arch: str, train: TrainConfig, dataset: str = "digits",
                      register_as=register_as or f"{dataset}-{arch}", **run)
 
 
+def teacher_kind(weight: float) -> str:
+    """``trained`` (w > 0), ``normal`` (w = 0) or ``nasty`` (w < 0)."""
+    return "trained" if weight > 0 else "normal" if weight == 0 else "nasty"
+
+
 def teach(*, student: str, arch: str, train: TrainConfig, weight: float = 0.005,
           temperature: float = 4.0, dataset: str = "digits", data_dir: str | None = None,
           stream: bool | None = None, register_as: str | None = None, **run) -> StageResult:
     """Train teacher ``arch`` against the frozen ``student`` (a model reference) with
     CE + weight·T²·KL(teacher ‖ student); register it (default ``DATASET-ARCH-KIND``,
     KIND trained / normal / nasty for weight > 0 / = 0 / < 0)."""
-    kind = "trained" if weight > 0 else "normal" if weight == 0 else "nasty"
+    kind = teacher_kind(weight)
     return run_stage("teach", arch=arch, train=train, partner=student, method="teach",
                      method_params={"weight": weight, "temperature": temperature},
                      dataset=dataset, data_dir=data_dir, stream=stream,

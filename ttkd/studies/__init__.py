@@ -32,6 +32,7 @@ from ttkd.stages import (
     StageResult,
     build_method,
     default_method_params,
+    teacher_kind,
     train_config,
     unfinished_run,
 )
@@ -60,13 +61,13 @@ def study_name(prefix: str, point: Point) -> str:
     """The study's five names (``PREFIX-teacher-normal``, ``kd_name(...)``, ...)."""
     if point.role == "student":
         return f"{prefix}-student"
-    kind = "normal" if point.weight == 0 else "trained"
+    kind = teacher_kind(point.weight)
     return f"{prefix}-teacher-{kind}" if point.role == "teacher" else kd_name(prefix, point.method, kind)
 
 
 def study_role(point: Point) -> str:
     """A study point's row: student, teacher_normal, teacher_trained, kd_normal or kd_trained."""
-    return point.role if point.role == "student" else f"{point.role}_{'normal' if point.weight == 0 else 'trained'}"
+    return point.role if point.role == "student" else f"{point.role}_{teacher_kind(point.weight)}"
 
 
 @datasets.load_once()  # the data set is read and decoded once, not once per stage
@@ -165,15 +166,12 @@ def sweep(*, student_arch: str, teacher_arch: str, student_train: TrainConfig,
         text = reports.markdown(report)
         tracking.log_report(text, report, reports.figures(report))
         mlflow.log_metrics(reports.headline_metrics(report))  # to sort and compare sweeps in mlflow ui
-        lines = []
-        for name in [sweep_name(prefix, Point("teacher", 0))]:
+        lines = []  # the teacher by its students, each student model by its own val_acc
+        for name, by in ([(sweep_name(prefix, Point("teacher", 0)), "students")]
+                         + [(n, "self") for n in dict.fromkeys(sweep_name(prefix, p) for p in grid.points()
+                                                               if p.role != "teacher")]):
             try:
-                lines.append(str(registry.promote(name, by="students")))
-            except TTKDError as exc:
-                lines.append(f"{name}: not promoted ({exc})")
-        for name in dict.fromkeys(sweep_name(prefix, p) for p in grid.points() if p.role != "teacher"):
-            try:
-                lines.append(str(registry.promote(name)))
+                lines.append(str(registry.promote(name, by=by)))
             except TTKDError as exc:
                 lines.append(f"{name}: not promoted ({exc})")
         return "\n".join(lines) + "\n\n" + text
@@ -238,7 +236,7 @@ def _run_grid(kind: str, run_name: str, plan: Plan, args: dict, params: dict, st
                                    f"{len(plan.grid.points())} stages "
                                    f"unfinished; {kind} run {parent_id} is marked KILLED and keeps every "
                                    f"finished stage: continue it with resume={parent_id}", signum)
-        failed = {p: o.error for p, o in outcomes.items() if o.result is None}
+        failed = _failures(outcomes)
         if kind == "main" and failed:  # the study's table needs all five
             raise TTKDError(_failure_line(failed, parent_id, len(outcomes)))
         text = finish(outcomes)

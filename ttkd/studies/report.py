@@ -19,6 +19,7 @@ from matplotlib.figure import Figure  # figures without pyplot: no window, no gl
 from matplotlib.ticker import MaxNLocator
 from scipy import stats
 
+from ttkd.stages import teacher_kind as kind
 from ttkd.studies.grid import Grid, Point
 
 CONFIDENCE = 0.95
@@ -65,10 +66,6 @@ def paired(a: dict[int, float], b: dict[int, float]) -> Interval:
     """The interval of mean(a − b) over the seeds both have (a paired t interval)."""
     common = sorted(set(a) & set(b))
     return interval(a[s] - b[s] for s in common)
-
-
-def kind(weight: float) -> str:
-    return "trained" if weight > 0 else "normal" if weight == 0 else "nasty"
 
 
 @dataclasses.dataclass(frozen=True)
