@@ -47,12 +47,13 @@ from ttkd import data as datasets
 from ttkd import kd, models
 from ttkd.config import PARAMS
 from ttkd.engine import (
+    Objective,
     TrainConfig,
     accuracy,
     bf16_supported,
     fit,
-    forward,
     frozen,
+    partner_outputs,
     predict,
     resolve_device,
     seed_everything,
@@ -203,9 +204,11 @@ def measure_compute(stage, args, data, device):
     x, y = next(datasets.batches(data, "train", args.batch_size, channels_last=fast,
                                  generator=torch.Generator().manual_seed(0)))
     model.train()
+    objective = Objective(model, method, fast, features=False)
 
     def step():
-        method(forward(model, partner, x, y, fast, epoch=1))["loss"].backward()
+        batch = partner_outputs(partner, x, fast, False) if partner is not None else {}
+        objective(x, y, epoch=1, **batch)["loss"].backward()
         model.zero_grad(set_to_none=True)
 
     steps = max(3, args.images // args.batch_size)

@@ -1,7 +1,7 @@
 """`mlflow run .`: the whole Trained-Teacher study on one data set, or any preset."""
 
 from entry import baseline, distill, teach
-from entry.options import command, run, stage_options
+from entry.options import command, launched, run, stage_options
 from ttkd import config, studies
 from ttkd.errors import TTKDError
 
@@ -27,10 +27,8 @@ def main(preset, **given):
         SINGLE[stage].callback(preset=preset, **{k: given[k] for k in taken})
         return
     cfg = config.resolve("main", given, preset)
-    if cfg.values["resume"]:
-        print(studies.resume_grid("main", cfg.values["resume"]))
-        return
-    print(studies.study(**cfg.stage_kwargs()))
+    launched("main", cfg, lambda: print(studies.resume_grid("main", cfg.values["resume"])
+                                        if cfg.values["resume"] else studies.study(**cfg.stage_kwargs())))
 
 
 if __name__ == "__main__":

@@ -8,15 +8,18 @@ with the preset's values, so there is one set of checks for every source.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import traceback
+from collections.abc import Callable
 
 import click
 
-from ttkd import config, stages
+from ttkd import config, distributed, stages
 from ttkd.errors import TTKDError
 
 PARTNER = {"teach": "student", "distill": "teacher"}  # the frozen network each stage needs
+_argv: list[str] = []  # the command line of this entry point, passed on to the processes it starts
 
 
 def command(name: str):
@@ -41,19 +44,78 @@ def stage_options(names: tuple[str, ...]):
 def start(stage: str, given: dict, preset: str | None) -> None:
     """Check the parameters of a single ``stage`` and run it, or resume it."""
     cfg = config.resolve(stage, given, preset)
-    if cfg.values["resume"]:
-        stages.resume(stage, cfg.values["resume"])
-        return
     partner = PARTNER.get(stage)
-    if partner and not cfg.values[partner]:
+    if partner and not cfg.values[partner] and not cfg.values["resume"]:
         raise TTKDError(f"missing {partner}: the frozen {partner}, as NAME, NAME@ALIAS, "
                         f"NAME/VERSION, models:/... or runs:/... (-P {partner}=...)")
-    getattr(stages, stage)(**cfg.stage_kwargs())
+
+    def body() -> None:
+        if cfg.values["resume"]:
+            stages.resume(stage, cfg.values["resume"])
+        else:
+            getattr(stages, stage)(**cfg.stage_kwargs())
+    launched(stage, cfg, body)
+
+
+def launched(name: str, cfg: config.RunConfig, body: Callable[[], None]) -> None:
+    """Run ``body`` (entry point ``entry.NAME`` with checked parameters ``cfg``) here, or
+    as ``nproc`` processes started by torchrun, this same command in each. In those
+    processes, the leader runs ``body`` and the others train beside it."""
+    launch = cfg.launch()
+    device = stages.resolve_device(cfg.values["device"]).type
+    if distributed.under_torchrun():
+        if not distributed.init(cuda=device == "cuda").leads:
+            _follow()
+            return
+        try:
+            body()
+        finally:
+            distributed.release()
+    elif launch.processes > 1:
+        for warning in launch.check(device):
+            print(f"ttkd {name}: warning: {warning}", file=sys.stderr, flush=True)
+        status = distributed.relaunch(f"entry.{name}", _without(_argv, config.LAUNCH), launch)
+        if status:  # the process that failed has said why
+            sys.exit(status)
+    else:
+        body()
+
+
+def _without(argv: list[str], names: tuple[str, ...]) -> list[str]:
+    """``argv`` without the options ``names`` (``--NAME VALUE`` or ``--NAME=VALUE``): the
+    processes a launcher starts know they are launched, and torchrun would read these."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg.lstrip("-").split("=", 1)[0] in names and arg.startswith("--"):
+            skip = "=" not in arg
+        else:
+            kept.append(arg)
+    return kept
+
+
+def _follow() -> None:
+    """A follower's whole life: train the stages the leader sends. A SIGINT or SIGTERM
+    that comes between two steps of training is kept for the next step, when every
+    process stops together. It says nothing when the leader stops or is stopped: the
+    leader (or the launcher) says why."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, stages.note_signal)
+    stages.note_signal.installed = True
+    try:
+        distributed.follow(stages.follow_stage, expected=stages.FOLLOWER_STOPS)
+    except (RuntimeError, KeyboardInterrupt) as exc:
+        if os.environ.get("TTKD_DEBUG"):
+            traceback.print_exc()
+        sys.exit(130 if isinstance(exc, KeyboardInterrupt) else 1)
 
 
 def run(command: click.Command, args: list[str] | None = None) -> None:
     """Run ``command``; a user error becomes one line on stderr and exit status 2 (bad
     command-line syntax) or 1 (anything else the user can fix). TTKD_DEBUG=1 shows tracebacks."""
+    global _argv
+    _argv = list(sys.argv[1:] if args is None else args)
     try:
         command.main(args, standalone_mode=False, prog_name=command.name)
     except click.BadParameter as exc:

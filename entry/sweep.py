@@ -1,6 +1,6 @@
 """`mlflow run . -e sweep`: seeds x teacher weights x KD methods, with paired statistics."""
 
-from entry.options import command, run, stage_options
+from entry.options import command, launched, run, stage_options
 from ttkd import config, studies
 
 
@@ -10,12 +10,16 @@ def main(preset, **given):
     """Per seed a baseline student; per (seed, w) a teacher against it; per (seed, w, method)
     a KD student from that teacher. Prints and logs the paired report, then promotes."""
     cfg = config.resolve("sweep", given, preset)
-    if cfg.values["resume"]:
-        print(studies.resume_grid("sweep", cfg.values["resume"], jobs=given["jobs"] and cfg.values["jobs"],
-                                  threads=given["threads"] and cfg.values["threads"]))
-        return
-    print(studies.sweep(**cfg.stage_kwargs(), print_line=lambda line: print(line, flush=True)))
 
+    def body() -> None:
+        if cfg.values["resume"]:
+            several = cfg.launch().processes > 1  # points one at a time, whatever the sweep had
+            print(studies.resume_grid("sweep", cfg.values["resume"],
+                                      jobs=1 if several else given["jobs"] and cfg.values["jobs"],
+                                      threads=given["threads"] and cfg.values["threads"]))
+        else:
+            print(studies.sweep(**cfg.stage_kwargs(), print_line=lambda line: print(line, flush=True)))
+    launched("sweep", cfg, body)
 
 if __name__ == "__main__":
     run(main)

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ttkd import data, kd, models
+from ttkd import data, distributed, kd, models
 from ttkd.engine import TrainConfig
 from ttkd.errors import TTKDError
 
@@ -104,6 +104,18 @@ PARAMS: dict[str, Param] = {p.name: p for p in [
           "count changes a CPU run's last bits, jobs does not", "an integer >= 0", lambda v: v >= 0),
     Param("force", "bool", False, f"let a sweep register more than {MAX_MODELS} model versions",
           "true or false"),
+    Param("nproc", "int", 1, "training processes on this machine: one per GPU, or CPU processes "
+          "(gloo); more than 1 starts them with torchrun and trains with DistributedDataParallel",
+          "an integer >= 1", lambda v: v >= 1),
+    Param("nnodes", "int", 1, "machines training together, each started with the same command and "
+          "its own node_rank", "an integer >= 1", lambda v: v >= 1),
+    Param("node_rank", "int", 0, "this machine's number, 0 to nnodes-1; node_rank 0 talks to MLflow "
+          "and the others take every other parameter from it", "an integer >= 0", lambda v: v >= 0),
+    Param("rdzv_endpoint", "str", "", "HOST:PORT where the machines meet (c10d rendezvous), an "
+          "address of the node_rank 0 machine; needed when nnodes > 1", "HOST:PORT",
+          lambda v: v == "" or (":" in v and v.rsplit(":", 1)[1].isdigit())),
+    Param("rdzv_timeout", "int", 300, "seconds the processes wait for each other to meet (and for "
+          "rdzv_endpoint to answer)", "an integer >= 1", lambda v: v >= 1),
     Param("resume", "str", "", "continue an unfinished run of this stage from its last checkpoint: "
           "its run id, or last for the newest"),
     Param("student", "str", "", "the frozen student: a model reference", "a model reference",
@@ -159,7 +171,8 @@ METHOD_PARAMS = tuple(n for n in PARAMS if n.split("_")[0] in ("dkd", "dist", "f
 
 TRAIN = ("epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay", "schedule",
          "milestones", "gamma", "seed", "device", "amp", "compile", "deterministic")
-COMMON = ("dataset", "data_dir", "stream") + TRAIN + ("register_as",)
+LAUNCH = ("nproc", "nnodes", "node_rank", "rdzv_endpoint", "rdzv_timeout")  # where, not what: not in presets
+COMMON = ("dataset", "data_dir", "stream") + TRAIN + ("register_as",) + LAUNCH
 STUDY = ("student_arch", "teacher_arch", "temperature", "alpha", "kd_temperature") + METHOD_PARAMS
 STAGE_PARAMS: dict[str, tuple[str, ...]] = {
     "baseline": COMMON + ("arch", "resume"),
@@ -184,9 +197,13 @@ class RunConfig:
     train: dict[str, TrainConfig]  # "" for single stages, "student"/"teacher" for main and sweep
     preset: str | None = None
 
+    def launch(self) -> distributed.Launch:
+        """Where the stage's processes run."""
+        return distributed.Launch(**{k: self.values[k] for k in LAUNCH})
+
     def stage_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``ttkd.stages.<stage>``."""
-        kw = {k: v for k, v in self.values.items() if k not in TRAIN and k != "resume"}
+        kw = {k: v for k, v in self.values.items() if k not in TRAIN + LAUNCH and k != "resume"}
         kw["data_dir"] = kw["data_dir"] or None
         kw["stream"] = {"auto": None, "true": True, "false": False}[kw["stream"]]
         kw["register_as"] = kw["register_as"] or None
@@ -288,6 +305,10 @@ def load_preset(name: str) -> tuple[str, dict]:
     if stage not in STAGES:
         raise TTKDError(f"preset {path} must set stage to one of {', '.join(STAGES)} (found {stage!r})")
     study = stage in ("main", "sweep")
+    launch = sorted(set(settings) & set(LAUNCH))
+    if launch:
+        raise TTKDError(f"preset {path} sets {', '.join(launch)}: where a run trains is given on the "
+                        f"command line, not in a preset")
     allowed = set(STAGE_PARAMS[stage]) | (set(ROLES) if study else set())
     unknown = sorted(set(settings) - allowed)
     if unknown:
@@ -329,7 +350,7 @@ def resolve(stage: str, given: dict[str, Any], preset: str | None = None) -> Run
     cli = {k: v for k, v in given.items() if k in STAGE_PARAMS[stage] and v is not None
            and (v != "" or PARAMS[k].kind in ("floats", "strs", "seeds"))}
     if cli.get("resume"):  # a sweep may resume with other jobs and threads (same results per thread count)
-        others = sorted(set(cli) - {"resume", "jobs", "threads"}) + (["preset"] if preset else [])
+        others = sorted(set(cli) - {"resume", "jobs", "threads", *LAUNCH}) + (["preset"] if preset else [])
         if others:
             raise TTKDError(f"resume continues a run with the parameters it started with; "
                             f"drop {', '.join(others)}")
@@ -347,6 +368,15 @@ def resolve(stage: str, given: dict[str, Any], preset: str | None = None) -> Run
     values = {name: value(name) for name in STAGE_PARAMS[stage]}
     if "method" in values or "methods" in values:
         _check_method_params(stage, values.get("methods", (values.get("method"),)), set(cli) | set(settings))
+    if stage == "sweep" and values["nproc"] * values["nnodes"] > 1:
+        if values["jobs"] > 1 and ("jobs" in cli or "jobs" in settings):
+            raise TTKDError(f"jobs={values['jobs']} with nproc={values['nproc']}: a sweep trained by "
+                            f"several processes runs its points one at a time; drop jobs")
+        values["jobs"] = 1
+    if values.get("method") == "crd" or "crd" in values.get("methods", ()):
+        if values["nproc"] * values["nnodes"] > 1:
+            raise TTKDError("crd keeps a memory bank per process, which several processes would split; "
+                            "run crd with nproc=1")
     if stage == "sweep":
         count = sweep_size(values["seeds"], set(values["weights"]) | {0.0}, values["methods"])
         if count > MAX_MODELS and not values["force"]:

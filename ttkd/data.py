@@ -525,6 +525,7 @@ def batches(
     generator: torch.Generator | None = None,
     channels_last: bool = False,
     indices: bool = False,
+    part: Callable[[int], slice] | None = None,
 ) -> Iterator[tuple[torch.Tensor, ...]]:
     """Yield ``(images, labels)`` batches of ``split`` ("train" or "val"), with
     ``indices`` ``(images, labels, positions)``: each sample's ``(B,)`` position in the split.
@@ -532,16 +533,19 @@ def batches(
     Training batches are shuffled with ``generator`` and augmented; validation batches
     come in order, unaugmented. Images come out as normalised float32 ``(B, C, H, W)``
     on the data's device (in channels_last memory order if asked); the last, smaller
-    batch is kept.
+    batch is kept. ``part(n)``, if given, picks this process's slice of each batch of
+    ``n`` images: the order and the augmentation of every image are those of the whole
+    batch, drawn from ``generator`` alike in every process; only the slice is loaded.
     """
     x, y = (data.train_x, data.train_y) if split == "train" else (data.val_x, data.val_y)
     train = split == "train"
     order = torch.randperm(len(y), generator=generator) if train else torch.arange(len(y))
     starts = range(0, len(y), batch_size)
+    keep = [(part or (lambda n: slice(0, n)))(len(order[s:s + batch_size])) for s in starts]
     if isinstance(x, ImageFiles):  # decoded from disk by DataLoader workers, ahead of use
-        cut = x.batches([order[s:s + batch_size].tolist() for s in starts])
+        cut = x.batches([order[s:s + batch_size][k].tolist() for s, k in zip(starts, keep)])
     else:
-        cut = (x[i] for i in order.to(x.device).split(batch_size))
+        cut = (x[i[k]] for i, k in zip(order.to(x.device).split(batch_size), keep))
     order = order.to(y.device)
     # (pixel / 255 - mean) / std == pixel * scale + shift: one fused multiply-add
     std = torch.tensor(data.std, device=x.device).view(1, -1, 1, 1)
@@ -555,10 +559,10 @@ def batches(
         # no wait for the host) inside the step loop
         apply, draw, amount = augment
         draws = [t.to(x.device) for t in draw(len(y), amount, generator)]
-    for start, images in zip(starts, cut):
-        idx = order[start:start + batch_size]
+    for start, k, images in zip(starts, keep, cut):
+        idx = order[start:start + batch_size][k]
         if train and augment:
-            images = apply(images, amount, draws=[t[start:start + batch_size] for t in draws])
+            images = apply(images, amount, draws=[t[start:start + batch_size][k] for t in draws])
         images = images.contiguous(memory_format=layout)
         images = torch.addcmul(shift, images.float(), scale)
         yield (images, y[idx], idx) if indices else (images, y[idx])

@@ -24,7 +24,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
+from ttkd import distributed
 from ttkd.data import ImageData, batches
 from ttkd.errors import TTKDError
 from ttkd.kd import Batch
@@ -49,11 +51,12 @@ class TrainConfig:
 
 
 class Interrupted(Exception):
-    """Training stopped between two steps because ``stop()`` said so (a signal)."""
+    """Training stopped between two steps because ``stop()`` (of this process or of any
+    process of its group) returned ``signum``, the signal that asked for it."""
 
-    def __init__(self, epoch: int):
+    def __init__(self, epoch: int, signum: int):
         super().__init__(f"interrupted in epoch {epoch}")
-        self.epoch = epoch
+        self.epoch, self.signum = epoch, signum
 
 
 class NonFiniteLoss(TTKDError):
@@ -157,15 +160,17 @@ def set_rng_state(state: dict) -> None:
 
 
 @torch.inference_mode()
-def predict(model: nn.Module, data: ImageData, batch_size: int, amp: bool = False) -> torch.Tensor:
-    """Float32 logits ``(N_val, K)`` of ``model`` on the validation split.
+def predict(model: nn.Module, data: ImageData, batch_size: int, amp: bool = False,
+            part: Callable[[int], slice] | None = None) -> torch.Tensor:
+    """Float32 logits ``(N_val, K)`` of ``model`` on the validation split (with ``part``,
+    on that slice of each batch: see ``ttkd.data.batches``).
 
     The caller sets the mode: a model loaded from the registry is already in eval mode
     and refuses ``.eval()``.
     """
     with autocast(data.val_x.device, amp):
         return torch.cat([model(x).float() for x, _ in
-                          batches(data, "val", batch_size, channels_last=amp)])
+                          batches(data, "val", batch_size, channels_last=amp, part=part)])
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -184,33 +189,43 @@ def frozen(partner: nn.Module, fast: bool) -> nn.Module:
     return partner
 
 
-def forward(model: nn.Module, partner: nn.Module | None, x: torch.Tensor, y: torch.Tensor,
-            fast: bool, features: bool = False, **batch) -> Batch:
-    """The step's :class:`ttkd.kd.Batch`: float32 logits ``(B, K)`` of the trained model
-    and of the frozen partner (None without one), and with ``features`` both networks'
-    stage maps and embeddings; computed in bf16 autocast when ``fast``, the partner in
-    inference mode. ``batch`` fills the remaining fields (epoch, index)."""
-    b = Batch(logits=None, labels=y, **batch)
-    with autocast(x.device, fast):
-        if partner is not None:
-            with torch.inference_mode():
-                if features:
-                    stages, embedding = partner.forward_stages(x)
-                    out = [partner.forward_head(embedding), embedding, *stages]
-                else:
-                    out = [partner(x)]
-            # inference tensors cannot be saved for backward: take normal float32 copies
-            out = [t.float().clone() for t in out]
-            b.partner_logits = out[0]
-            if features:
-                b.partner_embedding, b.partner_stages = out[1], out[2:]
+def partner_outputs(partner: nn.Module, x: torch.Tensor, fast: bool, features: bool) -> dict:
+    """The frozen partner's fields of a :class:`ttkd.kd.Batch`: its float32 logits, and
+    with ``features`` its embedding and stage maps; in inference mode (bf16 when ``fast``)."""
+    with autocast(x.device, fast), torch.inference_mode():
         if features:
-            stages, embedding = model.forward_stages(x)
-            b.logits = model.forward_head(embedding).float()
-            b.stages, b.embedding = [t.float() for t in stages], embedding.float()
+            stages, embedding = partner.forward_stages(x)
+            out = [partner.forward_head(embedding), embedding, *stages]
         else:
-            b.logits = model(x).float()  # losses in float32, whatever the compute dtype
-    return b
+            out = [partner(x)]
+    # inference tensors cannot be saved for backward: take normal float32 copies
+    out = [t.float().clone() for t in out]
+    return ({"partner_logits": out[0], "partner_embedding": out[1], "partner_stages": out[2:]}
+            if features else {"partner_logits": out[0]})
+
+
+class Objective(nn.Module):
+    """The trained model and its method as one module, whose ``forward`` is a whole
+    training step's loss: DistributedDataParallel averages the gradients of exactly what
+    runs in ``forward``, so the method's own parameters (a FitNet regressor) are averaged
+    with the model's."""
+
+    def __init__(self, model: nn.Module, method: nn.Module, fast: bool, features: bool):
+        super().__init__()
+        self.model, self.method, self.fast, self.features = model, method, fast, features
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, **batch) -> dict[str, torch.Tensor]:
+        """The method's named loss parts for images ``x`` and labels ``y``; ``batch`` fills
+        the other fields of the :class:`ttkd.kd.Batch` (partner outputs, epoch, index)."""
+        b = Batch(logits=None, labels=y, **batch)
+        with autocast(x.device, self.fast):
+            if self.features:
+                stages, embedding = self.model.forward_stages(x)
+                b.logits = self.model.forward_head(embedding).float()
+                b.stages, b.embedding = [t.float() for t in stages], embedding.float()
+            else:
+                b.logits = self.model(x).float()  # losses in float32, whatever the compute dtype
+        return self.method(b)
 
 
 def no_progress(batches: Iterable, total: int, label: str) -> Iterable:
@@ -225,7 +240,7 @@ def fit(
     partner: nn.Module | None = None,
     on_epoch: Callable[[EpochStats, dict], None] | None = None,
     resume: dict | None = None,
-    stop: Callable[[], bool] = lambda: False,
+    stop: Callable[[], int] = lambda: 0,
     progress: Callable[[Iterable, int, str], Iterable] = no_progress,
 ) -> list[EpochStats]:
     """Train ``model`` in place up to epoch ``config.epochs``; returns the stats of the
@@ -238,12 +253,22 @@ def fit(
     ``torch.inference_mode()``. After every epoch ``on_epoch(stats, state)`` gets the
     engine state (optimiser, method, epoch, data-order generator and every RNG); passing
     such a state back as ``resume`` (with the model's weights already loaded) continues
-    exactly where it left off. ``stop()`` is asked after every step; when it says yes,
-    ``Interrupted`` is raised and the epoch in progress is dropped. A NaN or infinite
+    exactly where it left off. ``stop()`` is asked after every step; when it returns a
+    signal number, ``Interrupted`` is raised and the epoch in progress is dropped. A NaN or infinite
     loss raises ``NonFiniteLoss`` naming its step. ``progress(batches, steps, label)``
     may wrap each epoch's batches (a progress bar).
+
+    In a process group (``ttkd.distributed``) every process calls ``fit`` alike: the
+    model is wrapped in DistributedDataParallel, each process trains on its slice of
+    every global batch of ``config.batch_size`` images, and its local mean loss is
+    scaled so that the averaged gradient is that of the global batch's mean. The stop
+    request, the NaN check, the loss sums and the validation figures are combined over
+    processes, so every process returns the same stats and stops at the same step.
+    BatchNorm normalises each process's slice on its own (see the README).
     """
     device = data.train_x.device
+    world = distributed.world()
+    part = distributed.shard if world else None
     fast = config.amp and bf16_supported(device)  # bf16 and channels_last go together
     if fast:
         model.to(memory_format=torch.channels_last)
@@ -267,52 +292,84 @@ def fit(
         generator.set_state(resume["generator"])
         set_rng_state(resume["rng"])
         first = resume["epoch"] + 1
+    objective = Objective(step_model, method, fast, features)
+    if world:
+        objective = DistributedDataParallel(
+            objective, device_ids=[device.index] if device.type == "cuda" else None)
     partner_pred = (None if partner is None
-                    else predict(partner, data, config.batch_size, fast).argmax(1))
+                    else predict(partner, data, config.batch_size, fast, part).argmax(1))
     steps = math.ceil(len(data.train_y) / config.batch_size)
     history = []
     for epoch in range(first, config.epochs + 1):
         model.train()
         method.train()
-        sums = None  # each loss part, summed over images, on the device
+        sums = None  # each loss part, summed over this process's images, on the device
         watch = _NonFiniteWatch(device)
         started = time.perf_counter()
         train_batches = batches(data, "train", config.batch_size, generator=generator,
-                                channels_last=fast, indices=True)
+                                channels_last=fast, indices=True, part=part)
+        seen = torch.zeros((), device=device)
         for step, (x, y, idx) in enumerate(progress(train_batches, steps, f"epoch {epoch}/{config.epochs}"), 1):
-            parts = method(forward(step_model, partner, x, y, fast, features, epoch=epoch, index=idx))
+            batch = partner_outputs(partner, x, fast, features) if partner is not None else {}
+            parts = objective(x, y, epoch=epoch, index=idx, **batch)
             loss = parts["loss"]
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if world is None:
+                loss.backward()
+            else:  # DDP averages the gradients: weigh each mean by the process's share of the batch
+                whole = min(config.batch_size, len(data.train_y) - (step - 1) * config.batch_size)
+                (loss * (len(y) * world.size / whole)).backward()
             optimizer.step()
             sums = torch.stack(list(parts.values())).detach() * len(y) + (0 if sums is None else sums)
-            _check_finite(watch.step(loss, step), epoch, config)
-            if stop():
-                raise Interrupted(epoch)
-        _check_finite(watch.first_bad_step(wait=True), epoch, config)  # waits for the device
+            seen += len(y)
+            signum, bad = distributed.agree(int(stop()), watch.step(loss, step))
+            _check_finite(bad, epoch, config)
+            if signum:
+                raise Interrupted(epoch, signum)
+        _check_finite(distributed.agree(0, watch.first_bad_step(wait=True))[1], epoch, config)
         elapsed = time.perf_counter() - started
         lr = scheduler.get_last_lr()[0]
         scheduler.step()
 
-        train = dict(zip(parts, (sums / len(data.train_y)).tolist()))  # one host sync
+        sums = distributed.total(torch.cat([sums, seen[None]]))
+        train = dict(zip(parts, (sums[:-1] / sums[-1]).tolist()))  # one host sync
+        distributed.share_buffers(model)
         model.eval()
-        val_logits = predict(step_model, data, config.batch_size, fast)
+        val = _validate(step_model, data, config.batch_size, fast, part, partner_pred)
         stats = EpochStats(
-            epoch=epoch, train=train,
-            val_loss=F.cross_entropy(val_logits, data.val_y).item(),
-            val_acc=accuracy(val_logits, data.val_y), lr=lr, epoch_time_s=elapsed,
-            throughput=len(data.train_y) / elapsed,
-            agreement=None if partner_pred is None
-            else 100.0 * (val_logits.argmax(1) == partner_pred).float().mean().item(),
+            epoch=epoch, train=train, val_loss=val["loss"], val_acc=val["acc"], lr=lr,
+            epoch_time_s=elapsed, throughput=len(data.train_y) / elapsed,
+            agreement=val.get("agreement"),
         )
         history.append(stats)
         if on_epoch is not None:
             on_epoch(stats, {"epoch": epoch, "optimizer": optimizer.state_dict(),
                              "method": {k: v.detach().to("cpu", copy=True) for k, v in method.state_dict().items()},
-                             "generator": generator.get_state(), "rng": rng_state()})
+                             "generator": generator.get_state(), "rng": rng_state(),
+                             "world_size": distributed.size()})
     if fast:
         model.to(memory_format=torch.contiguous_format)  # checkpoints and export in the usual layout
     return history
+
+
+def _validate(model: nn.Module, data: ImageData, batch_size: int, fast: bool,
+              part: Callable[[int], slice] | None, partner_pred: torch.Tensor | None) -> dict[str, float]:
+    """Validation loss, accuracy and (with ``partner_pred``, the partner's predicted
+    classes on the same images) agreement in percent, summed over every process's slice."""
+    logits = predict(model, data, batch_size, fast, part)
+    labels = data.val_y
+    if part is not None:
+        n = len(labels)
+        labels = labels[torch.cat([torch.arange(s, min(s + batch_size, n))[part(min(batch_size, n - s))]
+                                   for s in range(0, n, batch_size)]).to(labels.device)]
+    pred = logits.argmax(1)
+    sums = torch.stack([t.double() for t in (
+        F.cross_entropy(logits, labels, reduction="sum"), (pred == labels).sum(),
+        (pred == partner_pred).sum() if partner_pred is not None else pred.new_zeros(()),
+        pred.new_tensor(len(labels)))])
+    loss, correct, agree, n = distributed.total(sums).tolist()
+    return {"loss": loss / n, "acc": 100.0 * correct / n} | (
+        {"agreement": 100.0 * agree / n} if partner_pred is not None else {})
 
 
 class _NonFiniteWatch:
@@ -349,6 +406,15 @@ class _NonFiniteWatch:
         elif self.copied is not None and not self.copied.query():
             return -1  # the last copy has not landed yet
         return int(self.host)
+
+
+def check_world(n_train: int, batch_size: int, processes: int) -> None:
+    """Refuse a batch size that would leave a process without images in some step."""
+    last = n_train % batch_size
+    if processes > 1 and (batch_size < processes or 0 < last < processes):
+        what = "each batch" if batch_size < processes else f"the last batch ({last} images)"
+        raise TTKDError(f"batch_size {batch_size} leaves {what} smaller than the {processes} "
+                        f"processes, so some would have no image; choose another batch_size")
 
 
 def _check_finite(step: int, epoch: int, config: TrainConfig) -> None:

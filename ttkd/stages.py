@@ -27,13 +27,15 @@ from mlflow.tracking import MlflowClient
 from tqdm import tqdm
 
 from ttkd import data as datasets
-from ttkd import kd, models, registry, tracking
+from ttkd import distributed, kd, models, registry, tracking
 from ttkd.config import PARAMS
 from ttkd.engine import (
     EpochStats,
     Interrupted,
+    NonFiniteLoss,
     TrainConfig,
     accuracy,
+    check_world,
     fit,
     predict,
     resolve_device,
@@ -151,6 +153,72 @@ def build_method(method: str, role: str, data, model: torch.nn.Module, partner: 
     return kd.build(method, context, role, **params)
 
 
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """What every process needs to build one stage's training alike. The leader makes
+    it (it reads the registry and the checkpoint); in a process group it sends it to the
+    followers, which never open a run nor read the registry."""
+
+    stage: str
+    arch: str
+    train: TrainConfig
+    method: str
+    method_params: dict
+    dataset: str
+    data_dir: str | None
+    stream: bool | None
+    partner_arch: str | None = None
+    partner_state: dict | None = None  # the pinned partner version's weights
+    ckpt: dict | None = None           # the checkpoint a resumed run continues from
+
+
+def stage_device(name: str) -> torch.device:
+    """The training device: ``name``, or in a process group on GPUs this process's own GPU."""
+    device = resolve_device(name)
+    world = distributed.world()
+    if world is not None and device.type == "cuda":
+        device = torch.device("cuda", world.local_rank)
+    return device
+
+
+def build(setup: Setup, data: datasets.ImageData | None = None):
+    """``(data, model, partner, objective)`` for ``setup``, seeded so that every process
+    builds the same: the partner rebuilt from ``setup``'s weights, a resumed model with its
+    checkpoint's weights; ``data`` if it was loaded already. Nothing is on the device yet."""
+    spec = STAGES[setup.stage]
+    data = data or datasets.load(setup.dataset, setup.data_dir, setup.stream)
+    check_world(len(data.train_y), setup.train.batch_size, distributed.size())
+    set_deterministic(setup.train.deterministic)
+    seed_everything(setup.train.seed)
+    model = models.build(setup.arch, data.num_classes, data.in_channels, image_size=data.image_shape[-1])
+    partner_net = None
+    if setup.partner_arch is not None:
+        partner_net = models.build(setup.partner_arch, data.num_classes, data.in_channels,
+                                   image_size=data.image_shape[-1])
+        partner_net.load_state_dict(setup.partner_state)
+        partner_net.eval()
+    objective = build_method(setup.method, spec.role, data, model, partner_net, setup.method_params,
+                             setup.arch, setup.partner_arch or "")
+    if setup.ckpt is not None:
+        model.load_state_dict(setup.ckpt["model"])
+    return data, model, partner_net, objective
+
+
+def follow_stage(setup: Setup) -> None:
+    """A follower's part of a stage: train beside the leader, and nothing else."""
+    device = stage_device(setup.train.device)
+    data, model, partner_net, objective = build(setup)
+    data, model = data.to(device), model.to(device)
+    if partner_net is not None:
+        partner_net.to(device)
+    with stop_on_signals() as stop:
+        fit(model, data, objective, setup.train, partner=partner_net,
+            resume=setup.ckpt["engine"] if setup.ckpt else None, stop=stop)
+
+
+FOLLOWER_STOPS = (Interrupted, NonFiniteLoss)  # stops every process agrees on: the stage ends, not the job
+
+
 def run_stage(stage: str, *, arch: str, train: TrainConfig, partner: str | None, method: str,
               method_params: dict, dataset: str, data_dir: str | None, stream: bool | None,
               register_as: str, tags: dict[str, str] | None = None, parent_run_id: str | None = None,
@@ -159,32 +227,36 @@ def run_stage(stage: str, *, arch: str, train: TrainConfig, partner: str | None,
     frozen ``partner`` reference, log everything to an MLflow run and register the result
     as ``register_as``. ``tags`` go on the run and on the registered version; the run is a
     child of ``parent_run_id`` (or of the active run) if given. ``resume_from`` = (run id,
-    checkpoint) continues that run."""
+    checkpoint) continues that run. In a process group this is the leader's part; the
+    followers train alongside in :func:`follow_stage`."""
     spec = STAGES[stage]
+    world = distributed.world()
     # Everything a user can get wrong is checked here, before a run is opened.
     registry.check_model_name(register_as)
     registry.prepare_store()
-    device = resolve_device(train.device)
+    device = stage_device(train.device)
     kd.get(method, spec.role)
+    if world is not None and method == "crd":
+        raise TTKDError("crd keeps a memory bank per process, which several processes would split; "
+                        "run crd with nproc=1")
+    setup = Setup(stage, arch, train, method, method_params, dataset, data_dir, stream,
+                  ckpt=resume_from[1] if resume_from else None)
     data = datasets.load(dataset, data_dir, stream)
-    set_deterministic(train.deterministic)
-    seed_everything(train.seed)
-    model = models.build(arch, data.num_classes, data.in_channels, image_size=data.image_shape[-1])
-    partner_ref = partner_net = partner_arch = None
-    with tempfile.TemporaryDirectory() as tmp:
-        if partner is not None:
-            partner_ref = registry.resolve(partner)
-            partner_net, partner_arch = tracking.load_partner(partner_ref, data, spec.partner, tmp)
-    objective = build_method(method, spec.role, data, model, partner_net, method_params, arch,
-                             partner_arch or "")
+    partner_ref = None
+    if partner is not None:
+        partner_ref = registry.resolve(partner)  # pinned to one version for every process
+        with tempfile.TemporaryDirectory() as tmp:
+            net, partner_arch = tracking.load_partner(partner_ref, data, spec.partner, tmp)
+        setup = dataclasses.replace(setup, partner_arch=partner_arch, partner_state=net.state_dict())
+    data, model, partner_net, objective = build(setup, data)
     # what resuming needs to rebuild this stage exactly: the partner pinned to its version
     kwargs = {"arch": arch, "dataset": dataset, "data_dir": data_dir, "stream": stream,
               "register_as": register_as, "train": dataclasses.asdict(train), "method": method,
               "method_params": method_params, "partner": partner_ref.uri if partner_ref else None,
               "tags": tags or {}}
-    ckpt = resume_from[1] if resume_from else None
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
+    ckpt = setup.ckpt
+    if world is not None:
+        distributed.lead(setup)
 
     data = data.to(device)
     model.to(device)
@@ -207,11 +279,15 @@ def run_stage(stage: str, *, arch: str, train: TrainConfig, partner: str | None,
                 **({"method": method} if stage == "distill" else {}), **method_params,
                 **({spec.partner: partner} if partner else {}),
                 "num_params": models.num_parameters(model), "device_used": str(device),
+                "world_size": distributed.size(),
             })
             tracking.log_dataset(data)
         else:
             mlflow.set_tag("ttkd.resumed_after_epoch", str(ckpt["epoch"]))
-            print(f"resuming run {run.info.run_id} after epoch {ckpt['epoch']}", flush=True)
+            before = ckpt["engine"].get("world_size", 1)
+            print(f"resuming run {run.info.run_id} after epoch {ckpt['epoch']}"
+                  + (f", with {distributed.size()} processes instead of {before}"
+                     if before != distributed.size() else ""), flush=True)
 
         partner_acc = None
         if partner_net is not None:
@@ -248,12 +324,25 @@ def run_stage(stage: str, *, arch: str, train: TrainConfig, partner: str | None,
                 history = fit(model, data, objective, train, partner=partner_net, on_epoch=on_epoch,
                               resume=ckpt["engine"] if ckpt else None, stop=stop, progress=progress_bar)
             except Interrupted as exc:
+                distributed.done()
                 status = "KILLED"
-                name = signal.Signals(stop.signum).name
+                name = signal.Signals(exc.signum).name
+                where = "" if stop.signum else " (sent to another process of this stage)"
                 raise StageInterrupted(
-                    f"stopped by {name} in epoch {exc.epoch}; run {run.info.run_id} is marked KILLED "
-                    f"and keeps its last finished epoch: continue it with resume={run.info.run_id}",
-                    stop.signum) from None
+                    f"stopped by {name}{where} in epoch {exc.epoch}; run {run.info.run_id} is marked "
+                    f"KILLED and keeps its last finished epoch: continue it with resume={run.info.run_id}",
+                    exc.signum) from None
+            except NonFiniteLoss:
+                distributed.done()
+                raise
+            except RuntimeError as exc:
+                if world is None:
+                    raise
+                raise distributed.Lost(
+                    f"another process of this stage stopped ({_first_line(exc)}); run {run.info.run_id} "
+                    f"is marked FAILED and keeps its last finished epoch: continue it with "
+                    f"resume={run.info.run_id}") from None
+            distributed.done()
         if history:
             last = dataclasses.asdict(history[-1])
         mlflow.log_metric("best_val_acc", best[0])
@@ -271,6 +360,11 @@ def run_stage(stage: str, *, arch: str, train: TrainConfig, partner: str | None,
     finally:
         mlflow.end_run(status)
     return StageResult(run.info.run_id, ref, last["val_acc"], last["agreement"], partner_ref, partner_acc)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[-1][:200] if text else type(exc).__name__
 
 
 STREAM_WORDS = {None: "auto", True: "true", False: "false"}
@@ -292,7 +386,7 @@ def progress_bar(batches, total: int, label: str):
 
 class stop_on_signals:
     """While active, SIGINT and SIGTERM ask training to stop after the current step
-    (a second signal stops at once); calling the object says whether one came.
+    (a second signal stops at once); calling the object returns the signal that came (0: none).
     ``forward(signum)``, if given, is called with the first one (a sweep passes it on to
     its workers). A signal taken by an enclosing block, or noted by ``note_signal`` while
     no block was active, counts for the blocks entered after it: a stage started after
@@ -306,8 +400,8 @@ class stop_on_signals:
         self.forward = forward
         self._old = {}
 
-    def __call__(self) -> bool:
-        return self.signum is not None
+    def __call__(self) -> int:
+        return self.signum or 0
 
     def _handle(self, signum, frame):
         if self.signum is not None:

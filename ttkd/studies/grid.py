@@ -26,7 +26,7 @@ import mlflow
 import torch
 
 from ttkd import data as datasets
-from ttkd import stages
+from ttkd import distributed, stages
 from ttkd.engine import TrainConfig
 from ttkd.errors import TTKDError
 from ttkd.stages import StageInterrupted, StageResult
@@ -166,6 +166,8 @@ def run_task(task: Task, verbose: bool = False) -> Outcome:
     except StageInterrupted as exc:
         return Outcome(task.point, error=str(exc), interrupted=exc.exit_code - 128,
                        seconds=time.perf_counter() - start)
+    except distributed.Lost:  # the other processes are gone: the grid cannot go on
+        raise
     except Exception as exc:
         if os.environ.get("TTKD_DEBUG"):
             traceback.print_exc(file=sys.__stderr__)
