@@ -140,24 +140,6 @@ def test_a_rendezvous_endpoint_that_does_not_answer_fails_within_its_timeout(sto
 
 # ---- end to end -----------------------------------------------------------------------------------
 
-@pytest.mark.slow
-def test_two_processes_train_like_one_and_make_one_run_and_one_version(store):
-    """The same global batch, seed and deterministic kernels: without BatchNorm (the mlp)
-    two processes compute the same gradient as one, so every figure agrees up to float
-    rounding (the all-reduce adds the two halves in another order): 1e-5 relative."""
-    for n, name in ((1, "one"), (2, "two")):
-        status, out, err = launch(store, *EPOCHS, "--nproc", str(n), "--register_as", name)
-        assert status == 0, err
-        assert len(versions(store, name)) == 1
-    one, two = (next(r for r in runs(store) if r.data.params["register_as"] == n) for n in ("one", "two"))
-    assert len(runs(store)) == 2 and two.data.params["world_size"] == "2" and one.data.params["world_size"] == "1"
-    assert two.info.status == "FINISHED"
-    client = MlflowClient(store)
-    for metric in ("train_loss", "val_loss", "val_acc"):
-        a, b = history(client, one.info.run_id, metric), history(client, two.info.run_id, metric)
-        assert len(a) == len(b) == 2 and a == pytest.approx(b, rel=1e-5), metric
-
-
 def _worker(launcher: int, local_rank: int) -> int:
     """The pid of the training process of ``local_rank`` that ``launcher`` started."""
     for proc in Path("/proc").iterdir():
@@ -173,7 +155,7 @@ def _worker(launcher: int, local_rank: int) -> int:
 
 @pytest.mark.slow
 def test_kill_9_of_one_process_ends_the_job_clearly_and_resume_finishes_it(store):
-    args = ["--nproc", "2", "--arch", "cnn", "--batch_size", "8", "--epochs", "3", "--deterministic", "true"]
+    args = ["--nproc", "2", "--arch", "cnn", "--batch_size", "8", "--epochs", "2", "--deterministic", "true"]
     proc = launch(store, *args, wait=False)
     client = MlflowClient(store)
     deadline = time.time() + 240
@@ -196,7 +178,7 @@ def test_kill_9_of_one_process_ends_the_job_clearly_and_resume_finishes_it(store
     assert f"resuming run {run.info.run_id}" in out
     assert [r.info.status for r in runs(store)] == ["FINISHED"]
     assert len(versions(store, "digits-cnn")) == 1
-    assert len(history(client, run.info.run_id, "val_acc")) == 3
+    assert len(history(client, run.info.run_id, "val_acc")) == 2
 
 
 @pytest.mark.slow
@@ -214,33 +196,52 @@ def test_two_machines_on_127_0_0_1_train_one_model(store):
 
 
 @pytest.mark.slow
-def test_the_whole_study_with_two_processes_matches_one(store):
-    """The mlp student agrees to float rounding; the cnn teachers have BatchNorm, which
-    normalises each process's half batch on its own, and so they (and the students they
-    teach) differ by a few validation images: within 1.5 points (5 of the 360 images)."""
+def test_the_whole_study_with_two_processes_matches_one_with_one_run_and_version_per_stage(store):
+    """The same global batch, seed and deterministic kernels. Without BatchNorm (the mlp
+    student) two processes compute the same gradient as one, so every figure agrees up to
+    float rounding (the all-reduce adds the two halves in another order): 1e-5 relative.
+    The cnn teachers have BatchNorm, which normalises each process's half batch on its
+    own, so they (and the students they teach) may differ by a few validation images:
+    within 1.5 points (5 of the 360 images; one seed's spread is larger, see the README)."""
     status, out, err = launch(store, *EPOCHS, "--register_as", "one", module="main")
     assert status == 0, err
     status, out, err = launch(store, *EPOCHS, "--nproc", "2", "--register_as", "two", module="main")
     assert status == 0, err
     client = MlflowClient(store)
-    for role in ("student", "teacher-normal", "teacher-trained", "student-kd-normal", "student-kd-trained"):
+    roles = ("student", "teacher-normal", "teacher-trained", "student-kd-normal", "student-kd-trained")
+    for role in roles:
         (a,), (b,) = versions(store, f"one-{role}"), versions(store, f"two-{role}")
-        acc = [client.get_run(v.run_id).data.metrics["val_acc"] for v in (a, b)]
-        assert abs(acc[0] - acc[1]) <= (1e-3 if role == "student" else 1.5), (role, acc)
-    assert len([r for r in runs(store) if r.data.params.get("world_size") == "2"]) == 5
+        one, two = client.get_run(a.run_id), client.get_run(b.run_id)
+        assert (one.data.params["world_size"], two.data.params["world_size"]) == ("1", "2")
+        acc = [r.data.metrics["val_acc"] for r in (one, two)]
+        assert abs(acc[0] - acc[1]) <= 1.5, (role, acc)
+        if role == "student":
+            for metric in ("train_loss", "val_loss", "val_acc"):
+                a_, b_ = history(client, one.info.run_id, metric), history(client, two.info.run_id, metric)
+                assert len(a_) == len(b_) == 2 and a_ == pytest.approx(b_, rel=1e-5), metric
+    stage_runs = [r for r in runs(store) if "world_size" in r.data.params]
+    assert len(stage_runs) == 10 and all(r.info.status == "FINISHED" for r in stage_runs)
 
 
 @pytest.mark.slow
-def test_a_signal_to_one_follower_stops_every_process_and_marks_the_run_killed(store):
+def test_a_signal_to_one_follower_stops_every_process_and_one_process_resumes(store):
     args = ["--nproc", "2", "--arch", "cnn", "--batch_size", "8", "--epochs", "2"]
     proc = launch(store, *args, wait=False)
+    client = MlflowClient(store)
     deadline = time.time() + 240
-    while time.time() < deadline and not [r for r in runs(store) if r.info.status == "RUNNING"]:
+    while time.time() < deadline:
+        running = [r for r in runs(store) if r.info.status == "RUNNING"]
+        if running and client.get_metric_history(running[0].info.run_id, "val_acc"):
+            break
         time.sleep(0.1)
-    time.sleep(2)  # inside the first epoch
     os.kill(_worker(proc.pid, 1), signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     (run,) = runs(store)
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert "stopped by SIGTERM (sent to another process of this stage)" in err
     assert run.info.status == "KILLED" and versions(store, "digits-cnn") == []
+
+    status, out, err = launch(store, "--resume", "last")  # another world size: one process
+    assert status == 0, err
+    assert f"resuming run {run.info.run_id} after epoch" in out and "with 1 process instead of 2" in out
+    assert [r.info.status for r in runs(store)] == ["FINISHED"] and len(versions(store, "digits-cnn")) == 1

@@ -228,7 +228,9 @@ def relaunch(module: str, argv: list[str], launch: Launch) -> int:
     # torchrun would set one thread per process; share this machine's threads instead
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, torch.get_num_threads() // launch.nproc)))
     if not os.environ.get("TTKD_DEBUG"):  # its log lines repeat what the processes say in one
-        logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+        for name in [*logging.root.manager.loggerDict, "torch.distributed.elastic"]:
+            if name.startswith(("torch.distributed.elastic", "torch.distributed.run")):
+                logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
         torchrun.main([*args, "-m", module, *argv])
     except ChildFailedError as exc:

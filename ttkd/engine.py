@@ -50,6 +50,12 @@ class TrainConfig:
     deterministic: bool = False  # deterministic kernels: a resumed run repeats an uninterrupted one
 
 
+# A convolution over one input channel (grayscale images) gets its weight's gradient with
+# another stride along that size-1 dimension than DDP's bucket: the same memory order,
+# which DDP's layout check still reports once per process.
+warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+
+
 class Interrupted(Exception):
     """Training stopped between two steps because ``stop()`` (of this process or of any
     process of its group) returned ``signum``, the signal that asked for it."""

@@ -286,7 +286,7 @@ def run_stage(stage: str, *, arch: str, train: TrainConfig, partner: str | None,
             mlflow.set_tag("ttkd.resumed_after_epoch", str(ckpt["epoch"]))
             before = ckpt["engine"].get("world_size", 1)
             print(f"resuming run {run.info.run_id} after epoch {ckpt['epoch']}"
-                  + (f", with {distributed.size()} processes instead of {before}"
+                  + (f", with {_processes(distributed.size())} instead of {before}"
                      if before != distributed.size() else ""), flush=True)
 
         partner_acc = None
@@ -360,6 +360,10 @@ def run_stage(stage: str, *, arch: str, train: TrainConfig, partner: str | None,
     finally:
         mlflow.end_run(status)
     return StageResult(run.info.run_id, ref, last["val_acc"], last["agreement"], partner_ref, partner_acc)
+
+
+def _processes(n: int) -> str:
+    return f"{n} process" + ("es" if n > 1 else "")
 
 
 def _first_line(exc: BaseException) -> str:
