@@ -89,13 +89,6 @@ def init(cuda: bool) -> World:
     return _world
 
 
-def shutdown() -> None:
-    global _world
-    if _world is not None and dist.is_initialized():
-        dist.destroy_process_group()
-    _world = None
-
-
 def broadcast(obj: Any = None) -> Any:
     """The leader's ``obj`` on every process (pickled: for small objects and state dicts)."""
     box = [obj]
