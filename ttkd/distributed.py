@@ -227,7 +227,11 @@ def relaunch(module: str, argv: list[str], launch: Launch) -> int:
     try:
         torchrun.main([*args, "-m", module, *argv])
     except ChildFailedError as exc:
-        rank, failure = exc.get_first_failure()
+        # a process killed by a signal is the cause, even when the others' failures (lost
+        # contact with it) were seen in the same poll
+        killed = sorted((f.timestamp, rank) for rank, f in exc.failures.items() if f.exitcode < 0)
+        rank = killed[0][1] if killed else exc.get_first_failure()[0]
+        failure = exc.failures[rank]
         if failure.exitcode < 0:
             name = signal.Signals(-failure.exitcode).name
             raise Lost(f"process {rank} of {launch.processes} (pid {failure.pid}) was killed by {name}; "
