@@ -46,7 +46,7 @@ def start(stage: str, given: dict, preset: str | None) -> None:
     """Check the parameters of a single ``stage`` and run it, or resume it."""
     cfg = config.resolve(stage, given, preset)
     partner = PARTNER.get(stage)
-    if partner and not cfg.values[partner] and not cfg.values["resume"]:
+    if partner and not cfg.values[partner] and not cfg.values["resume"] and cfg.values["node_rank"] == 0:
         raise TTKDError(f"missing {partner}: the frozen {partner}, as NAME, NAME@ALIAS, "
                         f"NAME/VERSION, models:/... or runs:/... (-P {partner}=...)")
 
@@ -130,6 +130,11 @@ def run(command: click.Command, args: list[str] | None = None) -> None:
         status = _fail(command.name, "interrupted", 130)
     except SystemExit as exc:
         status = exc.code
+    except Exception:
+        if distributed.world() is None:
+            raise
+        traceback.print_exc()  # a bug, not a user error: its traceback, then the same exit
+        status = 1
     if distributed.world() is not None:
         # A process of a group ends here: torch 2.14 may abort in its own teardown at the
         # interpreter's exit (one exit in about 25 on this CPU), whatever our status was.

@@ -1,7 +1,7 @@
 """`mlflow run . -e sweep`: seeds x teacher weights x KD methods, with paired statistics."""
 
 from entry.options import command, launched, run, stage_options
-from ttkd import config, studies
+from ttkd import config, distributed, studies
 
 
 @command("sweep")
@@ -13,7 +13,7 @@ def main(preset, **given):
 
     def body() -> None:
         if cfg.values["resume"]:
-            several = cfg.launch().processes > 1  # points one at a time, whatever the sweep had
+            several = distributed.world() is not None  # points one at a time, whatever the sweep had
             print(studies.resume_grid("sweep", cfg.values["resume"],
                                       jobs=1 if several else given["jobs"] and cfg.values["jobs"],
                                       threads=given["threads"] and cfg.values["threads"]))

@@ -2,6 +2,7 @@
 this CPU, one run and one registered version, agreement with one process, a killed
 process, two "machines" on 127.0.0.1, and the launch parameters' bad input."""
 
+import dataclasses
 import os
 import signal
 import socket
@@ -14,6 +15,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
+from tests.test_data import make_imagefolder
 from tests.test_resume import history
 from ttkd import data, distributed, engine, kd, models
 from ttkd.stages import build_method
@@ -63,12 +65,32 @@ def test_shards_of_a_batch_are_that_batch_cut_in_order_with_the_same_augmentatio
             assert torch.equal(torch.cat([p[step][0] for p in parts]), x)  # same crops and flips
 
 
-def test_a_batch_size_that_leaves_a_process_without_images_is_refused():
-    engine.check_world(1437, 64, 2)  # last batch 29 images
-    with pytest.raises(engine.TTKDError, match="the last batch \\(1 images\\)"):
-        engine.check_world(65, 64, 2)
+def test_a_process_reads_only_its_shard_of_a_folder_on_disk(tmp_path):
+    """Streamed from disk, a shard is the same images, labels and augmentation as the
+    same slice of the whole batch held in memory."""
+    make_imagefolder(tmp_path, classes=("a", "b", "c"), size=(12, 12))
+    memory = data.load("imagefolder", str(tmp_path), stream=False)
+    disk = data.load("imagefolder", str(tmp_path), stream=True)
+    disk = dataclasses.replace(disk, train_x=data.ImageFiles(disk.train_x.paths, (12, 12), "RGB", 0))
+    second = lambda n: slice(n // 2, n)  # noqa: E731  (process 1 of 2)
+    whole = data.batches(memory, "train", 5, generator=torch.Generator().manual_seed(1))
+    shard = data.batches(disk, "train", 5, generator=torch.Generator().manual_seed(1), part=second)
+    pairs = list(zip(whole, shard, strict=True))
+    assert pairs
+    for (x, y), (xs, ys) in pairs:
+        assert torch.equal(y[second(len(y))], ys)
+        torch.testing.assert_close(x[second(len(y))], xs)
+
+
+def test_a_batch_size_that_leaves_a_process_too_few_images_is_refused():
+    engine.check_world(1437, 360, 64, 2)  # last batches: 29 and 40 images
+    engine.check_world(100, 3, 2, 1)  # one process: anything goes
+    with pytest.raises(engine.TTKDError, match="the last training batch \\(3 images\\)"):
+        engine.check_world(67, 64, 64, 2)
+    with pytest.raises(engine.TTKDError, match="the last validation batch \\(1 images\\)"):
+        engine.check_world(128, 65, 64, 2)
     with pytest.raises(engine.TTKDError, match="each batch"):
-        engine.check_world(100, 2, 4)
+        engine.check_world(100, 100, 3, 2)
 
 
 def test_outside_a_process_group_the_helpers_change_nothing():
@@ -130,11 +152,11 @@ def test_more_processes_than_cores_is_a_warning_not_an_error():
 @pytest.mark.slow
 def test_a_rendezvous_endpoint_that_does_not_answer_fails_within_its_timeout(store):
     start = time.monotonic()
-    status, out, err = launch(store, "--nnodes", "2", "--node_rank", "1", "--rdzv_timeout", "5",
+    status, out, err = launch(store, "--nnodes", "2", "--node_rank", "1", "--rdzv_timeout", "2",
                               "--rdzv_endpoint", f"127.0.0.1:{free_port()}")
     assert status == 1 and time.monotonic() - start < 60
     lines = [line for line in err.strip().splitlines() if line.startswith("ttkd")]
-    assert lines and "could not meet at 127.0.0.1:" in lines[-1] and "within 5 s" in lines[-1]
+    assert lines and "could not meet at 127.0.0.1:" in lines[-1] and "within 2 s" in lines[-1]
     assert runs(store) == []
 
 
@@ -154,45 +176,22 @@ def _worker(launcher: int, local_rank: int) -> int:
 
 
 @pytest.mark.slow
-def test_kill_9_of_one_process_ends_the_job_clearly_and_resume_finishes_it(store):
-    args = ["--nproc", "2", "--arch", "cnn", "--batch_size", "8", "--epochs", "2", "--deterministic", "true"]
-    proc = launch(store, *args, wait=False)
-    client = MlflowClient(store)
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        running = [r for r in runs(store) if r.info.status == "RUNNING"]
-        if running and client.get_metric_history(running[0].info.run_id, "val_acc"):
-            break
-        time.sleep(0.1)
-    else:
-        raise AssertionError("the stage did not finish an epoch in time")
-    os.kill(_worker(proc.pid, 1), signal.SIGKILL)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 1
-    run = runs(store)[0]
-    assert "was killed by SIGKILL" in err and f"resume={run.info.run_id}" in err
-    assert run.info.status == "FAILED" and versions(store, "digits-cnn") == []
-
-    status, out, err = launch(store, "--nproc", "2", "--resume", "last")
-    assert status == 0, err
-    assert f"resuming run {run.info.run_id}" in out
-    assert [r.info.status for r in runs(store)] == ["FINISHED"]
-    assert len(versions(store, "digits-cnn")) == 1
-    assert len(history(client, run.info.run_id, "val_acc")) == 2
-
-
-@pytest.mark.slow
-def test_two_machines_on_127_0_0_1_train_one_model(store):
-    """Two launchers, as two machines would run them; the second gives only where it runs."""
+def test_two_machines_on_127_0_0_1_run_a_sweep_whose_points_all_train_on_both(store):
+    """Two launchers, as two machines would run them; the second gives only where it runs
+    and takes everything else from node 0, point after point."""
     endpoint = f"127.0.0.1:{free_port()}"
-    lead = launch(store, *EPOCHS, "--register_as", "pair", "--nnodes", "2", "--node_rank", "0",
-                  "--rdzv_endpoint", endpoint, wait=False)
-    status, out, err = launch(store, "--nnodes", "2", "--node_rank", "1", "--rdzv_endpoint", endpoint)
+    lead = launch(store, "--seeds", "7,", "--weights", "0", "--epochs", "1", "--register_as", "pair",
+                  "--nnodes", "2", "--node_rank", "0", "--rdzv_endpoint", endpoint, module="sweep", wait=False)
+    status, out, err = launch(store, "--nnodes", "2", "--node_rank", "1", "--rdzv_endpoint", endpoint,
+                              module="sweep")
     lead_out, lead_err = lead.communicate(timeout=300)
     assert status == 0 and lead.returncode == 0, err + lead_err
-    assert out == "" and "registered models:/pair/1" in lead_out
-    (run,) = runs(store)
-    assert run.data.params["world_size"] == "2" and len(versions(store, "pair")) == 1
+    assert out == "" and "## Students: val_acc (%) over 1 seed" in lead_out
+    points = [r for r in runs(store) if "world_size" in r.data.params]
+    assert len(points) == 3 and {r.data.params["world_size"] for r in points} == {"2"}
+    assert {r.data.params["seed"] for r in points} == {"7"}
+    for name in ("pair-student", "pair-teacher", "pair-student-kd"):
+        assert len(versions(store, name)) == 1
 
 
 @pytest.mark.slow
@@ -223,17 +222,24 @@ def test_the_whole_study_with_two_processes_matches_one_with_one_run_and_version
     assert len(stage_runs) == 10 and all(r.info.status == "FINISHED" for r in stage_runs)
 
 
-@pytest.mark.slow
-def test_a_signal_to_one_follower_stops_every_process_and_one_process_resumes(store):
-    args = ["--nproc", "2", "--arch", "cnn", "--batch_size", "8", "--epochs", "2"]
-    proc = launch(store, *args, wait=False)
+def _after_epochs(store, proc, epochs: int) -> None:
+    """Wait until the RUNNING run has logged ``epochs`` epochs."""
     client = MlflowClient(store)
     deadline = time.time() + 240
-    while time.time() < deadline:
+    while time.time() < deadline and proc.poll() is None:
         running = [r for r in runs(store) if r.info.status == "RUNNING"]
-        if running and client.get_metric_history(running[0].info.run_id, "val_acc"):
-            break
-        time.sleep(0.1)
+        if running and len(client.get_metric_history(running[0].info.run_id, "val_acc")) >= epochs:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the stage did not reach epoch {epochs} in time")
+
+
+@pytest.mark.slow
+def test_a_signal_or_a_kill_9_to_one_process_stops_all_and_resume_finishes(store):
+    args = ["--nproc", "2", "--arch", "cnn", "--batch_size", "16", "--epochs", "4", "--deterministic", "true"]
+    # SIGTERM to one follower: every process stops after the same step, the run is KILLED
+    proc = launch(store, *args, wait=False)
+    _after_epochs(store, proc, 1)
     os.kill(_worker(proc.pid, 1), signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     (run,) = runs(store)
@@ -241,7 +247,18 @@ def test_a_signal_to_one_follower_stops_every_process_and_one_process_resumes(st
     assert "stopped by SIGTERM (sent to another process of this stage)" in err
     assert run.info.status == "KILLED" and versions(store, "digits-cnn") == []
 
-    status, out, err = launch(store, "--resume", "last")  # another world size: one process
+    # resumed on two processes, then kill -9 of one mid-epoch: a clear message, the run FAILED
+    proc = launch(store, "--nproc", "2", "--resume", "last", wait=False)
+    _after_epochs(store, proc, 2)
+    os.kill(_worker(proc.pid, 1), signal.SIGKILL)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, err
+    assert "was killed by SIGKILL" in err and f"resume={run.info.run_id}" in err
+    assert runs(store)[0].info.status == "FAILED" and versions(store, "digits-cnn") == []
+
+    # resumed again, on one process: another world size works
+    status, out, err = launch(store, "--resume", "last")
     assert status == 0, err
     assert f"resuming run {run.info.run_id} after epoch" in out and "with 1 process instead of 2" in out
     assert [r.info.status for r in runs(store)] == ["FINISHED"] and len(versions(store, "digits-cnn")) == 1
+    assert len(history(MlflowClient(store), run.info.run_id, "val_acc")) == 4

@@ -15,7 +15,7 @@ from mlflow import MlflowClient
 from ttkd.kd.logits import CrossEntropy, TrainedTeacher
 
 REPO = Path(__file__).resolve().parents[1]
-SLOW_ARGS = ["--arch", "cnn", "--batch_size", "8", "--epochs", "4", "--deterministic", "true"]
+SLOW_ARGS = ["--arch", "cnn", "--batch_size", "16", "--epochs", "3", "--deterministic", "true"]
 
 
 def poison(monkeypatch, cls, after: int = 30):
@@ -70,7 +70,7 @@ def test_kill_9_then_resume_ends_exactly_like_an_uninterrupted_run(store, tmp_pa
     status, _, err = stage(store, *SLOW_ARGS, "--register_as", "whole")
     assert status == 0, err
     proc = stage(store, *SLOW_ARGS, "--register_as", "cut", wait=False)
-    run_id = wait_for_epochs(store, 2, proc)
+    run_id = wait_for_epochs(store, 1, proc)
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
     assert MlflowClient().get_run(run_id).info.status == "RUNNING"  # nobody could mark it
@@ -93,12 +93,12 @@ def test_kill_9_then_resume_of_a_feature_method_with_a_memory_bank_is_exact(stor
     """CRD owns trained embeddings and a memory bank: both must come back from the checkpoint."""
     status, _, err = stage(store, "--arch", "cnn", "--epochs", "1", "--register_as", "teacher")
     assert status == 0, err
-    args = ["--teacher", "teacher", "--method", "crd", "--arch", "resnet8", "--batch_size", "16",
-            "--epochs", "4", "--deterministic", "true"]
+    args = ["--teacher", "teacher", "--method", "crd", "--crd_k", "256", "--arch", "cnn", "--batch_size", "16",
+            "--epochs", "3", "--deterministic", "true"]
     status, _, err = stage(store, *args, "--register_as", "whole", module="distill")
     assert status == 0, err
     proc = stage(store, *args, "--register_as", "cut", wait=False, module="distill")
-    run_id = wait_for_epochs(store, 2, proc)
+    run_id = wait_for_epochs(store, 1, proc)
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
     status, out, err = stage(store, "--resume", "last", module="distill")

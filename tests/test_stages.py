@@ -97,7 +97,7 @@ def test_every_method_distils_from_a_registered_teacher_rebuilt_from_its_weights
     assert set(parts) == set(kd_names())
     for method, names in parts.items():
         status, out, err = cli("distill", "--teacher", "teacher", "--method", method, "--arch", "resnet8",
-                               "--epochs", "2")
+                               "--epochs", "1")
         assert status == 0, f"{method}: {err}"
         version = MlflowClient().get_model_version(f"digits-resnet8-{method}", "1")
         assert version.tags["ttkd.method"] == method
@@ -106,7 +106,7 @@ def test_every_method_distils_from_a_registered_teacher_rebuilt_from_its_weights
         assert run.data.tags["ttkd.method"] == run.data.params["method"] == method
         logged = {m.removeprefix("train_") for m in run.data.metrics if m.startswith("train_")}
         assert logged == names | {"loss"}, method
-        assert len(MlflowClient().get_metric_history(run.info.run_id, "train_loss")) == 2
+        assert len(MlflowClient().get_metric_history(run.info.run_id, "train_loss")) == 1
     assert mlflow.get_run(version.run_id).data.params["crd_k"] == "16384"
 
 

@@ -368,13 +368,14 @@ def resolve(stage: str, given: dict[str, Any], preset: str | None = None) -> Run
     values = {name: value(name) for name in STAGE_PARAMS[stage]}
     if "method" in values or "methods" in values:
         _check_method_params(stage, values.get("methods", (values.get("method"),)), set(cli) | set(settings))
-    if stage == "sweep" and values["nproc"] * values["nnodes"] > 1:
+    several = values["nproc"] * values["nnodes"] > 1 or distributed.under_torchrun()
+    if stage == "sweep" and several:
         if values["jobs"] > 1 and ("jobs" in cli or "jobs" in settings):
             raise TTKDError(f"jobs={values['jobs']} with nproc={values['nproc']}: a sweep trained by "
                             f"several processes runs its points one at a time; drop jobs")
         values["jobs"] = 1
     if values.get("method") == "crd" or "crd" in values.get("methods", ()):
-        if values["nproc"] * values["nnodes"] > 1:
+        if several:
             raise TTKDError("crd keeps a memory bank per process, which several processes would split; "
                             "run crd with nproc=1")
     if stage == "sweep":

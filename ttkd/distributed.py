@@ -29,7 +29,8 @@ import torch.distributed as dist
 from ttkd.errors import TTKDError
 
 LEADS = "TTKD_LEADS"  # set by ttkd's launcher: "1" on the machine whose local rank 0 leads
-TIMEOUT = datetime.timedelta(minutes=30)  # a collective waiting longer than this fails
+TIMEOUT = datetime.timedelta(minutes=30)  # a training collective waiting longer than this fails
+HANDOFF_TIMEOUT = datetime.timedelta(days=7)  # followers wait this long for the leader's next stage
 
 
 class Lost(TTKDError):
@@ -49,6 +50,7 @@ class World:
 
 
 _world: World | None = None
+_handoff = None  # the gloo group the leader sends stages through: it may wait for days
 _busy = False  # the leader has sent a stage that the followers are still training
 
 
@@ -69,7 +71,7 @@ def size() -> int:
 def init(cuda: bool) -> World:
     """Join the process group torchrun describes in the environment: NCCL for CUDA
     tensors (with gloo beside it for CPU ones), gloo on CPUs; find the leader."""
-    global _world
+    global _world, _handoff
     if _world is not None:
         return _world
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -83,6 +85,7 @@ def init(cuda: bool) -> World:
     if len(leaders) > 1:
         raise TTKDError(f"{len(leaders)} machines were started with node_rank=0; give each other "
                         f"machine its own node_rank (1 to nnodes-1)")
+    _handoff = dist.new_group(backend="gloo", timeout=HANDOFF_TIMEOUT)
     _world = World(rank, size_, local_rank, leaders[0] if leaders else 0)
     if not _world.leads:
         os.environ.pop("MLFLOW_RUN_ID", None)  # only the leader has a run
@@ -90,17 +93,26 @@ def init(cuda: bool) -> World:
 
 
 def broadcast(obj: Any = None) -> Any:
-    """The leader's ``obj`` on every process (pickled: for small objects and state dicts)."""
+    """The leader's ``obj`` on every process (pickled: for small objects and state dicts),
+    through the hand-off group, where a follower may wait as long as the leader needs."""
     box = [obj]
-    dist.broadcast_object_list(box, src=_world.leader)
+    dist.broadcast_object_list(box, src=_world.leader, group=_handoff)
     return box[0]
 
 
 def lead(message: Any) -> None:
     """Leader: send the followers one stage to train (or None: nothing more)."""
     global _busy
-    broadcast(message)
+    try:
+        broadcast(message)
+    except RuntimeError as exc:
+        raise Lost(f"the other processes are gone ({_last_line(exc)})") from None
     _busy = message is not None
+
+
+def busy() -> bool:
+    """Leader: whether the followers are inside a stage that has not ended for them."""
+    return _busy
 
 
 def done() -> None:

@@ -414,13 +414,18 @@ class _NonFiniteWatch:
         return int(self.host)
 
 
-def check_world(n_train: int, batch_size: int, processes: int) -> None:
-    """Refuse a batch size that would leave a process without images in some step."""
-    last = n_train % batch_size
-    if processes > 1 and (batch_size < processes or 0 < last < processes):
-        what = "each batch" if batch_size < processes else f"the last batch ({last} images)"
-        raise TTKDError(f"batch_size {batch_size} leaves {what} smaller than the {processes} "
-                        f"processes, so some would have no image; choose another batch_size")
+def check_world(n_train: int, n_val: int, batch_size: int, processes: int) -> None:
+    """Refuse a batch size that would leave a process with fewer than 2 images of a
+    training batch (BatchNorm needs 2) or none of a validation batch."""
+    if processes == 1:
+        return
+    short = [f"{what} ({n % batch_size} images)" for what, n, need in
+             (("the last training batch", n_train, 2 * processes), ("the last validation batch", n_val, processes))
+             if 0 < n % batch_size < need]
+    if batch_size < 2 * processes or short:
+        what = "each batch" if batch_size < 2 * processes else short[0]
+        raise TTKDError(f"batch_size {batch_size} leaves {what} too small to share among {processes} "
+                        f"processes (2 training images or 1 validation image each); choose another batch_size")
 
 
 def _check_finite(step: int, epoch: int, config: TrainConfig) -> None:

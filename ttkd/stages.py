@@ -187,7 +187,7 @@ def build(setup: Setup, data: datasets.ImageData | None = None):
     checkpoint's weights; ``data`` if it was loaded already. Nothing is on the device yet."""
     spec = STAGES[setup.stage]
     data = data or datasets.load(setup.dataset, setup.data_dir, setup.stream)
-    check_world(len(data.train_y), setup.train.batch_size, distributed.size())
+    check_world(len(data.train_y), len(data.val_y), setup.train.batch_size, distributed.size())
     set_deterministic(setup.train.deterministic)
     seed_everything(setup.train.seed)
     model = models.build(setup.arch, data.num_classes, data.in_channels, image_size=data.image_shape[-1])

@@ -172,6 +172,9 @@ def run_task(task: Task, verbose: bool = False) -> Outcome:
         if os.environ.get("TTKD_DEBUG"):
             traceback.print_exc(file=sys.__stderr__)
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if distributed.busy():  # failed here alone: the other processes are still inside the stage
+            raise distributed.Lost(f"{task.point.key} failed in the leading process alone ({message}); "
+                                   f"the other processes cannot follow it to the next stage") from None
         return Outcome(task.point, error=message, seconds=time.perf_counter() - start)
 
 
