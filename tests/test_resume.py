@@ -66,8 +66,8 @@ def final_weights(run_id, tmp):
 
 
 @pytest.mark.slow
-def test_kill_9_then_resume_ends_exactly_like_an_uninterrupted_run(store, tmp_path):
-    status, _, err = stage(store, *SLOW_ARGS, "--register_as", "whole")
+def test_kill_9_then_resume_ends_exactly_like_an_uninterrupted_run(store, tmp_path, cli):
+    status, _, err = cli("baseline", *SLOW_ARGS, "--register_as", "whole")  # here: 2 threads, as the others
     assert status == 0, err
     proc = stage(store, *SLOW_ARGS, "--register_as", "cut", wait=False)
     run_id = wait_for_epochs(store, 1, proc)
@@ -89,13 +89,13 @@ def test_kill_9_then_resume_ends_exactly_like_an_uninterrupted_run(store, tmp_pa
 
 
 @pytest.mark.slow
-def test_kill_9_then_resume_of_a_feature_method_with_a_memory_bank_is_exact(store, tmp_path):
+def test_kill_9_then_resume_of_a_feature_method_with_a_memory_bank_is_exact(store, tmp_path, cli):
     """CRD owns trained embeddings and a memory bank: both must come back from the checkpoint."""
-    status, _, err = stage(store, "--arch", "cnn", "--epochs", "1", "--register_as", "teacher")
+    status, _, err = cli("baseline", "--arch", "cnn", "--epochs", "1", "--register_as", "teacher")
     assert status == 0, err
     args = ["--teacher", "teacher", "--method", "crd", "--crd_k", "256", "--arch", "cnn", "--batch_size", "16",
             "--epochs", "3", "--deterministic", "true"]
-    status, _, err = stage(store, *args, "--register_as", "whole", module="distill")
+    status, _, err = cli("distill", *args, "--register_as", "whole")  # here: 2 threads, as the others
     assert status == 0, err
     proc = stage(store, *args, "--register_as", "cut", wait=False, module="distill")
     run_id = wait_for_epochs(store, 1, proc)
