@@ -27,7 +27,7 @@ def main(preset, **given):
         SINGLE[stage].callback(preset=preset, **{k: given[k] for k in taken})
         return
     cfg = config.resolve("main", given, preset)
-    launched("main", cfg, lambda: print(studies.resume_grid("main", cfg.values["resume"])
+    launched("main", cfg, lambda: print(studies.resume_grid("main", cfg.values["resume"], cfg)
                                         if cfg.values["resume"] else studies.study(**cfg.stage_kwargs())))
 
 

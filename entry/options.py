@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import click
 
-from ttkd import config, distributed, stages
+from ttkd import config, distributed, stages, tracking
 from ttkd.errors import TTKDError
 
 PARTNER = {"teach": "student", "distill": "teacher"}  # the frozen network each stage needs
@@ -52,7 +52,7 @@ def start(stage: str, given: dict, preset: str | None) -> None:
 
     def body() -> None:
         if cfg.values["resume"]:
-            stages.resume(stage, cfg.values["resume"])
+            stages.resume(stage, cfg.values["resume"], cfg)
         else:
             getattr(stages, stage)(**cfg.stage_kwargs())
     launched(stage, cfg, body)
@@ -64,10 +64,15 @@ def launched(name: str, cfg: config.RunConfig, body: Callable[[], None]) -> None
     processes, the leader runs ``body`` and the others train beside it."""
     launch = cfg.launch()
     device = stages.resolve_device(cfg.values["device"]).type
+
+    def lead() -> None:
+        tracking.use_experiment(cfg.values["experiment"])
+        body()
+
     if distributed.under_torchrun():
         if distributed.init(cuda=device == "cuda").leads:
             try:
-                body()
+                lead()
             finally:
                 distributed.release()
         else:
@@ -79,7 +84,7 @@ def launched(name: str, cfg: config.RunConfig, body: Callable[[], None]) -> None
         if status:  # the process that failed has said why
             sys.exit(status)
     else:
-        body()
+        lead()
 
 
 def _without(argv: list[str], names: tuple[str, ...]) -> list[str]:

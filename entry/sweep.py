@@ -14,7 +14,7 @@ def main(preset, **given):
     def body() -> None:
         if cfg.values["resume"]:
             several = distributed.world() is not None  # points one at a time, whatever the sweep had
-            print(studies.resume_grid("sweep", cfg.values["resume"],
+            print(studies.resume_grid("sweep", cfg.values["resume"], cfg,
                                       jobs=1 if several else given["jobs"] and cfg.values["jobs"],
                                       threads=given["threads"] and cfg.values["threads"]))
         else:

@@ -4,6 +4,7 @@ through the same wrapper as ``python -m entry.NAME``."""
 from __future__ import annotations
 
 import importlib
+import os
 
 import mlflow
 import pytest
@@ -23,6 +24,7 @@ def store(tmp_path, monkeypatch):
     while mlflow.active_run() is not None:
         mlflow.end_run()
     mlflow.set_tracking_uri(None)
+    os.environ.pop("MLFLOW_EXPERIMENT_ID", None)  # set by the entry points the test ran in-process
 
 
 @pytest.fixture()

@@ -155,3 +155,23 @@ def test_a_preset_extends_another_and_its_own_values_win(tmp_path):
     loop.write_text(f'extends = "{loop}"\nstage = "baseline"\n')
     with pytest.raises(TTKDError, match="extends itself"):
         config.resolve("baseline", {}, str(loop))
+
+
+def test_resume_compares_only_the_given_values_with_the_runs_own_as_mlflow_logged_them():
+    logged = {"seeds": "0,1,2", "weights": "0.0,0.005", "methods": "kd,dkd", "register_as": "digits",
+              "student.lr": "0.05", "teacher.lr": "0.1", "student.milestones": "(30, 60)",
+              "teacher.milestones": "(30, 60)", "student.amp": "False", "teacher.amp": "True",
+              "dkd.dkd_beta": "8.0"}
+    same = config.resolve("sweep", {"resume": "last", "seeds": "3", "weights": "0.005", "methods": "kd,dkd",
+                                    "milestones": "30,60", "dkd_beta": "8", "jobs": "1", "nproc": "2"})
+    assert same.given == ("dkd_beta", "methods", "milestones", "seeds", "weights")  # jobs, nproc may change
+    assert config.resume_conflicts(same, logged) == []
+    other = config.resolve("sweep", {"resume": "last", "seeds": "2", "methods": "kd,dkd", "lr": "0.05",
+                                     "amp": "true", "dkd_beta": "4", "stream": "false"})
+    assert config.resume_conflicts(other, logged) == [
+        "amp=True (the run has student.amp=False)", "dkd_beta=4.0 (the run has dkd.dkd_beta=8.0)",
+        "lr=0.05 (the run has teacher.lr=0.1)", "seeds=0,1 (the run has seeds=0,1,2)",
+        "stream (the run did not record it)"]
+    with pytest.raises(TTKDError, match=r"^resume continues run abc with the values it started with, and "
+                                        r"these differ: amp=True \(the run has student.amp=False\); dkd_beta"):
+        config.check_resume(other, "abc", logged)

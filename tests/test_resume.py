@@ -143,6 +143,24 @@ def test_nan_fails_the_run_registers_nothing_and_keeps_the_last_good_checkpoint(
     assert state["epoch"] == 1 and all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 
+def test_resume_accepts_the_interrupted_command_and_names_each_value_that_differs(store, cli, monkeypatch):
+    undo = poison(monkeypatch, CrossEntropy)
+    command = ("baseline", "--epochs", "3", "--lr", "0.05", "--register_as", "again")
+    status, _, err = cli(*command)
+    assert status == 1 and "NaN or infinite at epoch 2" in err
+    undo()
+    status, _, err = cli(*command[:2], "4", *command[3:4], "0.1", *command[5:], "--resume", "last")
+    run = mlflow.search_runs(output_format="list")[0]
+    assert status == 1 and err.count("\n") == 1
+    assert (f"resume continues run {run.info.run_id} with the values it started with, and these differ: "
+            f"epochs=4 (the run has epochs=3); lr=0.1 (the run has lr=0.05); drop them") in err
+    status, out, err = cli(*command, "--resume", "last")  # the same command again
+    assert status == 0, err
+    assert f"resuming run {run.info.run_id} after epoch 1" in out
+    assert mlflow.get_run(run.info.run_id).info.status == "FINISHED"
+    assert [v.version for v in MlflowClient().search_model_versions("name = 'again'")] == [1]
+
+
 def test_two_stages_register_into_one_fresh_sqlite_store_at_once(tmp_path):
     store = f"sqlite:///{tmp_path / 'fresh.db'}"
     procs = [stage(store, "--epochs", "1", "--register_as", name, wait=False) for name in ("left", "right")]
@@ -161,7 +179,6 @@ def test_resume_errors(store, cli, monkeypatch):
         (("baseline", "--resume", finished), f"run {finished} has finished; there is nothing to resume"),
         (("teach", "--resume", finished), f"run {finished} is a baseline run; resume it with its own entry point"),
         (("baseline", "--resume", "last"), "no unfinished baseline run to resume"),
-        (("baseline", "--resume", "last", "--epochs", "5"), "resume continues a run with the parameters it started with; drop epochs"),
     ]
     for args, message in cases:
         got, _, err = cli(*args)
@@ -202,7 +219,7 @@ def test_a_failed_study_resumes_reusing_its_finished_stages(store, cli, monkeypa
     assert {m.name for m in MlflowClient().search_registered_models()} == {"st-student"}
 
     undo()
-    status, out, err = cli("main", "--resume", "last")
+    status, out, err = cli("main", "--epochs", "2", "--register_as", "st", "--resume", "last")  # as it ran
     assert status == 0, err
     assert "resuming run" in out and "| student, KD from trained teacher |" in out
     children = mlflow.search_runs(output_format="list",

@@ -135,7 +135,7 @@ def test_mlflow_run_main_study(tmp_path):
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     done = subprocess.run(
         [sys.executable, "-m", "mlflow", "run", str(REPO), "--env-manager", "local",
-         "-P", "epochs=1", "-P", "register_as=tiny"],
+         "-P", "epochs=1", "-P", "register_as=tiny", "-P", "experiment=team"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "| student, KD from trained teacher |" in done.stdout
@@ -143,6 +143,10 @@ def test_mlflow_run_main_study(tmp_path):
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
     try:
         client = MlflowClient()
+        # `mlflow run` opened its run in Default; the study went to the experiment it was given
+        team = client.get_experiment_by_name("team").experiment_id
+        [launcher] = client.search_runs(["0"])
+        assert launcher.info.status == "FINISHED" and launcher.data.tags["ttkd.ran_in_experiment"] == "team"
         names = {m.name: m.aliases for m in client.search_registered_models()}
         assert names == {f"tiny-{n}": {"champion": 1} for n in
                          ("student", "teacher-normal", "teacher-trained", "student-kd-normal",
@@ -153,9 +157,9 @@ def test_mlflow_run_main_study(tmp_path):
                             "tiny-student-kd-trained": "models:/tiny-teacher-trained/1"}
         for name, partner in expected_partner.items():
             assert client.get_model_version(name, "1").tags["ttkd.partner_model"] == partner
-        parent = client.search_runs(["0"], filter_string="tags.`ttkd.stage` = 'main'")[0]
+        parent = client.search_runs([team], filter_string="tags.`ttkd.stage` = 'main'")[0]
         children = client.search_runs(
-            ["0"], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+            [team], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
         assert sorted(c.data.tags["ttkd.stage"] for c in children) == \
             ["baseline", "distill", "distill", "teach", "teach"]
         assert {c.data.params["weight"] for c in children if "weight" in c.data.params} == {"0.0", "0.005"}

@@ -116,6 +116,9 @@ PARAMS: dict[str, Param] = {p.name: p for p in [
           lambda v: v == "" or (":" in v and v.rsplit(":", 1)[1].isdigit())),
     Param("rdzv_timeout", "int", 300, "seconds the processes wait for each other to meet (and for "
           "rdzv_endpoint to answer)", "an integer >= 1", lambda v: v >= 1),
+    Param("experiment", "str", "", "MLflow experiment the runs go in, created when missing (default: "
+          "MLFLOW_EXPERIMENT_NAME, else the one `mlflow run` opened its run in, else Default); "
+          "resume=last looks in it"),
     Param("resume", "str", "", "continue an unfinished run of this stage from its last checkpoint: "
           "its run id, or last for the newest"),
     Param("student", "str", "", "the frozen student: a model reference", "a model reference",
@@ -172,7 +175,8 @@ METHOD_PARAMS = tuple(n for n in PARAMS if n.split("_")[0] in ("dkd", "dist", "f
 TRAIN = ("epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay", "schedule",
          "milestones", "gamma", "seed", "device", "amp", "compile", "deterministic")
 LAUNCH = ("nproc", "nnodes", "node_rank", "rdzv_endpoint", "rdzv_timeout")  # where, not what: not in presets
-COMMON = ("dataset", "data_dir", "stream") + TRAIN + ("register_as",) + LAUNCH
+FREE_ON_RESUME = ("resume", "experiment", "jobs", "threads") + LAUNCH  # how a run goes on, not what it computes
+COMMON = ("dataset", "data_dir", "stream") + TRAIN + ("register_as", "experiment") + LAUNCH
 STUDY = ("student_arch", "teacher_arch", "temperature", "alpha", "kd_temperature") + METHOD_PARAMS
 STAGE_PARAMS: dict[str, tuple[str, ...]] = {
     "baseline": COMMON + ("arch", "resume"),
@@ -196,6 +200,7 @@ class RunConfig:
     values: dict[str, Any]
     train: dict[str, TrainConfig]  # "" for single stages, "student"/"teacher" for main and sweep
     preset: str | None = None
+    given: tuple[str, ...] = ()    # set on the command line or by the preset (with resume only)
 
     def launch(self) -> distributed.Launch:
         """Where the stage's processes run."""
@@ -203,7 +208,7 @@ class RunConfig:
 
     def stage_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``ttkd.stages.<stage>``."""
-        kw = {k: v for k, v in self.values.items() if k not in TRAIN + LAUNCH and k != "resume"}
+        kw = {k: v for k, v in self.values.items() if k not in TRAIN + LAUNCH + ("resume", "experiment")}
         kw["data_dir"] = kw["data_dir"] or None
         kw["stream"] = {"auto": None, "true": True, "false": False}[kw["stream"]]
         kw["register_as"] = kw["register_as"] or None
@@ -349,12 +354,6 @@ def resolve(stage: str, given: dict[str, Any], preset: str | None = None) -> Run
     # an empty value is "not given", except for a sweep's lists, where it is an empty list
     cli = {k: v for k, v in given.items() if k in STAGE_PARAMS[stage] and v is not None
            and (v != "" or PARAMS[k].kind in ("floats", "strs", "seeds"))}
-    if cli.get("resume"):  # a sweep may resume with other jobs and threads (same results per thread count)
-        others = sorted(set(cli) - {"resume", "jobs", "threads", *LAUNCH}) + (["preset"] if preset else [])
-        if others:
-            raise TTKDError(f"resume continues a run with the parameters it started with; "
-                            f"drop {', '.join(others)}")
-
     def value(name: str, role: str | None = None) -> Any:
         param = PARAMS[name]
         if name in cli:
@@ -391,7 +390,61 @@ def resolve(stage: str, given: dict[str, Any], preset: str | None = None) -> Run
                 values[key] = parse(PARAMS[key], settings[role]["arch"])
     else:
         train = {"": _train_config({n: values[n] for n in TRAIN})}
-    return RunConfig(stage, values, train, preset)
+    given = ()
+    if values.get("resume"):  # compared with the run's own values once the run is known
+        named = set(cli) | {k for key, v in settings.items()
+                            for k in (v if key in ROLES and isinstance(v, dict) else (key,))}
+        given = tuple(sorted(named - set(FREE_ON_RESUME)))
+    return RunConfig(stage, values, train, preset, given)
+
+
+def resume_conflicts(cfg: RunConfig, logged: dict[str, str]) -> list[str]:
+    """The parameters given with ``resume`` (``cfg.given``) whose value differs from the
+    one the run logged, each as ``NAME=GIVEN (the run has LOGGED)``; equal values pass.
+    A study's or sweep's training parameters are compared with both roles' (``student.lr``,
+    ``teacher.lr``), a sweep's method parameters with each method's (``dkd.dkd_beta``)."""
+    conflicts = []
+    for name in cfg.given:
+        param = PARAMS[name]
+        if cfg.stage in ("main", "sweep") and name in TRAIN:
+            pairs = [(f"{role}.{name}", getattr(cfg.train[role], name)) for role in ROLES]
+        else:
+            pairs = [(name, cfg.values[name])] + [(f"{m}.{name}", cfg.values[name])
+                                                   for m in cfg.values.get("methods", ())]
+        pairs = [(key, value) for key, value in pairs if key in logged]
+        if not pairs:
+            conflicts.append(f"{name} (the run did not record it)")
+        for key, value in pairs:
+            theirs = _logged_value(param, logged[key])
+            if _canonical(name, theirs) != _canonical(name, value):
+                conflicts.append(f"{name}={_show(value)} (the run has {key}={logged[key]})")
+    return list(dict.fromkeys(conflicts))
+
+
+def check_resume(cfg: RunConfig, run_id: str, logged: dict[str, str]) -> None:
+    """Refuse resuming run ``run_id`` with a given value that differs from its own."""
+    conflicts = resume_conflicts(cfg, logged)
+    if conflicts:
+        raise TTKDError(f"resume continues run {run_id} with the values it started with, and these "
+                        f"differ: {'; '.join(conflicts)}; drop them, or start a new run without resume")
+
+
+def _logged_value(param: Param, text: str) -> Any:
+    """A logged parameter (MLflow keeps str(value): ``(30, 60)``, ``True``, ``None``) parsed
+    as the command line's would be; None when it does not parse."""
+    text = "" if text == "None" else text.strip("()[]") if param.kind in ("ints", "floats", "strs", "seeds") else text
+    try:
+        return parse(dataclasses.replace(param, valid=lambda v: True), text)
+    except TTKDError:
+        return None
+
+
+def _canonical(name: str, value: Any) -> Any:
+    return tuple(sorted(set(value) | {0.0})) if name == "weights" else value  # a sweep always has w = 0
+
+
+def _show(value: Any) -> str:
+    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 
 def method_params(stage: str, method: str) -> tuple[str, ...]:

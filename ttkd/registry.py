@@ -28,6 +28,9 @@ from ttkd.errors import TTKDError
 DEFAULT_ALIAS = "champion"
 TAG_PARTNER = "ttkd.partner_model"  # on a version: the pinned reference of the partner it trained beside
 HEALTH_TIMEOUT_S = 5.0  # how long an http(s) tracking server gets to answer before we give up
+DB_TIMEOUT_S = 5.0  # and a database server
+DATABASES = ("postgresql", "mysql", "mssql")  # tracking stores MLflow keeps in a database server
+_SCHEMA_LOCK = 0x7474_6B64  # PostgreSQL advisory lock held while MLflow creates its tables
 _ILLEGAL_NAME = re.compile(r"[/@:]")
 
 
@@ -39,7 +42,9 @@ def prepare_store() -> None:
     health check within ``HEALTH_TIMEOUT_S`` (MLflow itself would retry for minutes).
     """
     uri = mlflow.get_tracking_uri()
-    if uri.startswith("sqlite:///"):
+    if uri.split(":", 1)[0].split("+")[0] in DATABASES:
+        _prepare_database(uri)
+    elif uri.startswith("sqlite:///"):
         path = Path(uri[len("sqlite:///"):].split("?")[0])
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path.with_name(path.name + ".lock"), "w") as lock:
@@ -52,6 +57,36 @@ def prepare_store() -> None:
         except requests.RequestException as exc:
             raise TTKDError(f"cannot reach the tracking server {uri} ({type(exc).__name__}); start it "
                             f"(mlflow server) or set MLFLOW_TRACKING_URI to a reachable store") from None
+
+
+def _prepare_database(uri: str) -> None:
+    """A database server as the store (``postgresql://USER:PASSWORD@HOST:PORT/DB``, or
+    another SQLAlchemy URI MLflow takes): its driver installed, the server answering and the
+    password right within ``DB_TIMEOUT_S``, and MLflow's schema created by one process at a
+    time (PostgreSQL: under an advisory lock), so that failures come early as one line."""
+    import sqlalchemy
+    from sqlalchemy.engine import make_url
+
+    url = make_url(uri)
+    shown = url.render_as_string(hide_password=True)
+    try:
+        url.get_dialect().import_dbapi()
+    except (ImportError, sqlalchemy.exc.NoSuchModuleError) as exc:
+        raise TTKDError(f"the tracking store {shown} needs a database driver that is not installed "
+                        f"({exc}); for PostgreSQL: pip install -e '.[server]'") from None
+    timeout = {"connect_timeout": int(DB_TIMEOUT_S)} if url.get_driver_name() in ("psycopg2", "psycopg") else {}
+    engine = sqlalchemy.create_engine(url, connect_args=timeout, poolclass=sqlalchemy.pool.NullPool)
+    try:
+        with engine.connect() as connection:
+            if url.get_backend_name() == "postgresql":
+                connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": _SCHEMA_LOCK})
+            MlflowClient().search_experiments(max_results=1)  # creates or upgrades the schema
+    except sqlalchemy.exc.OperationalError as exc:
+        reason = " ".join(str(exc.orig).split()).removeprefix("connection failed: ")
+        raise TTKDError(f"cannot connect to the tracking database {shown} ({reason}); start the database "
+                        f"server, or fix MLFLOW_TRACKING_URI (host, port, user, password, database)") from None
+    finally:
+        engine.dispose()  # closing the connection releases the lock
 
 
 def retry_locked(call, attempts: int = 8, first_wait_s: float = 0.2):

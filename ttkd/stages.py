@@ -13,6 +13,7 @@ registry only after training finished.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import os
 import signal
 import sys
@@ -28,7 +29,7 @@ from tqdm import tqdm
 
 from ttkd import data as datasets
 from ttkd import distributed, kd, models, registry, tracking
-from ttkd.config import PARAMS
+from ttkd.config import PARAMS, RunConfig, check_resume
 from ttkd.engine import (
     EpochStats,
     Interrupted,
@@ -442,13 +443,16 @@ def note_signal(signum, frame) -> None:
 note_signal.installed = False  # set where note_signal is the process's handler
 
 
-def resume(stage: str, reference: str) -> StageResult:
+def resume(stage: str, reference: str, cfg: RunConfig | None = None) -> StageResult:
     """Continue an unfinished ``stage`` run (its id, or ``last`` for the newest one) from
-    its last checkpoint, in the same MLflow run."""
+    its last checkpoint, in the same MLflow run; the values ``cfg`` was given must be the
+    run's own."""
     registry.prepare_store()
     client = MlflowClient()
     run = unfinished_run(stage, reference)
     run_id = run.info.run_id
+    if cfg is not None:
+        check_resume(cfg, run_id, run.data.params)
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = tracking.download_checkpoint(run_id, tmp)
     if ckpt is None:
@@ -469,13 +473,18 @@ def resume(stage: str, reference: str) -> StageResult:
 
 def unfinished_run(stage: str, reference: str):
     """The unfinished ``stage`` run named by ``reference`` (a run id, or ``last``)."""
-    if reference == "last":
-        runs = [r for r in mlflow.search_runs(search_all_experiments=True, output_format="list",
+    if reference == "last":  # in this experiment only: on a shared server, others' runs are elsewhere
+        experiment = mlflow.get_experiment(tracking.use_experiment(""))
+        runs = [r for r in mlflow.search_runs([experiment.experiment_id], output_format="list",
                                               filter_string=f"tags.`{TAG_STAGE}` = '{stage}'",
                                               order_by=["attributes.start_time DESC"], max_results=50)
                 if r.info.status != "FINISHED"]
         if not runs:
-            raise TTKDError(f"no unfinished {stage} run to resume; start one without resume")
+            raise TTKDError(f"no unfinished {stage} run to resume in experiment {experiment.name!r}; "
+                            f"start one without resume, or give the experiment it ran in (experiment=NAME)")
+        started = datetime.datetime.fromtimestamp(runs[0].info.start_time / 1000).strftime("%Y-%m-%d %H:%M")
+        print(f"resume=last: run {runs[0].info.run_id} ({runs[0].info.run_name}, {runs[0].info.status}, "
+              f"started {started}) in experiment {experiment.name!r}", flush=True)
         return runs[0]
     try:
         run = MlflowClient().get_run(reference)

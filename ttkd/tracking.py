@@ -23,11 +23,50 @@ from ttkd import models
 from ttkd.data import ImageData
 from ttkd.engine import EpochStats
 from ttkd.errors import TTKDError
-from ttkd.registry import ModelRef
+from ttkd.registry import ModelRef, prepare_store
 
 CHECKPOINT_FORMAT = 2  # 2: method state in the engine state, named loss parts
 # a stage's own lines, not MLflow's download bars, are what its terminal shows
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+def use_experiment(name: str) -> str:
+    """Make experiment ``name`` the one every run of this process, and of the processes it
+    starts, goes in; created when missing; returns its id. Without a name: the experiment
+    of ``MLFLOW_EXPERIMENT_NAME``, else that of the run ``mlflow run`` opened, else
+    ``MLFLOW_EXPERIMENT_ID`` (so a later call without a name keeps the same), else Default.
+    When ``mlflow run`` opened its run in another experiment, that run gets a tag saying
+    where the work went, and stays empty: MLflow cannot move a run to another experiment."""
+    prepare_store()
+    client = MlflowClient()
+    launcher = os.environ.get("MLFLOW_RUN_ID")
+    name = name or os.environ.get("MLFLOW_EXPERIMENT_NAME", "")
+    if name:
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            try:
+                client.create_experiment(name)
+            except MlflowException:  # created by another process meanwhile
+                pass
+            experiment = client.get_experiment_by_name(name)
+    else:
+        found = (client.get_run(launcher).info.experiment_id if launcher
+                 else os.environ.get("MLFLOW_EXPERIMENT_ID", "0"))
+        try:
+            experiment = client.get_experiment(found)
+        except MlflowException:
+            raise TTKDError(f"MLFLOW_EXPERIMENT_ID={found} is not an experiment of "
+                            f"{mlflow.get_tracking_uri()}; unset it or give experiment=NAME") from None
+    if experiment.lifecycle_stage == "deleted":
+        raise TTKDError(f"experiment {experiment.name!r} is deleted (MLflow keeps it in its trash, and "
+                        f"its name taken): restore it with `mlflow experiments restore --experiment-id "
+                        f"{experiment.experiment_id}`, or give another experiment name")
+    if launcher and client.get_run(launcher).info.experiment_id != experiment.experiment_id:
+        client.set_tag(launcher, "ttkd.ran_in_experiment", experiment.name)
+        del os.environ["MLFLOW_RUN_ID"]
+    os.environ.pop("MLFLOW_EXPERIMENT_NAME", None)  # the id below says the same
+    os.environ["MLFLOW_EXPERIMENT_ID"] = experiment.experiment_id
+    return experiment.experiment_id
 
 
 def log_params(params: dict) -> None:

@@ -22,6 +22,7 @@ from mlflow.tracking import MlflowClient
 
 from ttkd import data as datasets
 from ttkd import kd, models, registry, tracking
+from ttkd.config import RunConfig, check_resume
 from ttkd.engine import TrainConfig, resolve_device
 from ttkd.errors import TTKDError
 from ttkd.stages import (
@@ -270,11 +271,14 @@ def _failures(outcomes: dict[Point, Outcome]) -> dict[Point, str]:
     return {p: o.error for p, o in outcomes.items() if o.result is None}
 
 
-def resume_grid(kind: str, reference: str, **change) -> str:
+def resume_grid(kind: str, reference: str, cfg: RunConfig | None = None, **change) -> str:
     """Continue an unfinished study or sweep run (its id, or ``last``) where it stopped;
-    ``change``: a sweep's ``jobs`` and ``threads`` for the rest of it."""
+    the values ``cfg`` was given must be the run's own; ``change``: a sweep's ``jobs`` and
+    ``threads`` for the rest of it."""
     registry.prepare_store()
     run_ = unfinished_run(kind, reference)
+    if cfg is not None:
+        check_resume(cfg, run_.info.run_id, run_.data.params)
     names = [a.path for a in MlflowClient().list_artifacts(run_.info.run_id)]
     if f"{kind}.json" not in names:
         why = "was made by an older ttkd" if "study.json" in names else f"has no {kind}.json"
