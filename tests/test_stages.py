@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
 import torch
 from mlflow import MlflowClient
@@ -58,16 +59,23 @@ def test_stages_by_hand(store, cli, tmp_path):
     assert len(client.get_metric_history(base_run.info.run_id, "val_acc")) == 2
     assert "train_kl" not in base_run.data.metrics
 
-    # the checkpoint (our class, weights_only) and the registered pt2 model agree in eval mode
+    # the checkpoint (our class, weights_only) and the registered model, which takes raw
+    # pixels and normalises them itself, agree in eval mode, in both layouts
     path = mlflow.artifacts.download_artifacts(f"runs:/{base_run.info.run_id}/checkpoints/last.pt",
                                                dst_path=str(tmp_path))
     state = torch.load(path, weights_only=True)
     assert state["epoch"] == 2 and state["arch"] == "mlp"
     net = models.build("mlp", 10, 1, image_size=8)
     net.load_state_dict(state["model"])
-    x = next(data.batches(data.load("digits"), "val", 16))[0]
-    registered = mlflow.pytorch.load_model("models:/stu/1")
-    assert torch.allclose(net.eval()(x), registered(x), atol=1e-5)
+    digits = data.load("digits")
+    x, pixels = next(data.batches(digits, "val", 16))[0], digits.val_x[:16].numpy()
+    registered = mlflow.pyfunc.load_model("models:/stu/1")
+    for layout in (pixels, pixels.transpose(0, 2, 3, 1)):
+        answer = registered.predict(layout)
+        expected = torch.softmax(net.eval()(x), dim=1).detach()
+        assert torch.allclose(torch.tensor(np.stack(answer["probabilities"])), expected, atol=1e-5)
+        assert list(answer["class"]) == expected.argmax(1).tolist()
+        assert list(answer["name"]) == [str(i) for i in expected.argmax(1).tolist()]
 
 
 def test_a_study_reads_its_data_set_once_for_its_five_stages(store, cli, monkeypatch):
@@ -265,9 +273,8 @@ def test_baseline_trains_on_a_users_image_folder_left_on_disk(store, cli, tmp_pa
     assert run.data.metrics["throughput"] > 0
     assert sorted(i.dataset.name for i in run.inputs.dataset_inputs) == ["imagefolder-training",
                                                                        "imagefolder-validation"]
-    signature = mlflow.models.get_model_info("models:/imagefolder-preresnet20/1").signature
-    assert signature.inputs.inputs[0].shape == (-1, 3, 16, 16)
-    assert signature.outputs.inputs[0].shape == (-1, 3)
+    meta = mlflow.models.get_model_info("models:/imagefolder-preresnet20/1").metadata
+    assert meta["image_shape"] == [3, 16, 16] and meta["classes"] == ["cat", "dog", "fox"]
 
 
 @pytest.mark.slow

@@ -63,6 +63,11 @@ class ImageData:
     crop_padding: int = 4       # pixels, for "crop_flip"
     rotation: float = 20.0      # degrees, for "rotate_flip"
     source: str = ""            # where the data came from, for the run's dataset record
+    classes: tuple[str, ...] = ()  # class names by index; empty: the indices themselves
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.classes or tuple(str(i) for i in range(self.num_classes))
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -213,7 +218,7 @@ def _cifar(name: str, title: str, folder: str, num_classes: int, data_dir: str |
         ds = _torchvision_dataset(cls, root, train, title, folder)
         splits += [np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2)),  # NHWC -> NCHW
                    np.asarray(ds.targets, dtype=np.int64)]
-    return _from_arrays(name, *splits, num_classes=num_classes, stats=CIFAR_STATS,
+    return _from_arrays(name, *splits, num_classes=num_classes, stats=CIFAR_STATS, classes=ds.classes,
                         augment="crop_flip", crop_padding=4, source=str(root / folder))
 
 
@@ -239,7 +244,8 @@ def _mnist(name: str, cls_name: str, title: str, stats, data_dir: str | None) ->
     for train in (True, False):
         ds = _torchvision_dataset(cls, root, train, title, f"{cls_name}/raw")
         splits += [ds.data.numpy()[:, None], ds.targets.numpy().astype(np.int64)]  # (N, 1, 28, 28)
-    return _from_arrays(name, *splits, num_classes=10, stats=stats, source=str(root / cls_name))
+    return _from_arrays(name, *splits, num_classes=10, stats=stats, source=str(root / cls_name),
+                        classes=cls.classes)
 
 
 def _unpack_idx_archives(cls, root: Path) -> None:
@@ -311,7 +317,7 @@ def load_tiny_imagenet(data_dir: str | None, stream: bool | None = None) -> Imag
     tx, ty = _split(train, (64, 64), "RGB", stream)
     vx, vy = _split(val, (64, 64), "RGB", stream)
     return _from_arrays("tiny-imagenet", tx, ty, vx, vy, num_classes=len(wnids), stats=TINY_STATS,
-                        augment="rotate_flip", rotation=20.0, source=str(base))
+                        classes=wnids, augment="rotate_flip", rotation=20.0, source=str(base))
 
 
 IMAGEFOLDER_LAYOUT = "DATA_DIR/train/<class>/<image> and DATA_DIR/val/<class>/<image>"
@@ -351,7 +357,7 @@ def load_imagefolder(data_dir: str | None, stream: bool | None = None) -> ImageD
     stream = _should_stream(stream, count, size, 1 if color == "L" else 3)
     tx, ty = _split(splits["train"].samples, size, color, stream)
     vx, vy = _split([(p, val_index[y]) for p, y in splits["val"].samples], size, color, stream)
-    return _from_arrays("imagefolder", tx, ty, vx, vy, num_classes=len(classes),
+    return _from_arrays("imagefolder", tx, ty, vx, vy, num_classes=len(classes), classes=classes,
                         augment="crop_flip", crop_padding=max(1, size[0] // 8), source=str(root))
 
 
@@ -498,7 +504,7 @@ def _torchvision_dataset(cls, root: Path, train: bool, title: str, folder: str):
         ) from None
 
 
-def _from_arrays(name, tx, ty, vx, vy, *, num_classes, source, stats=None, **augment) -> ImageData:
+def _from_arrays(name, tx, ty, vx, vy, *, num_classes, source, stats=None, classes=(), **augment) -> ImageData:
     """Wrap numpy splits (or :class:`ImageFiles`); ``stats`` = (mean, std) per channel,
     else the training split's (of a fixed sample of 5,000 images if it is on disk)."""
     def images(a):
@@ -514,7 +520,7 @@ def _from_arrays(name, tx, ty, vx, vy, *, num_classes, source, stats=None, **aug
         stats = (tuple(scaled.mean(dim=(0, 2, 3)).tolist()), tuple(scaled.std(dim=(0, 2, 3)).tolist()))
     return ImageData(name, train_x, torch.from_numpy(np.asarray(ty)), images(vx),
                      torch.from_numpy(np.asarray(vy)), num_classes, tuple(stats[0]), tuple(stats[1]),
-                     source=source, **augment)
+                     source=source, classes=tuple(map(str, classes)), **augment)
 
 
 def batches(

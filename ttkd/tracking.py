@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import shutil
+import tempfile
 import urllib.parse
 import urllib.request
 import warnings
@@ -15,7 +16,6 @@ from pathlib import Path
 import mlflow
 import torch
 from mlflow.exceptions import MlflowException
-from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 from torch import nn
 
@@ -129,18 +129,20 @@ def download_checkpoint(run_id: str, dst: str) -> dict | None:
 def load_partner(ref: ModelRef, data: ImageData, role: str, tmp: str) -> tuple[nn.Module, str]:
     """The frozen partner ``ref`` as ttkd's own class, rebuilt from the weights of the run
     that made it (its last checkpoint, which holds the registered weights), after checking
-    that it fits ``data``; returns ``(network in eval mode, arch)``. The pt2 export stays
-    what the registry serves: it yields logits only and is pinned to its export device."""
+    that it fits ``data``; returns ``(network in eval mode, arch)``. The exported program
+    stays what the registry serves: it yields classes only and is pinned to the CPU."""
     try:
         info = mlflow.models.get_model_info(ref.uri)
     except (MlflowException, OSError) as exc:
         raise TTKDError(f"cannot read {role} {ref.uri} ({str(exc).splitlines()[0][:120]})") from None
-    signature = info.signature
-    if signature is None or not signature.inputs.is_tensor_spec():
-        raise TTKDError(f"{role} {ref.uri} has no image tensor signature; use a model that "
+    meta, signature = info.metadata or {}, info.signature
+    if "image_shape" in meta:
+        in_shape, num_classes = tuple(meta["image_shape"]), meta["num_classes"]
+    elif signature is not None and signature.inputs.is_tensor_spec():  # an earlier ttkd registered pt2 networks
+        in_shape, num_classes = tuple(signature.inputs.inputs[0].shape[1:]), signature.outputs.inputs[0].shape[-1]
+    else:
+        raise TTKDError(f"{role} {ref.uri} does not say what images it takes; use a model that "
                         f"ttkd registered")
-    in_shape = tuple(signature.inputs.inputs[0].shape[1:])
-    num_classes = signature.outputs.inputs[0].shape[-1]
     if in_shape != data.image_shape or num_classes != data.num_classes:
         raise TTKDError(
             f"{role} {ref.uri} takes {_shape(in_shape)} images and predicts {num_classes} classes, "
@@ -169,20 +171,30 @@ def _shape(shape) -> str:
 
 
 def log_model(model: nn.Module, data: ImageData):
-    """Log ``model`` (eval mode, on the CPU) in MLflow's pickle-free pt2 format."""
+    """Log ``model`` (eval mode, on the CPU) as the model a user serves: ``ttkd/serving.py``
+    around the network exported by ``torch.export`` (pickle-free), taking uint8 images and
+    answering classes, with the image shape, normalisation and class names in its
+    configuration and metadata."""
     model.eval().cpu()  # BatchNorm must be exported with its running statistics
-    example = (data.val_x[:4].cpu().float() / 255).sub(torch.tensor(data.mean).view(1, -1, 1, 1))
-    example = example.div(torch.tensor(data.std).view(1, -1, 1, 1)).numpy()  # batch > 1: dynamic
+    c, h, w = data.image_shape
+    example = torch.zeros(2, c, h, w)  # batch > 1, so that the batch size stays free
+    batch = torch.export.Dim("batch", min=1, max=1 << 16)
     with torch.no_grad():
-        output = model(torch.from_numpy(example)).numpy()
-    return mlflow.pytorch.log_model(
-        model, name="model", input_example=example, signature=infer_signature(example, output),
-        serialization_format="pt2",
-        metadata={"input": "float32 (B, C, H, W): (pixel / 255 - mean) / std, per channel",
-                  "mean": list(data.mean), "std": list(data.std), "dataset": data.name},
-        # given, not inferred: inference re-loads the model in a subprocess (seconds)
-        pip_requirements=[f"torch=={importlib.metadata.version('torch')}"],
-    )
+        program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+    config = {"image_shape": [c, h, w], "num_classes": data.num_classes, "classes": list(data.class_names),
+              "mean": list(data.mean), "std": list(data.std)}
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.export.save(program, Path(tmp) / "network.pt2")
+        return mlflow.pyfunc.log_model(
+            name="model", python_model=str(Path(__file__).with_name("serving.py")),
+            artifacts={"network": str(Path(tmp) / "network.pt2")}, model_config=config,
+            metadata=config | {"dataset": data.name,
+                               "input": "uint8 pixels (N, H, W, C) or (N, C, H, W); answers class, name, "
+                                        "probability and probabilities per image"},
+            # given, not inferred: inference re-loads the model in a subprocess (seconds)
+            pip_requirements=[f"torch=={importlib.metadata.version('torch')}",
+                              f"pandas=={importlib.metadata.version('pandas')}"],
+        )
 
 
 def log_dataset(data: ImageData) -> None:

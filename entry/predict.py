@@ -1,0 +1,51 @@
+"""`mlflow run . -e predict`: classify a folder of image files with a model; the answers go to
+the run as predictions.csv."""
+
+import csv
+import io
+
+import click
+import mlflow
+
+from entry.options import command, run
+from ttkd import registry, tracking
+from ttkd.predict import classify_folder
+from ttkd.stages import TAG_STAGE
+
+
+@command("predict")
+@click.option("--model", required=True, help="the model: NAME, NAME@ALIAS, NAME/VERSION, models:/... or runs:/...")
+@click.option("--images", required=True, help="folder of image files (any size: resized to the model's)")
+@click.option("--batch_size", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--experiment", default="", help="MLflow experiment of the run (default as the stages')")
+def main(model, images, batch_size, experiment):
+    """Classify every image file under IMAGES; writes predictions.csv (file, class, name,
+    probability) and, for files that are not readable images, skipped.csv."""
+    tracking.use_experiment(experiment)
+    ref = registry.resolve(model)
+    result = classify_folder(ref.uri, images, batch_size)  # everything is read before the run opens
+    with mlflow.start_run(run_name=f"predict {ref.name or ref.uri}"):
+        mlflow.set_tag(TAG_STAGE, "predict")
+        tracking.log_params({"model": ref.uri, "images": images, "predicted": len(result.rows),
+                             "skipped": len(result.skipped)})
+        mlflow.log_text(_csv(result.rows, ("file", "class", "name", "probability")), "predictions.csv")
+        if result.skipped:
+            mlflow.log_text(_csv([{"file": f, "reason": r} for f, r in result.skipped], ("file", "reason")),
+                            "skipped.csv")
+        uri = mlflow.get_artifact_uri("predictions.csv")
+    print(f"{len(result.rows)} images classified with {ref.uri}"
+          + (f" ({result.resized} resized to the model's size)" if result.resized else "") + f": {uri}")
+    for file, why in result.skipped:
+        print(f"skipped {file}: {why}")
+
+
+def _csv(rows: list[dict], columns: tuple[str, ...]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+if __name__ == "__main__":
+    run(main)
