@@ -16,7 +16,10 @@ from pathlib import Path
 import mlflow
 import torch
 from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
+from mlflow.types import ColSpec, DataType, Schema
+from mlflow.types.schema import Array
 from torch import nn
 
 from ttkd import models
@@ -138,7 +141,7 @@ def load_partner(ref: ModelRef, data: ImageData, role: str, tmp: str) -> tuple[n
     meta, signature = info.metadata or {}, info.signature
     if "image_shape" in meta:
         in_shape, num_classes = tuple(meta["image_shape"]), meta["num_classes"]
-    elif signature is not None and signature.inputs.is_tensor_spec():  # an earlier ttkd registered pt2 networks
+    elif signature and signature.inputs and signature.inputs.is_tensor_spec():  # an earlier ttkd's pt2 network
         in_shape, num_classes = tuple(signature.inputs.inputs[0].shape[1:]), signature.outputs.inputs[0].shape[-1]
     else:
         raise TTKDError(f"{role} {ref.uri} does not say what images it takes; use a model that "
@@ -170,6 +173,13 @@ def _shape(shape) -> str:
     return "x".join(str(d) for d in shape)
 
 
+# what a registered model answers per image; no input schema, under which MLflow would cast
+# JSON numbers to uint8 silently (0.5 -> 0) before the model could refuse them
+ANSWER = ModelSignature(outputs=Schema([ColSpec(DataType.long, "class"), ColSpec(DataType.string, "name"),
+                                        ColSpec(DataType.double, "probability"),
+                                        ColSpec(Array(DataType.double), "probabilities")]))
+
+
 def log_model(model: nn.Module, data: ImageData):
     """Log ``model`` (eval mode, on the CPU) as the model a user serves: ``ttkd/serving.py``
     around the network exported by ``torch.export`` (pickle-free), taking uint8 images and
@@ -188,6 +198,8 @@ def log_model(model: nn.Module, data: ImageData):
         return mlflow.pyfunc.log_model(
             name="model", python_model=str(Path(__file__).with_name("serving.py")),
             artifacts={"network": str(Path(tmp) / "network.pt2")}, model_config=config,
+            signature=ANSWER,  # outputs only: the model checks its inputs itself (serving.pixels)
+            input_example=data.val_x[:2].numpy().transpose(0, 2, 3, 1),  # uint8 (N, H, W, C), as users have them
             metadata=config | {"dataset": data.name,
                                "input": "uint8 pixels (N, H, W, C) or (N, C, H, W); answers class, name, "
                                         "probability and probabilities per image"},
