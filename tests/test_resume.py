@@ -15,7 +15,6 @@ from mlflow import MlflowClient
 from ttkd.kd.logits import CrossEntropy, TrainedTeacher
 
 REPO = Path(__file__).resolve().parents[1]
-SLOW_ARGS = ["--arch", "cnn", "--batch_size", "16", "--epochs", "3", "--deterministic", "true"]
 
 
 def poison(monkeypatch, cls, after: int = 30):
@@ -66,31 +65,9 @@ def final_weights(run_id, tmp):
 
 
 @pytest.mark.slow
-def test_kill_9_then_resume_ends_exactly_like_an_uninterrupted_run(store, tmp_path, cli):
-    status, _, err = cli("baseline", *SLOW_ARGS, "--register_as", "whole")  # here: 2 threads, as the others
-    assert status == 0, err
-    proc = stage(store, *SLOW_ARGS, "--register_as", "cut", wait=False)
-    run_id = wait_for_epochs(store, 1, proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate()
-    assert MlflowClient().get_run(run_id).info.status == "RUNNING"  # nobody could mark it
-    status, out, err = stage(store, "--resume", "last")
-    assert status == 0, err
-    assert f"resuming run {run_id} after epoch" in out
-
-    client = MlflowClient()
-    whole = client.get_model_version("whole", "1").run_id
-    assert client.get_model_version("cut", "1").run_id == run_id  # the same run, continued
-    assert client.get_run(run_id).info.status == "FINISHED"
-    for metric in ("train_loss", "val_loss", "val_acc", "lr"):
-        assert history(client, run_id, metric) == history(client, whole, metric), metric
-    a, b = final_weights(whole, tmp_path / "a"), final_weights(run_id, tmp_path / "b")
-    assert all(torch.equal(a[k], b[k]) for k in a)
-
-
-@pytest.mark.slow
-def test_kill_9_then_resume_of_a_feature_method_with_a_memory_bank_is_exact(store, tmp_path, cli):
-    """CRD owns trained embeddings and a memory bank: both must come back from the checkpoint."""
+def test_kill_9_then_resume_ends_exactly_like_an_uninterrupted_run_even_with_a_memory_bank(store, tmp_path, cli):
+    """Metrics and weights, exactly; CRD owns trained embeddings and a memory bank, which must
+    come back from the checkpoint too."""
     status, _, err = cli("baseline", "--arch", "cnn", "--epochs", "1", "--register_as", "teacher")
     assert status == 0, err
     args = ["--teacher", "teacher", "--method", "crd", "--crd_k", "256", "--arch", "cnn", "--batch_size", "16",
@@ -101,12 +78,15 @@ def test_kill_9_then_resume_of_a_feature_method_with_a_memory_bank_is_exact(stor
     run_id = wait_for_epochs(store, 1, proc)
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
+    assert MlflowClient().get_run(run_id).info.status == "RUNNING"  # nobody could mark it
     status, out, err = stage(store, "--resume", "last", module="distill")
     assert status == 0, err
+    assert f"resuming run {run_id} after epoch" in out
     client = MlflowClient()
     whole = client.get_model_version("whole", "1").run_id
-    assert client.get_model_version("cut", "1").run_id == run_id
-    for metric in ("train_loss", "train_crd", "val_acc"):
+    assert client.get_model_version("cut", "1").run_id == run_id  # the same run, continued
+    assert client.get_run(run_id).info.status == "FINISHED"
+    for metric in ("train_loss", "train_crd", "val_loss", "val_acc", "lr"):
         assert history(client, run_id, metric) == history(client, whole, metric), metric
     a, b = final_weights(whole, tmp_path / "a"), final_weights(run_id, tmp_path / "b")
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -150,3 +150,21 @@ def test_the_stages_and_promote_run_through_a_tracking_server_on_postgresql(serv
     results = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in results]
     assert sorted(int(v.version) for v in client.search_model_versions("name = 'pg-both'")) == [1, 2]
+
+
+def test_a_data_set_that_another_stage_records_at_the_same_moment_is_linked_not_a_failure(store, monkeypatch):
+    from ttkd import data, tracking
+    real, calls = mlflow.log_input, []
+
+    def racing(dataset, context=None, **kw):  # the other stage inserted the same data set first
+        calls.append(context)
+        if len(calls) == 1:
+            raise mlflow.exceptions.MlflowException("(sqlite3.IntegrityError) UNIQUE constraint failed: "
+                                                    "datasets.experiment_id, datasets.name, datasets.digest")
+        return real(dataset, context=context, **kw)
+    monkeypatch.setattr(mlflow, "log_input", racing)
+    with mlflow.start_run() as run:
+        tracking.log_dataset(data.load("digits"))
+    assert calls == ["training", "training", "validation"]
+    assert {d.dataset.name for d in mlflow.get_run(run.info.run_id).inputs.dataset_inputs} == {
+        "digits-training", "digits-validation"}

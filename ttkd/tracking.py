@@ -8,6 +8,7 @@ import importlib.metadata
 import os
 import shutil
 import tempfile
+import time
 import urllib.parse
 import urllib.request
 import warnings
@@ -225,7 +226,14 @@ def log_dataset(data: ImageData) -> None:
         else:
             record = mlflow.data.from_numpy(x.cpu().numpy(), targets=y.cpu().numpy(), source=source,
                                             name=name)
-        mlflow.log_input(record, context=context)
+        for attempt in range(4):  # stages started together may insert the same data set at once
+            try:
+                mlflow.log_input(record, context=context)
+                break
+            except Exception as exc:  # the store's unique constraint: the other one won, link to it
+                if attempt == 3 or not any(w in str(exc) for w in ("UNIQUE constraint", "duplicate key")):
+                    raise
+                time.sleep(0.1 * 2**attempt)
 
 
 def metric_history(run_id: str, key: str) -> list[float]:
