@@ -1,6 +1,7 @@
 """Each entry point end to end on digits, one epoch, in an isolated store."""
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -190,11 +191,27 @@ def register_foreign(shape, num_classes, name):
     registry.register(info.model_uri, name, {"ttkd.stage": "baseline"})
 
 
+@pytest.fixture(scope="module")
+def populated_template(tmp_path_factory):
+    """A store with three registered models, made once per module (registering costs seconds)."""
+    root = tmp_path_factory.mktemp("populated")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)  # the models' artifacts stay here, read by every test that copies the store
+        mlflow.set_tracking_uri(uri)
+        try:
+            register_foreign((1, 8, 8), 10, "digits-mlp")
+            register_foreign((3, 32, 32), 10, "cifar-teacher")
+            register_foreign((1, 8, 8), 5, "five-class")
+        finally:
+            mlflow.set_tracking_uri(None)
+    return root / "mlflow.db"
+
+
 @pytest.fixture()
-def populated(store):
-    register_foreign((1, 8, 8), 10, "digits-mlp")
-    register_foreign((3, 32, 32), 10, "cifar-teacher")
-    register_foreign((1, 8, 8), 5, "five-class")
+def populated(store, populated_template):
+    """A copy of the three-model store, as this test's own."""
+    shutil.copyfile(populated_template, store.removeprefix("sqlite:///"))
 
 
 BAD_INPUTS = [

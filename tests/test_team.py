@@ -110,6 +110,7 @@ def test_a_database_store_that_cannot_be_used_is_one_line_naming_the_fix(databas
         registry.prepare_store()
 
 
+@pytest.mark.slow
 def test_processes_that_start_on_a_fresh_postgresql_database_at_once_create_its_tables_once(database, tracking):
     uri = tracking(database.create_database("fresh"))
     prepare = "from ttkd import registry; registry.prepare_store()"
