@@ -200,7 +200,7 @@ def log_model(model: nn.Module, data: ImageData):
             name="model", python_model=str(Path(__file__).with_name("serving.py")),
             artifacts={"network": str(Path(tmp) / "network.pt2")}, model_config=config,
             signature=ANSWER,  # outputs only: the model checks its inputs itself (serving.pixels)
-            input_example=data.val_x[:2].numpy().transpose(0, 2, 3, 1),  # uint8 (N, H, W, C), as users have them
+            input_example=data.val_x[:2].cpu().numpy().transpose(0, 2, 3, 1),  # uint8 (N, H, W, C), as users have
             metadata=config | {"dataset": data.name,
                                "input": "uint8 pixels (N, H, W, C) or (N, C, H, W); answers class, name, "
                                         "probability and probabilities per image"},
