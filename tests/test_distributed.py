@@ -5,7 +5,6 @@ process, two "machines" on 127.0.0.1, and the launch parameters' bad input."""
 import dataclasses
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
+from tests.servers import free_port
 from tests.test_data import make_imagefolder
 from tests.test_resume import history
 from ttkd import data, distributed, engine, kd, models
@@ -42,12 +42,6 @@ def runs(store, stage=None):
 
 def versions(store, name):
     return MlflowClient(store).search_model_versions(f"name = '{name}'")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---- the pieces, in one process ---------------------------------------------------------------

@@ -89,13 +89,14 @@ def _prepare_database(uri: str) -> None:
         engine.dispose()  # closing the connection releases the lock
 
 
-def retry_locked(call, attempts: int = 8, first_wait_s: float = 0.2):
-    """Run ``call()``, retrying with exponential backoff while SQLite says it is locked."""
+def retry_locked(call, attempts: int = 8, first_wait_s: float = 0.2, transient=("database is locked",)):
+    """Run ``call()``, retrying with exponential backoff while it fails with one of the
+    ``transient`` messages (by default: SQLite says it is locked)."""
     for attempt in range(attempts):
         try:
             return call()
         except Exception as exc:
-            if "database is locked" not in str(exc) or attempt == attempts - 1:
+            if not any(m in str(exc) for m in transient) or attempt == attempts - 1:
                 raise
             time.sleep(first_wait_s * 2**attempt)
 

@@ -8,7 +8,6 @@ import importlib.metadata
 import os
 import shutil
 import tempfile
-import time
 import urllib.parse
 import urllib.request
 import warnings
@@ -27,7 +26,7 @@ from ttkd import models
 from ttkd.data import ImageData
 from ttkd.engine import EpochStats
 from ttkd.errors import TTKDError
-from ttkd.registry import ModelRef, prepare_store
+from ttkd.registry import ModelRef, prepare_store, retry_locked
 
 CHECKPOINT_FORMAT = 2  # 2: method state in the engine state, named loss parts
 # a stage's own lines, not MLflow's download bars, are what its terminal shows
@@ -44,6 +43,7 @@ def use_experiment(name: str) -> str:
     prepare_store()
     client = MlflowClient()
     launcher = os.environ.get("MLFLOW_RUN_ID")
+    launched_in = client.get_run(launcher).info.experiment_id if launcher else None
     name = name or os.environ.get("MLFLOW_EXPERIMENT_NAME", "")
     if name:
         experiment = client.get_experiment_by_name(name)
@@ -54,8 +54,7 @@ def use_experiment(name: str) -> str:
                 pass
             experiment = client.get_experiment_by_name(name)
     else:
-        found = (client.get_run(launcher).info.experiment_id if launcher
-                 else os.environ.get("MLFLOW_EXPERIMENT_ID", "0"))
+        found = launched_in or os.environ.get("MLFLOW_EXPERIMENT_ID", "0")
         try:
             experiment = client.get_experiment(found)
         except MlflowException:
@@ -65,7 +64,7 @@ def use_experiment(name: str) -> str:
         raise TTKDError(f"experiment {experiment.name!r} is deleted (MLflow keeps it in its trash, and "
                         f"its name taken): restore it with `mlflow experiments restore --experiment-id "
                         f"{experiment.experiment_id}`, or give another experiment name")
-    if launcher and client.get_run(launcher).info.experiment_id != experiment.experiment_id:
+    if launcher and launched_in != experiment.experiment_id:
         client.set_tag(launcher, "ttkd.ran_in_experiment", experiment.name)
         del os.environ["MLFLOW_RUN_ID"]
     os.environ.pop("MLFLOW_EXPERIMENT_NAME", None)  # the id below says the same
@@ -226,14 +225,10 @@ def log_dataset(data: ImageData) -> None:
         else:
             record = mlflow.data.from_numpy(x.cpu().numpy(), targets=y.cpu().numpy(), source=source,
                                             name=name)
-        for attempt in range(4):  # stages started together may insert the same data set at once
-            try:
-                mlflow.log_input(record, context=context)
-                break
-            except Exception as exc:  # the store's unique constraint: the other one won, link to it
-                if attempt == 3 or not any(w in str(exc) for w in ("UNIQUE constraint", "duplicate key")):
-                    raise
-                time.sleep(0.1 * 2**attempt)
+        # stages started together may insert the same data set at once: the store's unique
+        # constraint says the other one won, and the next try links to its row
+        retry_locked(lambda: mlflow.log_input(record, context=context), attempts=4, first_wait_s=0.1,
+                     transient=("UNIQUE constraint", "duplicate key"))
 
 
 def metric_history(run_id: str, key: str) -> list[float]:
