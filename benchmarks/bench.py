@@ -51,6 +51,8 @@ from ttkd.engine import (
     TrainConfig,
     accuracy,
     bf16_supported,
+    choose_precision,
+    device_name,
     fit,
     frozen,
     partner_outputs,
@@ -194,10 +196,18 @@ def measure_ttkd(stage, args, data, device, method="kd"):
     return history[-1].throughput, mem.mib
 
 
-def measure_compute(stage, args, data, device):
+def ttkd_precision(stage, args, data, device):
+    """The precision ``fit`` trains ``stage`` in with ``args.amp`` (measured once, then cached)."""
     torch.manual_seed(0)
     model, partner, method = stage_setup(stage, args.student, args.teacher, data, device)
-    fast = args.amp and bf16_supported(device)
+    config = TrainConfig(batch_size=args.batch_size, amp=args.amp, device=str(device))
+    return choose_precision(model, data, method, config, partner)
+
+
+def measure_compute(stage, args, data, device):
+    fast = ttkd_precision(stage, args, data, device).bf16
+    torch.manual_seed(0)
+    model, partner, method = stage_setup(stage, args.student, args.teacher, data, device)
     model.to(memory_format=torch.channels_last if fast else torch.contiguous_format)
     if partner is not None:
         partner = frozen(partner, fast)  # as fit runs it
@@ -241,6 +251,9 @@ def speed(args) -> list[dict]:
                                val_x=full.val_x[:args.batch_size], val_y=full.val_y[:args.batch_size])
     rows = []
     for stage in args.stages:
+        p = ttkd_precision(stage, args, data.to(device), device)
+        print(f"# {stage}: ttkd trains in {'bf16' if p.bf16 else 'float32'} ({p.reason}"
+              + "".join(f", {k} {v:,.0f} img/s" for k, v in sorted(p.rates.items())) + ")", file=sys.stderr)
         rates = {name: [] for name, _ in MEASURES}
         peak = dict.fromkeys(rates, 0.0)
         for _ in range(args.repeat):
@@ -422,7 +435,8 @@ def main(argv=None) -> None:
     parser.add_argument("--workers", type=int, default=4, help="the seed loop's DataLoader workers")
     parser.add_argument("--repeat", type=int, default=3, help="rounds per stage; medians are reported")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--no-amp", dest="amp", action="store_false", help="ttkd in float32")
+    parser.add_argument("--no-amp", dest="amp", action="store_const", const=False, default="auto",
+                        help="ttkd in float32 (default: amp=auto, bf16 where measured faster)")
     parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
     parser.add_argument("--accuracy", action="store_true", help="compare accuracies instead of speed")
     parser.add_argument("--seeds", type=int, default=5)
@@ -437,8 +451,8 @@ def main(argv=None) -> None:
     # the seed's 4 workers on a machine with fewer cores are what is being measured
     warnings.filterwarnings("ignore", message="This DataLoader will create", category=UserWarning)
     device = resolve_device(args.device)
-    print(f"# torch {torch.__version__}, {device}, {torch.get_num_threads()} threads, "
-          f"bf16 {'on' if args.amp and bf16_supported(device) else 'off'}", file=sys.stderr)
+    print(f"# torch {torch.__version__}, {device} ({device_name(device)}), {torch.get_num_threads()} threads, "
+          f"amp={str(args.amp).lower()}, native bf16 {'yes' if bf16_supported(device) else 'no'}", file=sys.stderr)
     if args.accuracy:
         print(accuracy_table(args))
         return

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import importlib
 import os
+import tempfile
 
 import mlflow
 import pytest
 import torch
 
 torch.set_num_threads(2)
+# the precision calibrations of this session's stages, apart from the user's own cache
+os.environ.setdefault("TTKD_CACHE_DIR", tempfile.mkdtemp(prefix="ttkd-test-cache-"))
 
 
 @pytest.fixture()

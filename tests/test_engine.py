@@ -65,8 +65,8 @@ def test_frozen_partner_is_a_bf16_copy_that_predicts_like_the_original():
 
 
 def test_same_seed_same_result():
-    a = fit(build("mlp"), DIGITS, ce(), TrainConfig(epochs=1, seed=5))[-1]
-    b = fit(build("mlp"), DIGITS, ce(), TrainConfig(epochs=1, seed=5))[-1]
+    a = fit(build("mlp"), DIGITS, ce(), TrainConfig(epochs=1, seed=5, amp=False))[-1]
+    b = fit(build("mlp"), DIGITS, ce(), TrainConfig(epochs=1, seed=5, amp=False))[-1]
     assert a.train == b.train and a.val_acc == b.val_acc
 
 
@@ -105,14 +105,18 @@ def test_mixed_precision_on_and_off_both_learn(amp):
     assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights stay float32
 
 
-def test_bf16_is_used_where_supported():
-    from ttkd.engine import autocast, bf16_supported
-    cpu = torch.device("cpu")
-    with autocast(cpu, True):
-        out = torch.nn.Linear(4, 4)(torch.randn(2, 4))
-    assert out.dtype == (torch.bfloat16 if bf16_supported(cpu) else torch.float32)
-    with autocast(cpu, False):
-        assert torch.nn.Linear(4, 4)(torch.randn(2, 4)).dtype == torch.float32
+@pytest.mark.parametrize("native", [True, False])
+def test_amp_true_trains_in_bf16_on_every_cpu_and_false_in_float32(monkeypatch, native):
+    """amp=true forces bf16 (emulated where the CPU has none), so the bf16 path is tested on
+    any machine; amp=false is float32 whatever the CPU has."""
+    from ttkd import engine
+    monkeypatch.setattr(engine, "bf16_supported", lambda device: native)
+    for amp, dtype in ((True, torch.bfloat16), (False, torch.float32)):
+        model, seen = build("mlp"), []
+        linear = next(m for m in model.modules() if isinstance(m, torch.nn.Linear))
+        linear.register_forward_hook(lambda mod, inp, out: seen.append(out.dtype))
+        fit(model, DIGITS, ce(), TrainConfig(epochs=1, amp=amp))
+        assert seen and set(seen) == {dtype}
 
 
 @pytest.mark.slow
@@ -135,7 +139,7 @@ def test_a_method_with_parameters_and_buffers_is_trained_and_resumed_exactly():
         return student, kd.build("crd", context, crd_beta=0.8, crd_dim=16, crd_k=64, crd_tau=0.07,
                                  crd_momentum=0.5)
 
-    config = TrainConfig(epochs=2, deterministic=True)
+    config = TrainConfig(epochs=2, deterministic=True, amp=False)
     states = []
     student, crd = method()
     before = crd.embed_s.weight.detach().clone(), crd.memory_s.clone()

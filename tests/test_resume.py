@@ -12,6 +12,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
+from ttkd import stages
 from ttkd.kd.logits import CrossEntropy, TrainedTeacher
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,7 +72,7 @@ def test_kill_9_then_resume_ends_exactly_like_an_uninterrupted_run_even_with_a_m
     status, _, err = cli("baseline", "--arch", "cnn", "--epochs", "1", "--register_as", "teacher")
     assert status == 0, err
     args = ["--teacher", "teacher", "--method", "crd", "--crd_k", "256", "--arch", "cnn", "--batch_size", "16",
-            "--epochs", "3", "--deterministic", "true"]
+            "--epochs", "3", "--deterministic", "true", "--amp", "false"]
     status, _, err = cli("distill", *args, "--register_as", "whole")  # here: 2 threads, as the others
     assert status == 0, err
     proc = stage(store, *args, "--register_as", "cut", wait=False, module="distill")
@@ -134,9 +135,12 @@ def test_resume_accepts_the_interrupted_command_and_names_each_value_that_differ
     assert status == 1 and err.count("\n") == 1
     assert (f"resume continues run {run.info.run_id} with the values it started with, and these differ: "
             f"epochs=4 (the run has epochs=3); lr=0.1 (the run has lr=0.05); drop them") in err
-    status, out, err = cli(*command, "--resume", "last")  # the same command again
+    # the same command again; the run keeps the precision it chose, without measuring again
+    monkeypatch.setattr(stages, "choose_precision", lambda *a: pytest.fail("measured again"))
+    status, out, err = cli(*command, "--resume", "last")
     assert status == 0, err
     assert f"resuming run {run.info.run_id} after epoch 1" in out
+    assert f"precision: {run.data.tags['ttkd.precision']} (as run {run.info.run_id} started)" in out
     assert mlflow.get_run(run.info.run_id).info.status == "FINISHED"
     assert [v.version for v in MlflowClient().search_model_versions("name = 'again'")] == [1]
 

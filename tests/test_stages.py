@@ -12,7 +12,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from ttkd import data, models, registry, tracking
+from ttkd import data, engine, models, registry, tracking
 
 REPO = Path(__file__).resolve().parents[1]
 EPOCH_METRICS = {"train_loss", "train_ce", "val_acc", "val_loss", "lr", "epoch_time_s", "throughput"}
@@ -36,9 +36,12 @@ def test_stages_by_hand(store, cli, tmp_path):
     status, out, err = cli("baseline", "--epochs", "2", "--register_as", "stu")
     assert status == 0, err
     assert "registered models:/stu/1" in out
-    status, out, err = cli("teach", "--student", "stu", "--epochs", "1")
+    native = engine.bf16_supported(torch.device("cpu"))
+    assert ("precision: float32 (amp=auto: this CPU has no native bf16)" in out) != native
+    status, out, err = cli("teach", "--student", "stu", "--epochs", "1", "--amp", "true")
     assert status == 0, err
     assert "registered models:/digits-cnn-trained/1" in out
+    assert "precision: bf16 (amp=true" in out and ("emulated" in out) != native
     status, out, err = cli("distill", "--teacher", "digits-cnn-trained", "--epochs", "1")
     assert status == 0, err
     status, out, err = cli("promote", "--model", "digits-mlp-kd")
@@ -57,6 +60,15 @@ def test_stages_by_hand(store, cli, tmp_path):
     assert kd_run.data.params["alpha"] == "0.9" and kd_run.data.params["teacher"] == "digits-cnn-trained"
     assert {d.dataset.name for d in kd_run.inputs.dataset_inputs} == {"digits-training", "digits-validation"}
     base_run = run_of("models:/stu/1")
+    tags, metrics = base_run.data.tags, base_run.data.metrics
+    assert base_run.data.params["amp"] == "auto"
+    if native:  # measured: both rates logged, the faster one (bf16 by a 5% margin) kept
+        assert tags["ttkd.precision_reason"] in ("measured", "cached")
+        fast = metrics["calibration_bf16_img_s"] > 1.05 * metrics["calibration_float32_img_s"]
+        assert tags["ttkd.precision"] == ("bf16" if fast else "float32")
+    else:
+        assert tags["ttkd.precision"] == "float32" and tags["ttkd.precision_reason"] == "no native bf16"
+    assert run_of("models:/digits-cnn-trained/1").data.tags["ttkd.precision"] == "bf16"
     assert len(client.get_metric_history(base_run.info.run_id, "val_acc")) == 2
     assert "train_kl" not in base_run.data.metrics
 

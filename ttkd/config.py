@@ -34,7 +34,8 @@ MAX_MODELS = 100  # a sweep that would register more model versions needs force=
 @dataclasses.dataclass(frozen=True)
 class Param:
     name: str
-    kind: str                   # "int", "float", "bool", "str", or a comma-separated list:
+    kind: str                   # "int", "float", "bool", "auto-bool" (auto, true or false), "str",
+                                # or a comma-separated list:
                                 # "ints", "floats", "strs", "seeds" (a count or a list)
     default: Any
     help: str
@@ -82,8 +83,10 @@ PARAMS: dict[str, Param] = {p.name: p for p in [
     Param("seed", "int", TrainConfig.seed, "fixes weight init, data order and augmentation",
           "an integer >= 0", lambda v: v >= 0),
     Param("device", "str", TrainConfig.device, "auto (CUDA if visible), cpu, cuda or cuda:N"),
-    Param("amp", "bool", TrainConfig.amp, "bf16 mixed precision and channels_last where the device "
-          "supports bf16", "true or false"),
+    Param("amp", "auto-bool", TrainConfig.amp, "bf16 mixed precision and channels_last: true forces it "
+          "(emulated, slower, on a CPU without native bf16), false trains in float32, auto takes bf16 where "
+          "a few timed steps before the first epoch find it faster for this network, batch and device",
+          "auto, true or false"),
     Param("compile", "bool", TrainConfig.compile, "torch.compile the trained model", "true or false"),
     Param("deterministic", "bool", TrainConfig.deterministic,
           "deterministic kernels, so that a resumed run repeats an uninterrupted one", "true or false"),
@@ -239,8 +242,10 @@ def parse(param: Param, raw: Any) -> Any:
             if isinstance(raw, bool):
                 raise ValueError
             value = float(raw)
-        elif param.kind == "bool":
+        elif param.kind in ("bool", "auto-bool"):
             words = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+            if param.kind == "auto-bool":
+                words["auto"] = "auto"
             value = raw if isinstance(raw, bool) else words[str(raw).strip().lower()]
         elif param.kind == "seeds" and (isinstance(raw, int) or (isinstance(raw, str) and "," not in raw)):
             count = parse(Param(param.name, "int", 0, ""), raw)

@@ -15,6 +15,7 @@ import copy
 import dataclasses
 import math
 import os
+import platform
 import random
 import time
 import warnings
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ttkd import distributed
+from ttkd import calibration, distributed
 from ttkd.data import ImageData, batches
 from ttkd.errors import TTKDError
 from ttkd.kd import Batch
@@ -45,7 +46,8 @@ class TrainConfig:
     gamma: float = 0.1          # "step": the factor applied at each milestone
     seed: int = 0               # fixes weight init, data order and augmentation
     device: str = "auto"        # "auto": cuda if available, else cpu
-    amp: bool = True            # bf16 autocast and channels_last where the device supports bf16
+    amp: bool | str = "auto"    # bf16 autocast and channels_last: True, False (float32), or "auto":
+                                # bf16 where a short calibration measures it faster (choose_precision)
     compile: bool = False       # torch.compile the trained model (slow first epoch, faster after)
     deterministic: bool = False  # deterministic kernels: a resumed run repeats an uninterrupted one
 
@@ -129,8 +131,9 @@ def bf16_supported(device: torch.device) -> bool:
 
 
 def autocast(device: torch.device, enabled: bool):
-    """bf16 autocast on ``device`` when ``enabled`` and supported, else a no-op context."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled and bf16_supported(device))
+    """bf16 autocast on ``device`` when ``enabled`` (emulated, and slower, where the device
+    has no native bf16), else a no-op context."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
 def seed_everything(seed: int) -> None:
@@ -234,6 +237,84 @@ class Objective(nn.Module):
         return self.method(b)
 
 
+@dataclasses.dataclass(frozen=True)
+class Precision:
+    """The precision a stage trains in, and why."""
+
+    bf16: bool                 # bf16 autocast and channels_last; else float32
+    reason: str                # "amp=true", "amp=false", "no native bf16", "measured" or "cached"
+    rates: dict[str, float]    # measured (or cached) training images/s per precision; empty if not measured
+
+
+# bf16 rounds more coarsely, so on a CPU it must be clearly faster to be chosen; on a GPU
+# it is kept unless clearly slower (it also halves activation memory there)
+BF16_MARGIN = {"cpu": 1.05, "cuda": 0.95}
+
+
+def choose_precision(model: nn.Module, data: ImageData, method: nn.Module, config: TrainConfig,
+                     partner: nn.Module | None = None) -> Precision:
+    """``config.amp`` as a decision: forced by True or False; with "auto", float32 where the
+    device has no native bf16, else the faster of float32 and bf16 as measured on copies
+    of the networks and the method, on one training batch of the real shape (this
+    process's share of it), through the same step ``fit`` runs. Measurements are cached
+    (``ttkd.calibration``). Neither the networks, the method nor any random state change:
+    a run trains alike whether the choice was measured now or taken from the cache."""
+    if config.amp != "auto":
+        return Precision(bool(config.amp), f"amp={str(bool(config.amp)).lower()}", {})
+    device = data.train_x.device
+    if not bf16_supported(device):
+        return Precision(False, "no native bf16", {})
+    n = min(len(data.train_y), math.ceil(config.batch_size / distributed.size()))
+    features = getattr(method, "features", False)
+
+    def path(fast: bool):
+        def build():
+            net, objective_method = copy.deepcopy(model), copy.deepcopy(method)
+            if fast:
+                net.to(memory_format=torch.channels_last)
+            twin = frozen(partner, fast) if partner is not None else None
+            objective = Objective(net, objective_method, fast, features).train()
+            optimizer, _ = make_optimizer([*net.parameters(), *objective_method.parameters()], config)
+            x, y, idx = next(batches(data, "train", n, generator=torch.Generator().manual_seed(0),
+                                     channels_last=fast, indices=True))
+
+            def step():
+                extra = partner_outputs(twin, x, fast, features) if twin is not None else {}
+                loss = objective(x, y, epoch=1, index=idx, **extra)["loss"]
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            return step
+        return build
+
+    key = " ".join([f"model={_describe(model)}", f"partner={_describe(partner)}",
+                    f"method={type(method).__name__}", f"batch={n}x{'x'.join(map(str, data.image_shape))}",
+                    f"device={device_name(device)}", f"threads={torch.get_num_threads()}",
+                    f"torch={torch.__version__}"])
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        choice = calibration.choose(key, {"float32": path(False), "bf16": path(True)}, n, sync,
+                                    margin={"bf16": BF16_MARGIN.get(device.type, 1.0)})
+    return Precision(choice.path == "bf16", "cached" if choice.cached else "measured", choice.rates)
+
+
+def _describe(net: nn.Module | None) -> str:
+    return "-" if net is None else f"{type(net).__name__}({sum(p.numel() for p in net.parameters())})"
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's or CPU's model name (as the calibration cache tells machines apart)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def no_progress(batches: Iterable, total: int, label: str) -> Iterable:
     return batches
 
@@ -275,7 +356,10 @@ def fit(
     device = data.train_x.device
     world = distributed.world()
     part = distributed.shard if world else None
-    fast = config.amp and bf16_supported(device)  # bf16 and channels_last go together
+    if config.amp == "auto":  # a stage decides before it calls fit; this is for other callers
+        precision = choose_precision(model, data, method, config, partner) if world is None or world.leads else None
+        config = dataclasses.replace(config, amp=(distributed.broadcast(precision) if world else precision).bf16)
+    fast = bool(config.amp)  # bf16 and channels_last go together
     if fast:
         model.to(memory_format=torch.channels_last)
     if partner is not None:

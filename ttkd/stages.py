@@ -34,9 +34,12 @@ from ttkd.engine import (
     EpochStats,
     Interrupted,
     NonFiniteLoss,
+    Precision,
     TrainConfig,
     accuracy,
+    bf16_supported,
     check_world,
+    choose_precision,
     fit,
     predict,
     resolve_device,
@@ -49,6 +52,7 @@ from ttkd.registry import ModelRef
 TAG_STAGE = "ttkd.stage"
 TAG_PARTNER = registry.TAG_PARTNER
 TAG_METHOD = "ttkd.method"
+TAG_PRECISION = "ttkd.precision"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -250,17 +254,26 @@ def run_stage(stage: str, *, arch: str, train: TrainConfig, partner: str | None,
             net, partner_arch = tracking.load_partner(partner_ref, data, spec.partner, tmp)
         setup = dataclasses.replace(setup, partner_arch=partner_arch, partner_state=net.state_dict())
     data, model, partner_net, objective = build(setup, data)
+    data = data.to(device)
+    model.to(device)
+    if partner_net is not None:
+        partner_net.to(device)
+    ckpt = setup.ckpt
+    if ckpt is None:
+        precision = choose_precision(model, data, objective, train, partner_net)
+    else:  # a resumed run keeps the precision it started with (its checkpoint has it resolved)
+        precision = Precision(bool(train.amp), f"as run {resume_from[0]} started", {})
+    print(precision_line(precision, device), flush=True)
+    used = dataclasses.replace(train, amp=precision.bf16)
+    setup = dataclasses.replace(setup, train=used)
     # what resuming needs to rebuild this stage exactly: the partner pinned to its version
     kwargs = {"arch": arch, "dataset": dataset, "data_dir": data_dir, "stream": stream,
-              "register_as": register_as, "train": dataclasses.asdict(train), "method": method,
+              "register_as": register_as, "train": dataclasses.asdict(used), "method": method,
               "method_params": method_params, "partner": partner_ref.uri if partner_ref else None,
               "tags": tags or {}}
-    ckpt = setup.ckpt
     if world is not None:
         distributed.lead(setup)
 
-    data = data.to(device)
-    model.to(device)
     if resume_from:
         run = mlflow.start_run(run_id=resume_from[0], nested=mlflow.active_run() is not None)
     else:
@@ -283,6 +296,9 @@ def run_stage(stage: str, *, arch: str, train: TrainConfig, partner: str | None,
                 "world_size": distributed.size(),
             })
             tracking.log_dataset(data)
+            mlflow.set_tags({TAG_PRECISION: "bf16" if precision.bf16 else "float32",
+                             "ttkd.precision_reason": precision.reason})
+            mlflow.log_metrics({f"calibration_{name}_img_s": rate for name, rate in precision.rates.items()})
         else:
             mlflow.set_tag("ttkd.resumed_after_epoch", str(ckpt["epoch"]))
             before = ckpt["engine"].get("world_size", 1)
@@ -292,7 +308,6 @@ def run_stage(stage: str, *, arch: str, train: TrainConfig, partner: str | None,
 
         partner_acc = None
         if partner_net is not None:
-            partner_net.to(device)
             partner_acc = accuracy(predict(partner_net, data, train.batch_size), data.val_y)
             print(f"{spec.partner} {partner_ref.uri}: val_acc {partner_acc:.2f}%", flush=True)
 
@@ -322,7 +337,7 @@ def run_stage(stage: str, *, arch: str, train: TrainConfig, partner: str | None,
                 print(summary(s, train.epochs), flush=True)
 
             try:
-                history = fit(model, data, objective, train, partner=partner_net, on_epoch=on_epoch,
+                history = fit(model, data, objective, used, partner=partner_net, on_epoch=on_epoch,
                               resume=ckpt["engine"] if ckpt else None, stop=stop, progress=progress_bar)
             except Interrupted as exc:
                 distributed.done()
@@ -361,6 +376,16 @@ def run_stage(stage: str, *, arch: str, train: TrainConfig, partner: str | None,
     finally:
         mlflow.end_run(status)
     return StageResult(run.info.run_id, ref, last["val_acc"], last["agreement"], partner_ref, partner_acc)
+
+
+def precision_line(p: Precision, device: torch.device) -> str:
+    """One line for the terminal: the precision a stage trains in, and why."""
+    rates = ", ".join(f"{name} {rate:,.0f} img/s" for name, rate in sorted(p.rates.items()))
+    why = {"measured": f"amp=auto, measured: {rates}", "cached": f"amp=auto, measured before: {rates}",
+           "no native bf16": f"amp=auto: this {device.type.upper()} has no native bf16"}.get(p.reason, p.reason)
+    if p.bf16 and not bf16_supported(device):
+        why += f"; emulated: this {device.type.upper()} has no native bf16, so it is slower"
+    return f"precision: {'bf16' if p.bf16 else 'float32'} ({why})"
 
 
 def _processes(n: int) -> str:
