@@ -3,12 +3,14 @@ the run as predictions.csv."""
 
 import csv
 import io
+import sys
 
 import click
 import mlflow
 
 from entry.options import command, run
 from ttkd import registry, tracking
+from ttkd.errors import TTKDError
 from ttkd.predict import classify_folder
 from ttkd.stages import TAG_STAGE
 
@@ -17,13 +19,17 @@ from ttkd.stages import TAG_STAGE
 @click.option("--model", required=True, help="the model: NAME, NAME@ALIAS, NAME/VERSION, models:/... or runs:/...")
 @click.option("--images", required=True, help="folder of image files (any size: resized to the model's)")
 @click.option("--batch_size", type=click.IntRange(min=1), default=256, show_default=True)
-@click.option("--experiment", default="", help="MLflow experiment of the run (default as the stages')")
+@click.option("--experiment", default=None, help="MLflow experiment of the run (default as the stages')")
 def main(model, images, batch_size, experiment):
     """Classify every image file under IMAGES; writes predictions.csv (file, class, name,
     probability) and, for files that are not readable images, skipped.csv."""
-    tracking.use_experiment(experiment)
+    if experiment is not None and not experiment.strip():
+        raise TTKDError("invalid experiment: ''; give an experiment name, or leave experiment out for the default")
+    tracking.use_experiment(experiment or "")
     ref = registry.resolve(model)
-    result = classify_folder(ref.uri, images, batch_size)  # everything is read before the run opens
+    result = classify_folder(ref, images, batch_size)  # everything is read before the run opens
+    if result.warning:
+        print(f"warning: {result.warning}", file=sys.stderr, flush=True)
     with mlflow.start_run(run_name=f"predict {ref.name or ref.uri}"):
         mlflow.set_tag(TAG_STAGE, "predict")
         tracking.log_params({"model": ref.uri, "images": images, "predicted": len(result.rows),

@@ -79,14 +79,14 @@ def test_a_process_reads_only_its_shard_of_a_folder_on_disk(tmp_path):
 
 
 def test_a_batch_size_that_leaves_a_process_too_few_images_is_refused():
-    engine.check_world(1437, 360, 64, 2)  # last batches: 29 and 40 images
-    engine.check_world(100, 3, 2, 1)  # one process: anything goes
+    engine.check_batch(1437, 360, 64, 2)  # last batches: 29 and 40 images
+    engine.check_batch(100, 3, 2, 1)  # one process: anything goes
     with pytest.raises(engine.TTKDError, match="the last training batch \\(3 images\\)"):
-        engine.check_world(67, 64, 64, 2)
+        engine.check_batch(67, 64, 64, 2)
     with pytest.raises(engine.TTKDError, match="the last validation batch \\(1 images\\)"):
-        engine.check_world(128, 65, 64, 2)
+        engine.check_batch(128, 65, 64, 2)
     with pytest.raises(engine.TTKDError, match="each batch"):
-        engine.check_world(100, 100, 3, 2)
+        engine.check_batch(100, 100, 3, 2)
 
 
 def test_outside_a_process_group_the_helpers_change_nothing():

@@ -12,7 +12,7 @@ def make_version(name, val_acc, metric="val_acc"):
     """Log a small untrained model from a run with ``metric`` and register it; -> (run id, ModelRef)."""
     with mlflow.start_run() as run:
         mlflow.log_metric(metric, val_acc)
-        info = tracking.log_model(models.build("mlp", 10, 1, image_size=8), DIGITS)
+        info, _ = tracking.log_model(models.build("mlp", 10, 1, image_size=8), DIGITS, "mlp")
     return run.info.run_id, registry.register(info.model_uri, name, {"ttkd.stage": "baseline"}), info
 
 

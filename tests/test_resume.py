@@ -20,7 +20,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 def poison(monkeypatch, cls, after: int = 30):
     """Make ``cls``'s loss NaN from its ``after``-th call on (digits at batch 64: 23 steps
-    an epoch, so call 30 is epoch 2, step 7); returns a function that undoes it."""
+    an epoch, so call 30 is epoch 2, step 7); returns a function that undoes it. The stage
+    must run with amp=false: amp=auto's timed steps before the first epoch call it too."""
     real, calls = cls.forward, []
 
     def poisoned(self, b):
@@ -113,7 +114,7 @@ def test_sigterm_leaves_a_resumable_run_marked_killed(store, cli):
 
 def test_nan_fails_the_run_registers_nothing_and_keeps_the_last_good_checkpoint(store, cli, monkeypatch, tmp_path):
     poison(monkeypatch, CrossEntropy)
-    status, _, err = cli("baseline", "--epochs", "3", "--register_as", "never")
+    status, _, err = cli("baseline", "--epochs", "3", "--amp", "false", "--register_as", "never")
     assert status == 1
     assert "the training loss became NaN or infinite at epoch 2, step 7;" in err
     run = mlflow.search_runs(output_format="list")[0]
@@ -126,7 +127,7 @@ def test_nan_fails_the_run_registers_nothing_and_keeps_the_last_good_checkpoint(
 
 def test_resume_accepts_the_interrupted_command_and_names_each_value_that_differs(store, cli, monkeypatch):
     undo = poison(monkeypatch, CrossEntropy)
-    command = ("baseline", "--epochs", "3", "--lr", "0.05", "--register_as", "again")
+    command = ("baseline", "--epochs", "3", "--lr", "0.05", "--register_as", "again", "--amp", "false")
     status, _, err = cli(*command)
     assert status == 1 and "NaN or infinite at epoch 2" in err
     undo()
@@ -171,12 +172,16 @@ def test_resume_errors(store, cli, monkeypatch):
 
 def test_damaged_checkpoint_is_refused(store, cli, monkeypatch):
     poison(monkeypatch, CrossEntropy)
-    cli("baseline", "--epochs", "3")  # fails in epoch 2, leaving epoch 1's checkpoint
+    cli("baseline", "--epochs", "3", "--amp", "false")  # fails in epoch 2, leaving epoch 1's checkpoint
     run = mlflow.search_runs(output_format="list")[0]
     artifact = Path(run.info.artifact_uri.removeprefix("file://")) / "checkpoints" / "last.pt"
     artifact.write_bytes(artifact.read_bytes()[:1000])  # truncated
-    status, _, err = cli("baseline", "--resume", run.info.run_id)
-    assert status == 1 and "checkpoint last.pt is damaged or not a ttkd checkpoint" in err
+    status, _, err = cli("baseline", "--resume", "last")
+    assert status == 1 and err.count("\n") == 1, err
+    assert f"checkpoint last.pt of run {run.info.run_id} is damaged or not a ttkd checkpoint (" in err
+    assert "start the stage again; resume=last skips this run from now on" in err
+    status, _, err = cli("baseline", "--resume", "last")  # the damaged run is not picked again
+    assert status == 1 and "no unfinished baseline run to resume" in err
 
 
 def test_unreachable_tracking_server_fails_fast_with_its_uri(cli, monkeypatch, tmp_path):
@@ -196,14 +201,15 @@ def test_unreachable_tracking_server_fails_fast_with_its_uri(cli, monkeypatch, t
 @pytest.mark.slow
 def test_a_failed_study_resumes_reusing_its_finished_stages(store, cli, monkeypatch):
     undo = poison(monkeypatch, TrainedTeacher)  # the first teacher fails in its second epoch
-    status, _, err = cli("main", "--epochs", "2", "--register_as", "st")
+    status, _, err = cli("main", "--epochs", "2", "--amp", "false", "--register_as", "st")
     assert status == 1 and "NaN or infinite at epoch 2" in err and "4 of 5 stages did not finish" in err
     parent = mlflow.search_runs(output_format="list", filter_string="tags.`ttkd.stage` = 'main'")[0]
     assert parent.info.status == "FAILED"
     assert {m.name for m in MlflowClient().search_registered_models()} == {"st-student"}
 
     undo()
-    status, out, err = cli("main", "--epochs", "2", "--register_as", "st", "--resume", "last")  # as it ran
+    status, out, err = cli("main", "--epochs", "2", "--amp", "false", "--register_as", "st",
+                           "--resume", "last")  # as it ran
     assert status == 0, err
     assert "resuming run" in out and "| student, KD from trained teacher |" in out
     children = mlflow.search_runs(output_format="list",

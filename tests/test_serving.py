@@ -42,6 +42,9 @@ def test_pixels_take_both_layouts_and_numbers_that_are_pixel_values():
     ([[["a"] * 8] * 8], r"the images hold str\d* values, not numbers"),
     ([[[0] * 8] * 8, [[0] * 7] * 8], r"the images are not all the same size"),
     (pd.DataFrame({"a": [1]}), r"send the images as a tensor"),
+    (np.full((1, 1, 8, 8), np.inf), r"the images hold values that are not finite numbers \(such as inf\)"),
+    (np.full((1, 1, 8, 8), -np.inf), r"not finite numbers \(such as -inf\)"),
+    (np.full((1, 1, 8, 8), np.nan), r"not finite numbers \(such as nan\)"),
 ])
 def test_pixels_refuse_what_is_not_an_image_batch_in_one_line(images, reason):
     with pytest.raises(MlflowException, match=reason) as exc:
@@ -72,15 +75,19 @@ def test_predict_classifies_a_folder_skips_what_is_not_an_image_and_logs_a_csv(c
     (folder / "notes.txt").write_text("not an image")
     (folder / "cut.png").write_bytes((folder / "d0.png").read_bytes()[:40])
     (folder / ".hidden.png").write_bytes(b"ignored")
+    odd = folder / "caf\udce9.png"  # a name written on another system: byte 0xE9, not UTF-8
+    odd.write_bytes((folder / "d0.png").read_bytes())
 
     status, out, err = cli("predict", "--model", "digits-mlp@champion", "--images", str(folder))
     assert status == 0, err
-    assert "4 images classified with models:/digits-mlp/1 (1 resized to the model's size)" in out
+    assert "5 images classified with models:/digits-mlp/1 (1 resized to the model's size)" in out
     assert "skipped notes.txt: cannot identify image file" in out and "skipped cut.png:" in out
     run = mlflow.search_runs(output_format="list", filter_string="tags.`ttkd.stage` = 'predict'")[0]
     assert run.info.status == "FINISHED" and run.data.params["model"] == "models:/digits-mlp/1"
     rows = list(csv.DictReader(io.StringIO(mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/predictions.csv"))))
-    assert [r["file"] for r in rows] == ["d0.png", "d1.png", "d2.png", "more/big.jpg"]
+    assert [r["file"] for r in rows] == ["caf\\xe9.png", "d0.png", "d1.png", "d2.png", "more/big.jpg"]
+    assert rows[0]["class"] == rows[1]["class"]  # the same image
+    rows = rows[1:]
     served = mlflow.pyfunc.load_model(champion).predict(digits.val_x[:3].numpy())
     assert [int(r["class"]) for r in rows[:3]] == list(served["class"])
     assert [r["name"] for r in rows[:3]] == list(served["name"])
@@ -98,7 +105,20 @@ def test_predict_on_an_empty_or_unreadable_folder_is_one_line_and_opens_no_run(c
                                                 f"(a.png: cannot identify image file")):
         status, _, err = cli("predict", "--model", "digits-mlp", "--images", str(folder))
         assert status == 1 and message in err and err.count("\n") == 1
+    status, _, err = cli("predict", "--model", "digits-mlp", "--images", "")  # not the current folder
+    assert status == 1 and "images is empty; give the folder of image files to classify" in err
     assert mlflow.search_runs(output_format="list", filter_string="tags.`ttkd.stage` = 'predict'") == []
+
+
+def test_the_served_model_takes_more_images_than_its_exported_batch_bound(champion):
+    from ttkd.serving import MAX_BATCH
+    model = mlflow.pyfunc.load_model(champion)
+    digits = data.load("digits").val_x.numpy()
+    many = np.concatenate([digits] * (MAX_BATCH // len(digits) + 1))  # past the exported batch dimension's bound
+    assert len(many) > MAX_BATCH
+    answer = model.predict(many)
+    assert len(answer) == len(many)
+    assert list(answer["class"][:len(digits)]) == list(answer["class"][-len(digits):])
 
 
 @contextlib.contextmanager

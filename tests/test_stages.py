@@ -199,7 +199,7 @@ def register_foreign(shape, num_classes, name):
                           num_classes, (0.5,) * c, (0.25,) * c)
     with mlflow.start_run():
         mlflow.log_metric("val_acc", 50.0)
-        info = tracking.log_model(models.build("mlp", num_classes, c, image_size=h), fake)
+        info, _ = tracking.log_model(models.build("mlp", num_classes, c, image_size=h), fake, "mlp")
     registry.register(info.model_uri, name, {"ttkd.stage": "baseline"})
 
 
@@ -266,7 +266,20 @@ BAD_INPUTS = [
      "method dist does not use alpha; it takes dist_beta, dist_gamma, dist_tau"),
     (("distill", "--teacher", "digits-mlp", "--dkd_beta", "4"), 1, "method kd does not use dkd_beta"),
     (("distill", "--teacher", "digits-mlp"), 1,
-     "teacher models:/digits-mlp/1 has no weights to rebuild it from (no checkpoints/last.pt"),
+     "teacher models:/digits-mlp/1 was trained on fake (classes 0..9, digest "),
+    (("distill", "--teacher", "digits-mlp", "--partner_data", "all"), 1,
+     "invalid partner_data: 'all'; partner_data must be same or any"),
+    (("baseline", "--lr", "inf"), 1, "invalid lr: 'inf'; lr must be a number > 0, and finite"),
+    (("distill", "--teacher", "digits-mlp", "--alpha", "nan"), 1, "invalid alpha: 'nan'"),
+    (("teach", "--student", "digits-mlp", "--weight", "-inf"), 1, "invalid weight: '-inf'; weight must be a number"),
+    (("baseline", "--batch_size", "100000"), 1,
+     "batch_size 100000 is larger than the training split (1437 images); choose a batch_size of at most 1437"),
+    (("baseline", "--experiment", ""), 1, "invalid experiment: ''; give an experiment name"),
+    (("baseline", "--experiment", "e" * 300), 1, "experiment must be a name of at most 256 characters"),
+    (("baseline", "--register_as", "m" * 300), 1,
+     "(300 characters): the registry keeps names of at most 256 characters; choose a shorter register_as"),
+    (("main", "--register_as", "m" * 240), 1, "characters): the registry keeps names of at most 256 characters"),
+    (("promote", "--model", "digits-mlp", "--alias", "a" * 300), 1, "the registry keeps aliases of at most 256"),
     (("main", "--method", "at"), 1, "method at matches spatial attention maps, but mlp and cnn have no pair"),
     (("main", "--method", "dkd", "--alpha", "0.5"), 1, "method dkd does not use alpha"),
     (("promote", "--model", "nope"), 1, "no registered model named 'nope'"),

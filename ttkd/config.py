@@ -121,13 +121,18 @@ PARAMS: dict[str, Param] = {p.name: p for p in [
           "rdzv_endpoint to answer)", "an integer >= 1", lambda v: v >= 1),
     Param("experiment", "str", "", "MLflow experiment the runs go in, created when missing (default: "
           "MLFLOW_EXPERIMENT_NAME, else the one `mlflow run` opened its run in, else Default); "
-          "resume=last looks in it"),
+          "resume=last looks in it", "a name of at most 256 characters (what MLflow's tables hold)",
+          lambda v: len(v) <= 256),
     Param("resume", "str", "", "continue an unfinished run of this stage from its last checkpoint: "
           "its run id, or last for the newest"),
     Param("student", "str", "", "the frozen student: a model reference", "a model reference",
           lambda v: v != ""),
     Param("teacher", "str", "", "the frozen teacher: a model reference", "a model reference",
           lambda v: v != ""),
+    Param("partner_data", "str", "same", "same: the frozen partner must have been trained on this stage's data "
+          "set (its name, class names in order and training images); any: allow another data set with the "
+          "same image shape and class count, tagging the run ttkd.partner_data=foreign", "same or any",
+          _choice(lambda: ["same", "any"])),
     Param("weight", "float", 0.005, "w of CE + w·T²·KL(teacher ‖ student): > 0 trained, 0 normal, < 0 nasty",
           "a number"),
     Param("alpha", "float", 0.9, "weight of the KL term: (1 − α)·CE + α·T²·KL", "a number in [0, 1]",
@@ -183,8 +188,9 @@ COMMON = ("dataset", "data_dir", "stream") + TRAIN + ("register_as", "experiment
 STUDY = ("student_arch", "teacher_arch", "temperature", "alpha", "kd_temperature") + METHOD_PARAMS
 STAGE_PARAMS: dict[str, tuple[str, ...]] = {
     "baseline": COMMON + ("arch", "resume"),
-    "teach": COMMON + ("arch", "student", "weight", "temperature", "resume"),
-    "distill": COMMON + ("arch", "teacher", "method", "alpha", "temperature") + METHOD_PARAMS + ("resume",),
+    "teach": COMMON + ("arch", "student", "partner_data", "weight", "temperature", "resume"),
+    "distill": COMMON + ("arch", "teacher", "partner_data", "method", "alpha", "temperature") + METHOD_PARAMS
+    + ("resume",),
     "main": COMMON + STUDY + ("weight", "method", "resume"),
     "sweep": tuple(n for n in COMMON if n != "seed") + STUDY + ("seeds", "weights", "methods", "jobs",
                                                                 "threads", "force", "resume"),
@@ -263,8 +269,9 @@ def parse(param: Param, raw: Any) -> Any:
             value = raw.strip()
     except (TypeError, ValueError, KeyError, TTKDError):
         raise TTKDError(f"invalid {param.name}: {raw!r}; {param.name} must be {param.allowed or param.kind}") from None
-    if param.kind == "float" and value != value:
-        raise TTKDError(f"invalid {param.name}: {raw!r}; {param.name} must be {param.allowed}")
+    if param.kind == "float" and not math.isfinite(value):  # inf and nan pass every comparison check
+        raise TTKDError(f"invalid {param.name}: {raw!r}; {param.name} must be {param.allowed or 'a number'}, "
+                        f"and finite")
     if not param.valid(value):
         raise TTKDError(f"invalid {param.name}: {raw!r}; {param.name} must be {param.allowed}")
     return value
@@ -356,6 +363,9 @@ def resolve(stage: str, given: dict[str, Any], preset: str | None = None) -> Run
         elif preset_for != stage:
             raise TTKDError(f"preset {preset!r} is for the {preset_for} stage; run it with "
                             f"-e {preset_for}" + ("" if preset_for == "sweep" else " (or with the main entry point)"))
+    if given.get("experiment") is not None and not str(given["experiment"]).strip():  # '' given: a mistake
+        raise TTKDError("invalid experiment: ''; give an experiment name, or leave experiment out for the "
+                        "default (MLFLOW_EXPERIMENT_NAME, else the one `mlflow run` opened, else Default)")
     # an empty value is "not given", except for a sweep's lists, where it is an empty list
     cli = {k: v for k, v in given.items() if k in STAGE_PARAMS[stage] and v is not None
            and (v != "" or PARAMS[k].kind in ("floats", "strs", "seeds"))}

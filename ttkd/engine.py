@@ -498,9 +498,13 @@ class _NonFiniteWatch:
         return int(self.host)
 
 
-def check_world(n_train: int, n_val: int, batch_size: int, processes: int) -> None:
-    """Refuse a batch size that would leave a process with fewer than 2 images of a
-    training batch (BatchNorm needs 2) or none of a validation batch."""
+def check_batch(n_train: int, n_val: int, batch_size: int, processes: int) -> None:
+    """Refuse a batch size larger than the training split (every epoch would be one step
+    on fewer images than asked for), or one that would leave a process with fewer than 2
+    images of a training batch (BatchNorm needs 2) or none of a validation batch."""
+    if batch_size > n_train:
+        raise TTKDError(f"batch_size {batch_size} is larger than the training split ({n_train} images); "
+                        f"choose a batch_size of at most {n_train}")
     if processes == 1:
         return
     short = [f"{what} ({n % batch_size} images)" for what, n, need in

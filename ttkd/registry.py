@@ -32,6 +32,7 @@ DB_TIMEOUT_S = 5.0  # and a database server
 DATABASES = ("postgresql", "mysql", "mssql")  # tracking stores MLflow keeps in a database server
 _SCHEMA_LOCK = 0x7474_6B64  # PostgreSQL advisory lock held while MLflow creates its tables
 _ILLEGAL_NAME = re.compile(r"[/@:]")
+MAX_NAME = 256  # characters of a registered model's name or alias that MLflow's tables hold (PostgreSQL: varchar)
 
 
 def prepare_store() -> None:
@@ -114,11 +115,15 @@ class ModelRef:
         return self.uri
 
 
-def check_model_name(name: str) -> None:
-    """Refuse a registered-model name that model references could not address."""
+def check_model_name(name: str, what: str = "model name") -> None:
+    """Refuse a registered-model (or alias) name that model references could not address,
+    or that the registry cannot store."""
     if not name or _ILLEGAL_NAME.search(name):
-        raise TTKDError(f"invalid model name {name!r}: use a non-empty name without '/', '@' "
+        raise TTKDError(f"invalid {what} {name!r}: use a non-empty name without '/', '@' "
                         f"or ':' (they separate versions, aliases and URI schemes)")
+    if len(name) > MAX_NAME:
+        raise TTKDError(f"invalid {what} {name[:40]}… ({len(name)} characters): the registry keeps names of at most "
+                        f"{MAX_NAME} characters; choose a shorter register_as")
 
 
 def resolve(reference: str, client: MlflowClient | None = None) -> ModelRef:
@@ -184,13 +189,15 @@ def _check_loadable(ref: ModelRef) -> ModelRef:
     try:
         mlflow.models.get_model_info(ref.uri)
     except (MlflowException, OSError) as exc:
-        raise TTKDError(f"cannot find a model at {ref.uri} ({_first_line(exc)}); "
+        raise TTKDError(f"cannot find a model at {ref.uri} ({first_line(exc)}); "
                         f"check the run id and artifact path") from None
     return ref
 
 
-def _first_line(exc: Exception) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+def first_line(exc: BaseException) -> str:
+    """An exception's first line, whole (a one-line message must not end mid-word)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def register(model_uri: str, name: str, tags: dict[str, str]) -> ModelRef:
@@ -263,6 +270,9 @@ def promote(reference: str, metric: str = "val_acc", alias: str = DEFAULT_ALIAS,
     if not re.fullmatch(r"[A-Za-z_][\w-]*", alias) or re.fullmatch(r"v\d+", alias):
         raise TTKDError(f"invalid alias {alias!r}: use letters, digits, '_' or '-', not starting "
                         f"with a digit; v<number> is reserved by MLflow")
+    if len(alias) > MAX_NAME:
+        raise TTKDError(f"invalid alias {alias[:40]}… ({len(alias)} characters): the registry keeps aliases of at "
+                        f"most {MAX_NAME} characters; choose a shorter alias")
     _registered(client, name)
     evidence: tuple[str, ...] = ()
     if by == "students":

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import json
 import os
 import signal
 import sys
@@ -38,7 +39,7 @@ from ttkd.engine import (
     TrainConfig,
     accuracy,
     bf16_supported,
-    check_world,
+    check_batch,
     choose_precision,
     fit,
     predict,
@@ -53,6 +54,8 @@ TAG_STAGE = "ttkd.stage"
 TAG_PARTNER = registry.TAG_PARTNER
 TAG_METHOD = "ttkd.method"
 TAG_PRECISION = "ttkd.precision"
+TAG_UNRESUMABLE = "ttkd.unresumable"  # why resume=last passes a run by (its checkpoint is damaged)
+TAG_PARTNER_DATA = "ttkd.partner_data"  # "foreign": the partner was trained on another data set (partner_data=any)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,7 +195,7 @@ def build(setup: Setup, data: datasets.ImageData | None = None):
     checkpoint's weights; ``data`` if it was loaded already. Nothing is on the device yet."""
     spec = STAGES[setup.stage]
     data = data or datasets.load(setup.dataset, setup.data_dir, setup.stream)
-    check_world(len(data.train_y), len(data.val_y), setup.train.batch_size, distributed.size())
+    check_batch(len(data.train_y), len(data.val_y), setup.train.batch_size, distributed.size())
     set_deterministic(setup.train.deterministic)
     seed_everything(setup.train.seed)
     model = models.build(setup.arch, data.num_classes, data.in_channels, image_size=data.image_shape[-1])
@@ -227,11 +230,12 @@ FOLLOWER_STOPS = (Interrupted, NonFiniteLoss)  # stops every process agrees on: 
 def run_stage(stage: str, *, arch: str, train: TrainConfig, partner: str | None, method: str,
               method_params: dict, dataset: str, data_dir: str | None, stream: bool | None,
               register_as: str, tags: dict[str, str] | None = None, parent_run_id: str | None = None,
-              resume_from: tuple[str, dict] | None = None) -> StageResult:
+              resume_from: tuple[str, dict] | None = None, partner_data: str = "same") -> StageResult:
     """Run ``stage`` (a name in ``STAGES``): train ``arch`` with ``method`` beside the
-    frozen ``partner`` reference, log everything to an MLflow run and register the result
-    as ``register_as``. ``tags`` go on the run and on the registered version; the run is a
-    child of ``parent_run_id`` (or of the active run) if given. ``resume_from`` = (run id,
+    frozen ``partner`` reference (trained on this stage's data set unless ``partner_data``
+    is ``any``), log everything to an MLflow run and register the result as ``register_as``.
+    ``tags`` go on the run and on the registered version; the run is a child of
+    ``parent_run_id`` (or of the active run) if given. ``resume_from`` = (run id,
     checkpoint) continues that run. In a process group this is the leader's part; the
     followers train alongside in :func:`follow_stage`."""
     spec = STAGES[stage]
@@ -247,12 +251,16 @@ def run_stage(stage: str, *, arch: str, train: TrainConfig, partner: str | None,
     setup = Setup(stage, arch, train, method, method_params, dataset, data_dir, stream,
                   ckpt=resume_from[1] if resume_from else None)
     data = datasets.load(dataset, data_dir, stream)
-    partner_ref = None
+    partner_ref = found = None
     if partner is not None:
         partner_ref = registry.resolve(partner)  # pinned to one version for every process
         with tempfile.TemporaryDirectory() as tmp:
-            net, partner_arch = tracking.load_partner(partner_ref, data, spec.partner, tmp)
-        setup = dataclasses.replace(setup, partner_arch=partner_arch, partner_state=net.state_dict())
+            found = tracking.load_partner(partner_ref, data, spec.partner, tmp, partner_data)
+        if found.unchecked:
+            print(f"warning: {found.unchecked}", file=sys.stderr, flush=True)
+        if found.foreign:
+            print(f"partner_data=any: {found.foreign}", flush=True)
+        setup = dataclasses.replace(setup, partner_arch=found.arch, partner_state=found.net.state_dict())
     data, model, partner_net, objective = build(setup, data)
     data = data.to(device)
     model.to(device)
@@ -270,7 +278,7 @@ def run_stage(stage: str, *, arch: str, train: TrainConfig, partner: str | None,
     kwargs = {"arch": arch, "dataset": dataset, "data_dir": data_dir, "stream": stream,
               "register_as": register_as, "train": dataclasses.asdict(used), "method": method,
               "method_params": method_params, "partner": partner_ref.uri if partner_ref else None,
-              "tags": tags or {}}
+              "partner_data": partner_data, "tags": tags or {}}
     if world is not None:
         distributed.lead(setup)
 
@@ -285,13 +293,15 @@ def run_stage(stage: str, *, arch: str, train: TrainConfig, partner: str | None,
             run_tags = {TAG_STAGE: stage, TAG_METHOD: method} | (tags or {})
             if partner_ref is not None:
                 run_tags[TAG_PARTNER] = partner_ref.uri
+            if found is not None and found.foreign:
+                run_tags[TAG_PARTNER_DATA] = "foreign"
             mlflow.set_tags(run_tags)
             tracking.log_params({
                 "dataset": dataset, "data_dir": data_dir or "", "stream": STREAM_WORDS[stream],
                 "streamed": data.streamed, "arch": arch,
                 "register_as": register_as, **dataclasses.asdict(train),
                 **({"method": method} if stage == "distill" else {}), **method_params,
-                **({spec.partner: partner} if partner else {}),
+                **({spec.partner: partner, "partner_data": partner_data} if partner else {}),
                 "num_params": models.num_parameters(model), "device_used": str(device),
                 "world_size": distributed.size(),
             })
@@ -363,11 +373,14 @@ def run_stage(stage: str, *, arch: str, train: TrainConfig, partner: str | None,
             last = dataclasses.asdict(history[-1])
         mlflow.log_metric("best_val_acc", best[0])
 
-        info = tracking.log_model(model, data)
+        info, digests = tracking.log_model(model, data, arch)
+        mlflow.set_tag(tracking.TAG_DIGESTS, json.dumps(digests, sort_keys=True))
         version_tags = {TAG_STAGE: stage, TAG_METHOD: method, "ttkd.dataset": dataset, "ttkd.arch": arch,
-                        **(tags or {})}
+                        tracking.TAG_DIGESTS: json.dumps(digests, sort_keys=True), **(tags or {})}
         if partner_ref is not None:
             version_tags[TAG_PARTNER] = partner_ref.uri
+        if found is not None and found.foreign:
+            version_tags[TAG_PARTNER_DATA] = "foreign"
         ref = registry.register(info.model_uri, register_as, version_tags)
         mlflow.set_tag("ttkd.registered_model", ref.uri)
         print(f"registered {ref.uri} (val_acc {last['val_acc']:.2f}%, run {run.info.run_id})",
@@ -479,7 +492,11 @@ def resume(stage: str, reference: str, cfg: RunConfig | None = None) -> StageRes
     if cfg is not None:
         check_resume(cfg, run_id, run.data.params)
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt = tracking.download_checkpoint(run_id, tmp)
+        try:
+            ckpt = tracking.download_checkpoint(run_id, tmp)
+        except tracking.DamagedCheckpoint as exc:  # never again the newest run to resume
+            client.set_tag(run_id, TAG_UNRESUMABLE, "damaged checkpoint")
+            raise tracking.DamagedCheckpoint(f"{exc}; resume=last skips this run from now on") from None
     if ckpt is None:
         raise NoCheckpoint(f"run {run_id} has no checkpoint (it stopped in its first epoch); "
                            f"start the stage again without resume")
@@ -493,7 +510,7 @@ def resume(stage: str, reference: str, cfg: RunConfig | None = None) -> StageRes
     return run_stage(stage, arch=kw["arch"], train=train_config(kw["train"]), partner=kw["partner"],
                      method=kw["method"], method_params=kw["method_params"], dataset=kw["dataset"],
                      data_dir=kw["data_dir"], stream=kw["stream"], register_as=kw["register_as"],
-                     tags=kw.get("tags"), resume_from=(run_id, ckpt))
+                     tags=kw.get("tags"), resume_from=(run_id, ckpt), partner_data=kw.get("partner_data", "same"))
 
 
 def unfinished_run(stage: str, reference: str):
@@ -503,7 +520,7 @@ def unfinished_run(stage: str, reference: str):
         runs = [r for r in mlflow.search_runs([experiment.experiment_id], output_format="list",
                                               filter_string=f"tags.`{TAG_STAGE}` = '{stage}'",
                                               order_by=["attributes.start_time DESC"], max_results=50)
-                if r.info.status != "FINISHED"]
+                if r.info.status != "FINISHED" and TAG_UNRESUMABLE not in r.data.tags]
         if not runs:
             raise TTKDError(f"no unfinished {stage} run to resume in experiment {experiment.name!r}; "
                             f"start one without resume, or give the experiment it ran in (experiment=NAME)")
