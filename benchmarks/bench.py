@@ -5,6 +5,7 @@
     python -m benchmarks.bench --on-disk          # an image folder decoded into memory vs left on disk
     python -m benchmarks.bench --methods          # each KD method's cost per step, relative to kd
     python -m benchmarks.bench --methods-accuracy # each KD method's student, from normal and trained teachers
+    python -m benchmarks.bench --compile-accuracy # digits: eager against compiled training, paired over seeds
 
 Speed: for each stage (baseline: the student alone; teach: the teacher beside the frozen
 student; distill: the student beside the frozen teacher) it measures in this one process,
@@ -13,14 +14,17 @@ on the same models, batch size and CIFAR-shaped random data:
     seed     the seed's loop: PIL images through per-sample torchvision transforms
              (random crop 32/4, flip, to-tensor, normalise) in a DataLoader with 4 workers,
              float32, the partner under no_grad, ``.item()`` and a numpy accuracy every step
-    ttkd     ``ttkd.engine.fit`` (its second epoch), as every stage runs it
+    ttkd eager  ``ttkd.engine.fit`` (its second epoch), in the precision amp chose, not compiled
+    ttkd     the same, as configured: amp and compile as a 240-epoch CIFAR stage decides them
+             (``choose_step``; default auto)
     compute  forward + backward of the same network(s) on one batch already in memory,
-             in ttkd's precision: the ceiling for any data pipeline
+             in ttkd's precision, eager and through ``torch.compile``: the ceiling for any
+             data pipeline
 
-The three take turns, ``--repeat`` rounds per stage (a slow spell of a shared machine
+The paths take turns, ``--repeat`` rounds per stage (a slow spell of a shared machine
 then hits them all), and it prints the median images per second, ttkd/seed (with its
-range over the rounds), ttkd/compute and each path's peak memory (resident set size
-on the CPU, allocated memory on a GPU).
+range over the rounds), ttkd over the faster compute path and each path's peak memory
+(resident set size on the CPU, allocated memory on a GPU).
 
 Accuracy: the digits study's five networks trained by ttkd with bf16 on, with it off, and
 by the seed's DataLoader loop, over several seeds; prints mean ± standard deviation.
@@ -34,6 +38,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import math
 import statistics
 import sys
 import time
@@ -51,11 +57,11 @@ from ttkd.engine import (
     TrainConfig,
     accuracy,
     bf16_supported,
-    choose_precision,
+    choose_step,
+    compiled_step,
     device_name,
     fit,
     frozen,
-    partner_outputs,
     predict,
     resolve_device,
     seed_everything,
@@ -187,25 +193,37 @@ def measure_seed(stage, args, data, device):
     return rate, mem.mib
 
 
-def measure_ttkd(stage, args, data, device, method="kd"):
+# what amp=auto and compile=auto decide for: a stage of the literature's length (240 epochs
+# of CIFAR's 50,000 training images), not the short measurement itself
+STAGE_EPOCHS, STAGE_IMAGES = 240, 50_000
+
+
+def ttkd_choice(stage, args, data, device):
+    """How ``fit`` runs ``stage`` with ``args.amp`` and ``args.compile``, decided for a
+    240-epoch CIFAR stage (measured once, then cached)."""
+    torch.manual_seed(0)
+    model, partner, method = stage_setup(stage, args.student, args.teacher, data, device)
+    config = TrainConfig(batch_size=args.batch_size, amp=args.amp, compile=args.compile, device=str(device))
+    return choose_step(model, data, method, config, partner,
+                       steps=STAGE_EPOCHS * math.ceil(STAGE_IMAGES / args.batch_size))
+
+
+def measure_ttkd(stage, args, data, device, method="kd", compiled=True):
+    """``fit``'s second epoch: as configured (``compiled``), or eager in the same precision."""
+    choice = ttkd_choice(stage, args, data, device)
     torch.manual_seed(0)
     model, partner, objective = stage_setup(stage, args.student, args.teacher, data, device, method)
-    config = TrainConfig(epochs=2, batch_size=args.batch_size, lr=0.01, amp=args.amp, device=str(device))
+    config = TrainConfig(epochs=2, batch_size=args.batch_size, lr=0.01, amp=choice.bf16,
+                         compile=(choice.compile or False) if compiled else False, device=str(device))
     with PeakMemory(device) as mem:
         history = fit(model, data, objective, config, partner=partner)
     return history[-1].throughput, mem.mib
 
 
-def ttkd_precision(stage, args, data, device):
-    """The precision ``fit`` trains ``stage`` in with ``args.amp`` (measured once, then cached)."""
-    torch.manual_seed(0)
-    model, partner, method = stage_setup(stage, args.student, args.teacher, data, device)
-    config = TrainConfig(batch_size=args.batch_size, amp=args.amp, device=str(device))
-    return choose_precision(model, data, method, config, partner)
-
-
-def measure_compute(stage, args, data, device):
-    fast = ttkd_precision(stage, args, data, device).bf16
+def measure_compute(stage, args, data, device, mode=None):
+    """Forward and backward alone on one batch in memory, in ttkd's precision; with
+    ``mode``, the same step through ``torch.compile``."""
+    fast = ttkd_choice(stage, args, data, device).bf16
     torch.manual_seed(0)
     model, partner, method = stage_setup(stage, args.student, args.teacher, data, device)
     model.to(memory_format=torch.channels_last if fast else torch.contiguous_format)
@@ -214,11 +232,11 @@ def measure_compute(stage, args, data, device):
     x, y = next(datasets.batches(data, "train", args.batch_size, channels_last=fast,
                                  generator=torch.Generator().manual_seed(0)))
     model.train()
-    objective = Objective(model, method, fast, features=False)
+    objective, partner_run = compiled_step(Objective(model, method, fast, features=False), partner, fast,
+                                           False, mode)
 
     def step():
-        batch = partner_outputs(partner, x, fast, False) if partner is not None else {}
-        objective(x, y, epoch=1, **batch)["loss"].backward()
+        objective(x, y, epoch=1, **(partner_run(x) if partner is not None else {}))["loss"].backward()
         model.zero_grad(set_to_none=True)
 
     steps = max(3, args.images // args.batch_size)
@@ -238,12 +256,15 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-MEASURES = (("seed", measure_seed), ("ttkd", measure_ttkd), ("compute", measure_compute))
+MEASURES = (("seed", measure_seed), ("ttkd_eager", functools.partial(measure_ttkd, compiled=False)),
+            ("ttkd", measure_ttkd), ("compute", measure_compute),
+            ("compute_compiled", functools.partial(measure_compute, mode="default")))
 
 
 def speed(args) -> list[dict]:
-    """Measure every stage ``args.repeat`` times, the three paths taking turns so that a
-    slow spell of the machine hits all of them; report medians and the ratios' range."""
+    """Measure every stage ``args.repeat`` times, the paths taking turns so that a slow
+    spell of the machine hits all of them; report medians and the ratios' range. ttkd is
+    compared with the faster of the two compute paths."""
     device = resolve_device(args.device)
     full = datasets.load(args.dataset)
     n = args.images + 4 * args.batch_size  # the measured epoch plus the seed loop's warm-up
@@ -251,9 +272,15 @@ def speed(args) -> list[dict]:
                                val_x=full.val_x[:args.batch_size], val_y=full.val_y[:args.batch_size])
     rows = []
     for stage in args.stages:
-        p = ttkd_precision(stage, args, data.to(device), device)
-        print(f"# {stage}: ttkd trains in {'bf16' if p.bf16 else 'float32'} ({p.reason}"
-              + "".join(f", {k} {v:,.0f} img/s" for k, v in sorted(p.rates.items())) + ")", file=sys.stderr)
+        c = ttkd_choice(stage, args, data.to(device), device)
+        print(f"# {stage}: ttkd trains in {'bf16' if c.bf16 else 'float32'} ({c.reason}"
+              + "".join(f", {k} {v:,.0f} img/s" for k, v in sorted(c.rates.items()))
+              + f"), compile {c.compile or 'off'} ({c.compile_reason})", file=sys.stderr)
+        if c.compile_s is not None:
+            rate = c.rates[f"{'bf16' if c.bf16 else 'float32'}+{c.compile or 'default'}"]
+            stage_s = STAGE_EPOCHS * STAGE_IMAGES / rate
+            print(f"# {stage}: compiling took {c.compile_s:.0f} s, {100 * c.compile_s / stage_s:.3f}% of a "
+                  f"{STAGE_EPOCHS}-epoch CIFAR stage ({stage_s / 3600:.1f} h at {rate:,.0f} img/s)", file=sys.stderr)
         rates = {name: [] for name, _ in MEASURES}
         peak = dict.fromkeys(rates, 0.0)
         for _ in range(args.repeat):
@@ -261,20 +288,23 @@ def speed(args) -> list[dict]:
                 rate, mib = measure(stage, args, data if name == "seed" else data.to(device), device)
                 rates[name].append(rate)
                 peak[name] = max(peak[name], mib)
+        compute = [max(a, b) for a, b in zip(rates["compute"], rates["compute_compiled"])]
         vs_seed = [t / s for t, s in zip(rates["ttkd"], rates["seed"])]
-        of_compute = [t / c for t, c in zip(rates["ttkd"], rates["compute"])]
+        of_compute = [t / c for t, c in zip(rates["ttkd"], compute)]
         rows.append(dict(stage=stage, **{k: statistics.median(v) for k, v in rates.items()},
                          vs_seed=statistics.median(vs_seed), vs_seed_range=(min(vs_seed), max(vs_seed)),
                          of_compute=statistics.median(of_compute),
-                         seed_mib=peak["seed"], ttkd_mib=peak["ttkd"], compute_mib=peak["compute"]))
+                         seed_mib=peak["seed"], ttkd_mib=peak["ttkd"],
+                         compute_mib=max(peak["compute"], peak["compute_compiled"])))
         print(_row(rows[-1]), flush=True)
     return rows
 
 
 def _row(r) -> str:
     low, high = r["vs_seed_range"]
-    return (f"| {r['stage']} | {r['seed']:,.0f} | {r['ttkd']:,.0f} | {r['compute']:,.0f} | "
-            f"{r['vs_seed']:.2f}x ({low:.2f}-{high:.2f}) | {100 * r['of_compute']:.0f}% | "
+    return (f"| {r['stage']} | {r['seed']:,.0f} | {r['ttkd_eager']:,.0f} | {r['ttkd']:,.0f} | "
+            f"{r['compute']:,.0f} | {r['compute_compiled']:,.0f} | {r['vs_seed']:.2f}x ({low:.2f}-{high:.2f}) | "
+            f"{100 * r['of_compute']:.0f}% | "
             f"{r['seed_mib']:,.0f} / {r['ttkd_mib']:,.0f} / {r['compute_mib']:,.0f} |")
 
 
@@ -364,6 +394,29 @@ def accuracy_table(args) -> str:
     return "\n".join(lines)
 
 
+def compile_accuracy(args) -> str:
+    """Over ``args.seeds`` seeds on digits: ``args.student`` trained from scratch eagerly and
+    with its step compiled (float32, default parameters); the paired difference of val_acc
+    with its 95% interval, by the sweep's statistics."""
+    from ttkd.studies.report import interval, paired
+
+    device = resolve_device(args.device)
+    data = datasets.load("digits").to(device)
+    acc = {False: {}, True: {}}
+    for seed in range(args.seeds):
+        for compiled in (False, True):
+            seed_everything(seed)
+            model = models.build(args.student, data.num_classes, data.in_channels, image_size=8).to(device)
+            method = make_method("ce", model, None, data, "baseline")
+            config = TrainConfig(seed=seed, amp=False, compile=compiled, device=str(device))
+            acc[compiled][seed] = fit(model, data, method, config)[-1].val_acc
+            print(f"seed {seed} {'compiled' if compiled else 'eager'}: {acc[compiled][seed]:.2f}",
+                  file=sys.stderr, flush=True)
+    d, e, c = paired(acc[True], acc[False]), interval(acc[False].values()), interval(acc[True].values())
+    return (f"digits, {args.student}, {args.seeds} seeds, float32: eager {e.mean:.2f} ± {e.std:.2f}, compiled "
+            f"{c.mean:.2f} ± {c.std:.2f}; compiled − eager {d.mean:+.2f} pp [95% CI {d.low:+.2f}, {d.high:+.2f}]")
+
+
 def method_speed(args) -> list[tuple[str, float, float]]:
     """The distill stage's training images/s for every KD method, through ``fit`` (its
     second epoch), methods taking turns for ``args.repeat`` rounds; returns
@@ -437,9 +490,13 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--no-amp", dest="amp", action="store_const", const=False, default="auto",
                         help="ttkd in float32 (default: amp=auto, bf16 where measured faster)")
+    parser.add_argument("--compile", choices=("auto", "true", "false"), default="auto",
+                        help="ttkd's compile setting (auto: as for a 240-epoch CIFAR stage)")
     parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
     parser.add_argument("--accuracy", action="store_true", help="compare accuracies instead of speed")
     parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--compile-accuracy", action="store_true",
+                        help="digits: --student trained eagerly and compiled over --seeds seeds, paired difference")
     parser.add_argument("--on-disk", action="store_true",
                         help="time the baseline stage on PNG files, decoded into memory and left on disk")
     parser.add_argument("--methods", action="store_true",
@@ -448,6 +505,7 @@ def main(argv=None) -> None:
                         help="digits: each KD method's student from a normal and a trained teacher "
                              "(default --student resnet8 --teacher cnn)")
     args = parser.parse_args(argv)
+    args.compile = {"auto": "auto", "true": True, "false": False}[args.compile]
     # the seed's 4 workers on a machine with fewer cores are what is being measured
     warnings.filterwarnings("ignore", message="This DataLoader will create", category=UserWarning)
     device = resolve_device(args.device)
@@ -455,6 +513,9 @@ def main(argv=None) -> None:
           f"amp={str(args.amp).lower()}, native bf16 {'yes' if bf16_supported(device) else 'no'}", file=sys.stderr)
     if args.accuracy:
         print(accuracy_table(args))
+        return
+    if args.compile_accuracy:
+        print(compile_accuracy(args))
         return
     if args.methods_accuracy:
         if "--student" not in (argv or sys.argv):
@@ -481,9 +542,9 @@ def main(argv=None) -> None:
         return
     print(f"student {args.student}, teacher {args.teacher}, batch {args.batch_size}, "
           f"{args.images} images per measurement, median of {args.repeat}; images/s and peak MiB\n")
-    print("| stage | seed loop | ttkd | compute | ttkd/seed (range) | ttkd/compute | "
-          "peak MiB seed / ttkd / compute |")
-    print("|---|---:|---:|---:|---:|---:|---|")
+    print("| stage | seed loop | ttkd eager | ttkd (auto) | compute eager | compute compiled | ttkd/seed (range) | "
+          "ttkd/compute | peak MiB seed / ttkd / compute |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
     speed(args)
 
 

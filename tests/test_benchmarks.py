@@ -2,17 +2,24 @@
 
 import re
 
+import pytest
+
 from benchmarks import bench
 
 
+@pytest.mark.slow  # the compiled compute path compiles each stage's networks
 def test_speed_benchmark_reports_every_stage(capsys):
-    bench.main(["--images", "128", "--batch-size", "32", "--workers", "0", "--dataset", "synthetic-3x16x16-10"])
-    out = capsys.readouterr().out
-    rows = [l for l in out.splitlines() if re.match(r"\| (baseline|teach|distill) \|", l)]
+    bench.main(["--images", "128", "--batch-size", "32", "--workers", "0", "--dataset", "synthetic-3x16x16-10",
+                "--repeat", "1", "--compile", "false"])
+    captured = capsys.readouterr()
+    rows = [l for l in captured.out.splitlines() if re.match(r"\| (baseline|teach|distill) \|", l)]
     assert [r.split("|")[1].strip() for r in rows] == ["baseline", "teach", "distill"]
     for row in rows:
-        seed, ours, compute = (float(c.replace(",", "")) for c in row.split("|")[2:5])
-        assert seed > 0 and ours > 0 and compute > 0
+        cells = row.split("|")[2:9]
+        rates = [float(c.replace(",", "")) for c in cells[:5]]  # seed, ttkd eager, ttkd, compute eager, compiled
+        assert min(rates) > 0 and re.fullmatch(r" \d+\.\d\dx \(\d+\.\d\d-\d+\.\d\d\) ", cells[5])
+        assert re.fullmatch(r" \d+% ", cells[6])
+    assert "# baseline: ttkd trains in " in captured.err and "compile off (compile=false)" in captured.err
 
 
 def test_seed_style_dataset_matches_ttkd_normalisation():
@@ -35,7 +42,7 @@ def test_on_disk_benchmark_times_both_paths(capsys):
 def test_method_benchmark_times_every_method(capsys):
     from ttkd import kd
     bench.main(["--methods", "--images", "64", "--batch-size", "16", "--repeat", "1",
-                "--dataset", "synthetic-3x16x16-10"])
+                "--dataset", "synthetic-3x16x16-10", "--compile", "false"])
     rows = [l for l in capsys.readouterr().out.splitlines() if l.startswith("| ") and "x |" in l]
     assert [r.split("|")[1].strip() for r in rows] == kd.names()
     assert rows[0].endswith("| 1.00x |")  # kd against itself

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ttkd import calibration, data, engine, models
-from ttkd.engine import Precision, TrainConfig, choose_precision, fit, seed_everything
+from ttkd.engine import StepChoice, TrainConfig, choose_step, fit, seed_everything
 from ttkd.kd.logits import KD, CrossEntropy
 
 DIGITS = data.load("digits")
@@ -35,29 +35,42 @@ class Clock:
         return build
 
 
-def test_choose_keeps_the_fastest_path_and_caches_it(cache):
+def test_measure_times_each_path_once_and_caches_it(cache):
     clock, built = Clock(), []
     paths = {"float32": clock.path(0.02, built), "bf16": clock.path(0.01, built)}
-    choice = calibration.choose("k", paths, images=64, clock=clock)
-    assert choice.path == "bf16" and not choice.cached
-    assert choice.rates == pytest.approx({"float32": 64 / 0.02, "bf16": 64 / 0.01})
-    assert json.loads(cache.read_text())["k"]["path"] == "bf16"
+    m = calibration.measure("k", paths, images=64, clock=clock)
+    assert not m.cached and m.rates == pytest.approx({"float32": 64 / 0.02, "bf16": 64 / 0.01})
+    assert m.setup_s == pytest.approx({"float32": 0.0, "bf16": 0.0})  # the first call cost one step
+    assert json.loads(cache.read_text())["k"]["rates"] == m.rates
     built.clear()
-    again = calibration.choose("k", paths, images=64, clock=clock)
-    assert again.cached and again.path == "bf16" and again.rates == choice.rates and built == []
-    other = calibration.choose("another key", paths, images=64, clock=clock)
-    assert not other.cached and len(built) == 2  # another key is measured again
+    again = calibration.measure("k", paths, images=64, clock=clock)
+    assert again.cached and again.rates == m.rates and built == []
+
+    def slow_start(built):  # a compiled path: its first call compiles for 12 s
+        def build():
+            built.append("compiled")
+            calls = []
+
+            def step():
+                clock.now += 0.005 + (12.0 if not calls else 0.0)
+                calls.append(1)
+            return step
+        return build
+    more = calibration.measure("k", paths | {"bf16+default": slow_start(built)}, images=64, clock=clock)
+    assert built == ["compiled"] and not more.cached  # only the new path was measured
+    assert more.rates["bf16+default"] == pytest.approx(64 / 0.005) and more.setup_s["bf16+default"] == pytest.approx(12)
+    assert more.rates["bf16"] == m.rates["bf16"]
+    assert calibration.measure("another key", paths, 64, clock=clock).cached is False
 
 
-def test_a_margin_makes_a_path_win_clearly_and_a_broken_cache_is_measured_again(cache):
+def test_a_broken_cache_is_measured_again(cache):
     clock = Clock()
-    close = {"float32": clock.path(0.0102, []), "bf16": clock.path(0.0100, [])}  # bf16 2% faster
-    assert calibration.choose("a", close, 64, margin={"bf16": 1.05}, clock=clock).path == "float32"
-    assert calibration.choose("b", close, 64, margin={"bf16": 0.95}, clock=clock).path == "bf16"
+    paths = {"float32": clock.path(0.01, [])}
+    cache.parent.mkdir(parents=True)
     cache.write_text("{not json")
-    assert not calibration.choose("a", close, 64, clock=clock).cached
-    cache.write_text(json.dumps({"c": {"path": "bf16", "rates": {"bf16": 1.0}}}))  # other paths
-    assert not calibration.choose("c", close, 64, clock=clock).cached
+    assert not calibration.measure("a", paths, 64, clock=clock).cached
+    cache.write_text(json.dumps({"a": {"rates": "nonsense"}}))
+    assert not calibration.measure("a", paths, 64, clock=clock).cached
 
 
 def build(arch):
@@ -66,30 +79,72 @@ def build(arch):
 
 
 def test_forced_and_without_native_bf16_nothing_is_measured(monkeypatch):
-    monkeypatch.setattr(calibration, "choose", lambda *a, **k: pytest.fail("measured"))
+    monkeypatch.setattr(calibration, "measure", lambda *a, **k: pytest.fail("measured"))
     model = build("mlp")
-    assert choose_precision(model, DIGITS, CrossEntropy(None), TrainConfig(amp=True)) == Precision(True, "amp=true", {})
-    assert choose_precision(model, DIGITS, CrossEntropy(None), TrainConfig(amp=False)).bf16 is False
+    forced = choose_step(model, DIGITS, CrossEntropy(None), TrainConfig(amp=True, compile=False))
+    assert forced == StepChoice(True, "amp=true", {})
+    assert choose_step(model, DIGITS, CrossEntropy(None), TrainConfig(amp=False, compile=False)).bf16 is False
     monkeypatch.setattr(engine, "bf16_supported", lambda device: False)
-    p = choose_precision(model, DIGITS, CrossEntropy(None), TrainConfig(amp="auto"))
-    assert p == Precision(False, "no native bf16", {})
+    p = choose_step(model, DIGITS, CrossEntropy(None), TrainConfig(amp="auto", compile=False))
+    assert p == StepChoice(False, "no native bf16", {})
+    det = choose_step(model, DIGITS, CrossEntropy(None), TrainConfig(compile="auto", deterministic=True))
+    assert det.compile is None and det.compile_reason == "compile=auto: deterministic=true trains eagerly"
 
 
-def test_auto_measures_on_copies_and_trains_as_the_chosen_precision_would(monkeypatch):
+def test_auto_measures_on_copies_and_trains_as_the_chosen_step_would(monkeypatch):
     """The calibration runs real steps (bf16 emulated where the CPU has none), touches no
-    network, method or random state, and is cached for the next stage with the same key."""
+    network, method or random state, and is cached for the next stage with the same key.
+    A digits stage lasts seconds: compiling cannot pay, so it is neither done nor measured."""
     monkeypatch.setattr(engine, "bf16_supported", lambda device: True)
+    monkeypatch.setattr(torch, "compile", lambda *a, **k: pytest.fail("compiled"))
     teacher, student = build("cnn").eval(), build("mlp")
     method = KD(None, 0.9, 4.0)
     weights = {k: v.clone() for k, v in student.state_dict().items()}
     rng = torch.get_rng_state()
-    config = TrainConfig(epochs=1, amp="auto")
-    p = choose_precision(student, DIGITS, method, config, teacher)
+    config = TrainConfig(epochs=1, amp="auto", compile="auto")
+    p = choose_step(student, DIGITS, method, config, teacher)
     assert p.reason == "measured" and set(p.rates) == {"float32", "bf16"} and min(p.rates.values()) > 0
+    assert p.compile is None and p.compile_reason.startswith("compile=auto: a stage of about ")
+    assert p.compile_reason.endswith(" s cannot repay compiling")
     assert all(torch.equal(weights[k], v) for k, v in student.state_dict().items())
     assert torch.equal(torch.get_rng_state(), rng)
-    assert choose_precision(student, DIGITS, method, config, teacher) == Precision(p.bf16, "cached", p.rates)
+    again = choose_step(student, DIGITS, method, config, teacher)
+    assert (again.reason, again.bf16, again.rates) == ("cached", p.bf16, p.rates)
 
     auto = fit(student, DIGITS, method, config, partner=teacher)[-1]
-    forced = fit(build("mlp"), DIGITS, KD(None, 0.9, 4.0), TrainConfig(epochs=1, amp=p.bf16), partner=teacher)[-1]
+    forced = fit(build("mlp"), DIGITS, KD(None, 0.9, 4.0), TrainConfig(epochs=1, amp=p.bf16, compile=False),
+                 partner=teacher)[-1]
     assert auto.train == forced.train and auto.val_acc == forced.val_acc
+
+
+def test_auto_compiles_a_stage_long_enough_to_repay_it_and_not_a_shorter_one(monkeypatch, cache):
+    """The decision counts the compile time: from cached figures (eager 1,000 img/s; compiled
+    2,000 img/s after 30 s of compiling), 10,000 and 1,000 steps of 64 images are compiled, 500
+    are not; with a compiled step only 10% faster, 1,500 steps are not either."""
+    model, method = build("mlp"), CrossEntropy(None)
+    config = TrainConfig(amp=False, compile="auto", batch_size=64)
+    monkeypatch.setattr(calibration, "cached", lambda key: calibration.Measured(
+        {"float32": 1000.0, "float32+default": 2000.0}, {"float32": 0.0, "float32+default": 30.0}, True))
+    long = choose_step(model, DIGITS, method, config, steps=10_000)  # 640 s eager, 30 + 320 s compiled
+    assert long.compile == "default" and long.compile_s == 30.0
+    assert "2,000 img/s compiled (default) after 30 s of compiling: about 350 s for the stage against 640 s" \
+        in long.compile_reason
+    barely = choose_step(model, DIGITS, method, config, steps=1_000)  # 64 s eager, 30 + 32 = 62 s compiled
+    assert barely.compile == "default"
+    short = choose_step(model, DIGITS, method, config, steps=500)  # 32 s eager: under MIN_COMPILE_STAGE_S
+    assert short.compile is None and short.compile_reason == "compile=auto: a stage of about 32 s cannot repay compiling"
+    monkeypatch.setattr(calibration, "cached", lambda key: calibration.Measured(
+        {"float32": 1000.0, "float32+default": 1100.0}, {"float32": 0.0, "float32+default": 30.0}, True))
+    slow = choose_step(model, DIGITS, method, config, steps=1_500)  # 96 s eager, 30 + 87 s compiled
+    assert slow.compile is None and slow.compile_reason.endswith("; trained eagerly")
+
+
+def test_without_a_cpp_compiler_compile_true_trains_eagerly_and_says_so(monkeypatch):
+    from torch._inductor import config as inductor
+    monkeypatch.setattr(torch, "compile", lambda *a, **k: pytest.fail("compiled"))
+    with inductor.patch({"cpp.cxx": (None, "/nonexistent/g++")}):  # the compiler hidden
+        c = choose_step(build("mlp"), DIGITS, CrossEntropy(None), TrainConfig(amp=False, compile=True))
+        assert c.compile is None and c.compile_reason.startswith("compile=true: no C++ compiler found")
+        history = fit(build("mlp"), DIGITS, CrossEntropy(None), TrainConfig(epochs=1, amp=False, compile=True))
+    assert history[-1].val_acc > 50
+    assert engine.compiler_available()  # found again

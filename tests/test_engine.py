@@ -1,4 +1,5 @@
 import copy
+import math
 
 import pytest
 import torch
@@ -120,9 +121,20 @@ def test_amp_true_trains_in_bf16_on_every_cpu_and_false_in_float32(monkeypatch, 
 
 
 @pytest.mark.slow
-def test_compile_option_trains():
-    history = fit(build("mlp"), DIGITS, ce(), TrainConfig(epochs=1, compile=True))
-    assert history[-1].val_acc > 50
+def test_compile_true_compiles_the_whole_step_of_a_feature_method_and_the_partner(monkeypatch):
+    """FitNets reads the student's and the teacher's stage maps: the compiled step is the
+    objective (network, connector and loss) and the partner's forward, and it trains."""
+    from ttkd.engine import Objective
+    from ttkd.stages import build_method
+    compiled, real = [], torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append(fn) or real(fn, **kw))
+    teacher, student = build("cnn").eval(), build("resnet8")
+    method = build_method("fitnet", "distill", DIGITS, student, teacher, {"fitnet_beta": 100.0})
+    history = fit(student, DIGITS, method, TrainConfig(epochs=1, amp=False, compile=True), partner=teacher)
+    assert history[-1].val_acc > 30 and all(map(math.isfinite, history[-1].train.values()))
+    objective, partner_forward = compiled
+    assert isinstance(objective, Objective) and objective.method is method and objective.model is student
+    assert partner_forward.func.__name__ == "partner_outputs" and partner_forward.keywords["features"] is True
 
 
 def test_a_method_with_parameters_and_buffers_is_trained_and_resumed_exactly():

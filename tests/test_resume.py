@@ -21,7 +21,8 @@ REPO = Path(__file__).resolve().parents[1]
 def poison(monkeypatch, cls, after: int = 30):
     """Make ``cls``'s loss NaN from its ``after``-th call on (digits at batch 64: 23 steps
     an epoch, so call 30 is epoch 2, step 7); returns a function that undoes it. The stage
-    must run with amp=false: amp=auto's timed steps before the first epoch call it too."""
+    must run with amp=false and compile=false: the timed steps of auto before the first
+    epoch call it too."""
     real, calls = cls.forward, []
 
     def poisoned(self, b):
@@ -95,6 +96,31 @@ def test_kill_9_then_resume_ends_exactly_like_an_uninterrupted_run_even_with_a_m
 
 
 @pytest.mark.slow
+def test_kill_9_then_resume_with_the_step_compiled_ends_exactly_like_an_uninterrupted_run(store, tmp_path, cli):
+    """torch.compile (inductor's CPU code) through kill -9 and resume in a new process: the
+    same metrics and weights as an uninterrupted compiled run."""
+    args = ["--arch", "cnn", "--batch_size", "16", "--epochs", "3", "--deterministic", "true", "--amp", "false",
+            "--compile", "true"]
+    status, out, err = cli("baseline", *args, "--register_as", "whole")  # here: 2 threads, as the others
+    assert status == 0, err
+    assert "compile: on, default (compile=true)" in out
+    proc = stage(store, *args, "--register_as", "cut", wait=False)
+    run_id = wait_for_epochs(store, 1, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    status, out, err = stage(store, "--resume", "last")
+    assert status == 0, err
+    assert f"resuming run {run_id} after epoch" in out and f"compile: on, default (as run {run_id} started)" in out
+    client = MlflowClient()
+    whole = client.get_model_version("whole", "1").run_id
+    assert client.get_run(run_id).data.tags["ttkd.compile"] == "default"
+    for metric in ("train_loss", "val_loss", "val_acc", "lr"):
+        assert history(client, run_id, metric) == history(client, whole, metric), metric
+    a, b = final_weights(whole, tmp_path / "a"), final_weights(run_id, tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
 def test_sigterm_leaves_a_resumable_run_marked_killed(store, cli):
     # cnn with small batches: epochs long enough that the signal lands during training
     proc = stage(store, "--arch", "cnn", "--batch_size", "8", "--epochs", "4", "--register_as", "t", wait=False)
@@ -114,7 +140,7 @@ def test_sigterm_leaves_a_resumable_run_marked_killed(store, cli):
 
 def test_nan_fails_the_run_registers_nothing_and_keeps_the_last_good_checkpoint(store, cli, monkeypatch, tmp_path):
     poison(monkeypatch, CrossEntropy)
-    status, _, err = cli("baseline", "--epochs", "3", "--amp", "false", "--register_as", "never")
+    status, _, err = cli("baseline", "--epochs", "3", "--amp", "false", "--compile", "false", "--register_as", "never")
     assert status == 1
     assert "the training loss became NaN or infinite at epoch 2, step 7;" in err
     run = mlflow.search_runs(output_format="list")[0]
@@ -127,7 +153,7 @@ def test_nan_fails_the_run_registers_nothing_and_keeps_the_last_good_checkpoint(
 
 def test_resume_accepts_the_interrupted_command_and_names_each_value_that_differs(store, cli, monkeypatch):
     undo = poison(monkeypatch, CrossEntropy)
-    command = ("baseline", "--epochs", "3", "--lr", "0.05", "--register_as", "again", "--amp", "false")
+    command = ("baseline", "--epochs", "3", "--lr", "0.05", "--register_as", "again", "--amp", "false", "--compile", "false")
     status, _, err = cli(*command)
     assert status == 1 and "NaN or infinite at epoch 2" in err
     undo()
@@ -137,7 +163,7 @@ def test_resume_accepts_the_interrupted_command_and_names_each_value_that_differ
     assert (f"resume continues run {run.info.run_id} with the values it started with, and these differ: "
             f"epochs=4 (the run has epochs=3); lr=0.1 (the run has lr=0.05); drop them") in err
     # the same command again; the run keeps the precision it chose, without measuring again
-    monkeypatch.setattr(stages, "choose_precision", lambda *a: pytest.fail("measured again"))
+    monkeypatch.setattr(stages, "choose_step", lambda *a: pytest.fail("measured again"))
     status, out, err = cli(*command, "--resume", "last")
     assert status == 0, err
     assert f"resuming run {run.info.run_id} after epoch 1" in out
@@ -172,7 +198,7 @@ def test_resume_errors(store, cli, monkeypatch):
 
 def test_damaged_checkpoint_is_refused(store, cli, monkeypatch):
     poison(monkeypatch, CrossEntropy)
-    cli("baseline", "--epochs", "3", "--amp", "false")  # fails in epoch 2, leaving epoch 1's checkpoint
+    cli("baseline", "--epochs", "3", "--amp", "false", "--compile", "false")  # fails in epoch 2, leaving epoch 1's checkpoint
     run = mlflow.search_runs(output_format="list")[0]
     artifact = Path(run.info.artifact_uri.removeprefix("file://")) / "checkpoints" / "last.pt"
     artifact.write_bytes(artifact.read_bytes()[:1000])  # truncated
@@ -201,14 +227,14 @@ def test_unreachable_tracking_server_fails_fast_with_its_uri(cli, monkeypatch, t
 @pytest.mark.slow
 def test_a_failed_study_resumes_reusing_its_finished_stages(store, cli, monkeypatch):
     undo = poison(monkeypatch, TrainedTeacher)  # the first teacher fails in its second epoch
-    status, _, err = cli("main", "--epochs", "2", "--amp", "false", "--register_as", "st")
+    status, _, err = cli("main", "--epochs", "2", "--amp", "false", "--compile", "false", "--register_as", "st")
     assert status == 1 and "NaN or infinite at epoch 2" in err and "4 of 5 stages did not finish" in err
     parent = mlflow.search_runs(output_format="list", filter_string="tags.`ttkd.stage` = 'main'")[0]
     assert parent.info.status == "FAILED"
     assert {m.name for m in MlflowClient().search_registered_models()} == {"st-student"}
 
     undo()
-    status, out, err = cli("main", "--epochs", "2", "--amp", "false", "--register_as", "st",
+    status, out, err = cli("main", "--epochs", "2", "--amp", "false", "--compile", "false", "--register_as", "st",
                            "--resume", "last")  # as it ran
     assert status == 0, err
     assert "resuming run" in out and "| student, KD from trained teacher |" in out

@@ -1,14 +1,16 @@
-"""Choosing a training path by measurement: time a few steps of each, keep the fastest.
+"""Measuring training paths: a few timed steps of each, and what a path costs before its first step.
 
-The engine builds one step function per path it could take (float32, bf16, ...), each on
-copies of the real networks and the real batch shape; :func:`choose` times them in
-alternating rounds and keeps the fastest, and caches the answer per ``key`` (the
-networks, the batch shape, the device, the thread count and the torch version), so
-that the second stage of a study or a sweep with the same key does not measure again.
+The engine builds one step function per path it could take (float32, bf16, each eager or
+compiled), each on copies of the real networks and the real batch shape; :func:`measure`
+times them in alternating rounds and caches the figures per ``key`` (the networks, the
+batch shape, the device, the thread count and the torch version), so that the second
+stage of a study or a sweep with the same key measures nothing again, and a path
+measured once (a compiled one costs its compile time) is never measured twice. The engine
+decides from the figures (``ttkd.engine.choose_step``).
 
-The cache is one JSON file, ``calibration.json`` under ``$TTKD_CACHE_DIR`` (default
-``$XDG_CACHE_HOME/ttkd``, else ``~/.cache/ttkd``); delete it to measure again. It is
-read as JSON only, so nothing in it can run code. Nothing here knows about MLflow or
+The cache is one JSON file, ``calibration.json`` under :func:`cache_dir` (``$TTKD_CACHE_DIR``,
+default ``$XDG_CACHE_HOME/ttkd``, else ``~/.cache/ttkd``); delete it to measure again. It
+is read as JSON only, so nothing in it can run code. Nothing here knows about MLflow or
 prints.
 """
 
@@ -29,18 +31,21 @@ MAX_STEPS = 30         # ...but no more steps than this
 
 
 @dataclasses.dataclass(frozen=True)
-class Choice:
-    """The path kept and what it is based on."""
+class Measured:
+    """What the paths asked for cost."""
 
-    path: str                     # the name of the path kept
-    rates: dict[str, float]       # training images per second of each path measured
-    cached: bool = False          # taken from the cache, measured by an earlier stage
+    rates: dict[str, float]       # training images per second of each path
+    setup_s: dict[str, float]     # seconds a path pays once, before its steps run at that rate (compiling)
+    cached: bool = False          # every figure came from the cache
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("TTKD_CACHE_DIR") or Path(
+        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ttkd")
 
 
 def cache_file() -> Path:
-    root = os.environ.get("TTKD_CACHE_DIR") or Path(
-        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ttkd"
-    return Path(root) / "calibration.json"
+    return cache_dir() / "calibration.json"
 
 
 def _read_cache() -> dict:
@@ -51,30 +56,30 @@ def _read_cache() -> dict:
     return entries if isinstance(entries, dict) else {}
 
 
-def _write_cache(key: str, choice: Choice) -> None:
-    """Add ``choice`` under ``key``: written whole to a temporary file, then renamed, so
+def cached(key: str) -> Measured:
+    """The figures cached under ``key`` (none: empty)."""
+    entry = _read_cache().get(key)
+    try:
+        rates = {str(k): float(v) for k, v in entry["rates"].items()}
+        setup = {str(k): float(entry["setup_s"].get(k, 0.0)) for k in rates}
+        return Measured(rates, setup, cached=True)
+    except (TypeError, KeyError, ValueError, AttributeError):
+        return Measured({}, {}, cached=True)
+
+
+def _write_cache(key: str, measured: Measured) -> None:
+    """Store ``measured`` under ``key``: written whole to a temporary file, then renamed, so
     that processes writing at once leave a whole file (the last one's)."""
     path = cache_file()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        entries = _read_cache() | {key: {"path": choice.path, "rates": choice.rates}}
+        entries = _read_cache() | {key: {"rates": measured.rates, "setup_s": measured.setup_s}}
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".calibration-")
         with os.fdopen(fd, "w") as f:
             json.dump(entries, f, indent=1, sort_keys=True)
         os.replace(tmp, path)
     except OSError:
         pass  # a read-only home: the next stage measures again
-
-
-def cached(key: str, paths: tuple[str, ...]) -> Choice | None:
-    """The cached choice for ``key`` if it was made between exactly these ``paths``."""
-    entry = _read_cache().get(key)
-    try:
-        if set(entry["rates"]) == set(paths) and entry["path"] in paths:
-            return Choice(entry["path"], {k: float(v) for k, v in entry["rates"].items()}, cached=True)
-    except (TypeError, KeyError, ValueError):
-        pass
-    return None
 
 
 def rate(step: Callable[[], None], images: int, sync: Callable[[], None],
@@ -92,27 +97,29 @@ def rate(step: Callable[[], None], images: int, sync: Callable[[], None],
     return n * images / (clock() - started)
 
 
-def choose(key: str, paths: dict[str, Callable[[], Callable[[], None]]], images: int,
-           sync: Callable[[], None] = lambda: None, margin: dict[str, float] | None = None,
-           clock: Callable[[], float] = time.perf_counter) -> Choice:
-    """The fastest of ``paths`` (name -> function that builds that path's step), from the
-    cache under ``key`` or measured now and cached. Each path's step is built once, run
-    once to warm up (first calls pay for kernel selection and allocations), then timed
-    in ``ROUNDS`` alternating rounds; a path's rate is its best round. ``margin[name]``
-    scales that path's rate in the comparison only (1.05: it must win by 5%)."""
-    hit = cached(key, tuple(paths))
-    if hit is not None:
-        return hit
-    steps = {}
-    for name, build in paths.items():
-        steps[name] = build()
+def measure(key: str, paths: dict[str, Callable[[], Callable[[], None]]], images: int,
+            sync: Callable[[], None] = lambda: None, clock: Callable[[], float] = time.perf_counter) -> Measured:
+    """The figures of ``paths`` (name -> function that builds that path's step): those the
+    cache has under ``key``, the others measured now and added to it. Each path's step is
+    built and run once (first calls pay for compiling, kernel selection and allocations:
+    that time less one step is the path's ``setup_s``), then timed in ``ROUNDS``
+    alternating rounds; a path's rate is its best round."""
+    known = cached(key)
+    todo = [name for name in paths if name not in known.rates]
+    if not todo:
+        return Measured({n: known.rates[n] for n in paths}, {n: known.setup_s[n] for n in paths}, cached=True)
+    steps, first = {}, {}
+    for name in todo:
+        started = clock()
+        steps[name] = paths[name]()
         steps[name]()
-    rates = dict.fromkeys(paths, 0.0)
+        sync()
+        first[name] = clock() - started
+    rates = dict.fromkeys(todo, 0.0)
     for _ in range(ROUNDS):
-        for name, step in steps.items():
-            rates[name] = max(rates[name], rate(step, images, sync, clock))
-    margin = margin or {}
-    best = max(rates, key=lambda name: rates[name] / margin.get(name, 1.0))
-    choice = Choice(best, rates)
-    _write_cache(key, choice)
-    return choice
+        for name in todo:
+            rates[name] = max(rates[name], rate(steps[name], images, sync, clock))
+    setup = {name: max(0.0, first[name] - images / rates[name]) for name in todo}
+    merged = Measured(known.rates | rates, known.setup_s | setup)
+    _write_cache(key, merged)
+    return Measured({n: merged.rates[n] for n in paths}, {n: merged.setup_s[n] for n in paths})

@@ -87,7 +87,10 @@ PARAMS: dict[str, Param] = {p.name: p for p in [
           "(emulated, slower, on a CPU without native bf16), false trains in float32, auto takes bf16 where "
           "a few timed steps before the first epoch find it faster for this network, batch and device",
           "auto, true or false"),
-    Param("compile", "bool", TrainConfig.compile, "torch.compile the trained model", "true or false"),
+    Param("compile", "auto-bool", TrainConfig.compile, "torch.compile the whole training step (the network "
+          "with its method's loss, and the frozen partner's forward): true forces it, false trains eagerly, auto "
+          "compiles when a calibration before the first epoch finds that the stage repays the compile time",
+          "auto, true or false"),
     Param("deterministic", "bool", TrainConfig.deterministic,
           "deterministic kernels, so that a resumed run repeats an uninterrupted one", "true or false"),
     Param("seeds", "seeds", (0, 1, 2, 3, 4), "the sweep's seeds: a count N (seeds 0 to N-1), or a "

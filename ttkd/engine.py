@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import math
 import os
 import platform
@@ -48,7 +49,8 @@ class TrainConfig:
     device: str = "auto"        # "auto": cuda if available, else cpu
     amp: bool | str = "auto"    # bf16 autocast and channels_last: True, False (float32), or "auto":
                                 # bf16 where a short calibration measures it faster (choose_precision)
-    compile: bool = False       # torch.compile the trained model (slow first epoch, faster after)
+    compile: bool | str = "auto"  # torch.compile the training step: True, False, a compile mode, or "auto":
+                                  # compiled where a calibration finds it repays its compile time (choose_step)
     deterministic: bool = False  # deterministic kernels: a resumed run repeats an uninterrupted one
 
 
@@ -238,49 +240,61 @@ class Objective(nn.Module):
 
 
 @dataclasses.dataclass(frozen=True)
-class Precision:
-    """The precision a stage trains in, and why."""
+class StepChoice:
+    """How a stage's training step runs, and why."""
 
     bf16: bool                 # bf16 autocast and channels_last; else float32
-    reason: str                # "amp=true", "amp=false", "no native bf16", "measured" or "cached"
-    rates: dict[str, float]    # measured (or cached) training images/s per precision; empty if not measured
+    reason: str                # the precision's: "amp=true", "amp=false", "no native bf16", "measured", "cached"
+    rates: dict[str, float]    # measured (or cached) training images/s per path; empty if none was measured
+    compile: str | None = None  # the torch.compile mode the step runs in; None: eager
+    compile_reason: str = "compile=false"  # why it is (not) compiled, as the stage prints it
+    compile_s: float | None = None         # the compiled path's compile and warm-up time, when measured
 
 
 # bf16 rounds more coarsely, so on a CPU it must be clearly faster to be chosen; on a GPU
 # it is kept unless clearly slower (it also halves activation memory there)
 BF16_MARGIN = {"cpu": 1.05, "cuda": 0.95}
+# torch.compile modes auto tries; on a CPU compiling takes 10-35 s, so a stage expected to
+# last less than MIN_COMPILE_STAGE_S eagerly is not compiled, nor measured compiled
+COMPILE_MODES = {"cpu": ("default",), "cuda": ("default", "max-autotune-no-cudagraphs")}
+MIN_COMPILE_STAGE_S = 60.0
 
 
-def choose_precision(model: nn.Module, data: ImageData, method: nn.Module, config: TrainConfig,
-                     partner: nn.Module | None = None) -> Precision:
-    """``config.amp`` as a decision: forced by True or False; with "auto", float32 where the
-    device has no native bf16, else the faster of float32 and bf16 as measured on copies
-    of the networks and the method, on one training batch of the real shape (this
-    process's share of it), through the same step ``fit`` runs. Measurements are cached
-    (``ttkd.calibration``). Neither the networks, the method nor any random state change:
-    a run trains alike whether the choice was measured now or taken from the cache."""
-    if config.amp != "auto":
-        return Precision(bool(config.amp), f"amp={str(bool(config.amp)).lower()}", {})
+def choose_step(model: nn.Module, data: ImageData, method: nn.Module, config: TrainConfig,
+                partner: nn.Module | None = None, steps: int | None = None) -> StepChoice:
+    """``config.amp`` and ``config.compile`` as decisions, for a stage of ``steps``
+    optimiser steps (default: ``config.epochs`` epochs).
+
+    Precision: forced by amp True or False; with "auto", float32 where the device has no
+    native bf16, else the faster of float32 and bf16 as measured on copies of the networks
+    and the method, on one training batch of the real shape (this process's share of it),
+    through the step ``fit`` runs. Compile: forced by compile True or False (eager, with
+    ``compile_reason`` saying why, where no C++ compiler is found on a CPU); with "auto",
+    eager under ``deterministic`` or when the stage is too short to repay a compile, else
+    the faster, counting its compile time, of the eager step and the compiled one (the
+    whole step: the model with the method's loss, and the partner's forward), measured in
+    the chosen precision. Measurements are cached (``ttkd.calibration``). Neither the
+    networks, the method nor any random state change: a run trains alike whether the
+    choice was measured now or taken from the cache."""
     device = data.train_x.device
-    if not bf16_supported(device):
-        return Precision(False, "no native bf16", {})
     n = min(len(data.train_y), math.ceil(config.batch_size / distributed.size()))
+    steps = steps if steps is not None else config.epochs * math.ceil(len(data.train_y) / config.batch_size)
     features = getattr(method, "features", False)
 
-    def path(fast: bool):
+    def path(fast: bool, mode: str | None = None):
         def build():
             net, objective_method = copy.deepcopy(model), copy.deepcopy(method)
             if fast:
                 net.to(memory_format=torch.channels_last)
             twin = frozen(partner, fast) if partner is not None else None
             objective = Objective(net, objective_method, fast, features).train()
+            run, partner_run = compiled_step(objective, twin, fast, features, mode)
             optimizer, _ = make_optimizer([*net.parameters(), *objective_method.parameters()], config)
             x, y, idx = next(batches(data, "train", n, generator=torch.Generator().manual_seed(0),
                                      channels_last=fast, indices=True))
 
             def step():
-                extra = partner_outputs(twin, x, fast, features) if twin is not None else {}
-                loss = objective(x, y, epoch=1, index=idx, **extra)["loss"]
+                loss = run(x, y, epoch=1, index=idx, **(partner_run(x) if twin is not None else {}))["loss"]
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -292,10 +306,92 @@ def choose_precision(model: nn.Module, data: ImageData, method: nn.Module, confi
                     f"device={device_name(device)}", f"threads={torch.get_num_threads()}",
                     f"torch={torch.__version__}"])
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        choice = calibration.choose(key, {"float32": path(False), "bf16": path(True)}, n, sync,
-                                    margin={"bf16": BF16_MARGIN.get(device.type, 1.0)})
-    return Precision(choice.path == "bf16", "cached" if choice.cached else "measured", choice.rates)
+
+    def measure(paths: dict) -> calibration.Measured:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            return calibration.measure(key, paths, n, sync)
+
+    # precision
+    rates: dict[str, float] = {}
+    if config.amp != "auto":
+        bf16, reason = bool(config.amp), f"amp={str(bool(config.amp)).lower()}"
+    elif not bf16_supported(device):
+        bf16, reason = False, "no native bf16"
+    else:
+        eager = measure({"float32": path(False), "bf16": path(True)})
+        rates = dict(eager.rates)
+        bf16 = rates["bf16"] / BF16_MARGIN.get(device.type, 1.0) > rates["float32"]
+        reason = "cached" if eager.cached else "measured"
+    precision = "bf16" if bf16 else "float32"
+
+    # compile
+    if config.compile is False:
+        return StepChoice(bf16, reason, rates)
+    if device.type == "cpu" and not compiler_available():
+        return StepChoice(bf16, reason, rates, None, f"compile={_word(config.compile)}: no C++ compiler found "
+                          f"(torch.compile needs one on a CPU; install g++ or set CXX): trained eagerly")
+    if config.compile is not True and config.compile != "auto":  # a mode, already decided
+        return StepChoice(bf16, reason, rates, str(config.compile), f"compile={config.compile}")
+    modes = COMPILE_MODES.get(device.type, ("default",))
+    if config.compile is True:
+        return StepChoice(bf16, reason, rates, modes[0], "compile=true")
+    if config.deterministic:
+        return StepChoice(bf16, reason, rates, None, "compile=auto: deterministic=true trains eagerly")
+    if precision not in rates:
+        rates |= measure({precision: path(bf16)}).rates
+    eager_s = steps * n / rates[precision]
+    if eager_s < MIN_COMPILE_STAGE_S:
+        return StepChoice(bf16, reason, rates, None, f"compile=auto: a stage of about "
+                          f"{eager_s:.{1 if eager_s < 10 else 0}f} s cannot repay compiling")
+    try:
+        compiled = measure({f"{precision}+{mode}": path(bf16, mode) for mode in modes})
+    except Exception as exc:  # a compiler error: say it, train eagerly
+        return StepChoice(bf16, reason, rates, None, f"compile=auto: compiling failed ({type(exc).__name__}: "
+                          f"{str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ''}): trained eagerly")
+    rates |= compiled.rates
+    total = {mode: compiled.setup_s[f"{precision}+{mode}"] + steps * n / rates[f"{precision}+{mode}"]
+             for mode in modes}
+    best = min(total, key=total.get)
+    setup = compiled.setup_s[f"{precision}+{best}"]
+    how = (f"{rates[f'{precision}+{best}']:,.0f} img/s compiled ({best}) after {setup:.0f} s of compiling: "
+           f"about {total[best]:.0f} s for the stage against {eager_s:.0f} s eager")
+    if total[best] < eager_s:
+        return StepChoice(bf16, reason, rates, best, f"compile=auto: {how}", setup)
+    return StepChoice(bf16, reason, rates, None, f"compile=auto: {how}; trained eagerly", setup)
+
+
+def _word(value) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def compiler_available() -> bool:
+    """Whether inductor finds the C++ compiler it needs for CPU code."""
+    from torch._inductor import cpp_builder, exc
+
+    try:
+        cpp_builder.get_cpp_compiler()
+    except (exc.InvalidCxxCompiler, OSError, RuntimeError):
+        return False
+    return True
+
+
+def compiled_step(objective: nn.Module, partner: nn.Module | None, fast: bool, features: bool,
+                  mode: str | None):
+    """``(objective, partner forward)`` as the step calls them: with ``mode``, both
+    through ``torch.compile`` (the whole objective, so a feature-based method's
+    ``forward_stages`` and loss are compiled too; the partner's inference-mode forward),
+    their compiled graphs kept in inductor's cache under the ttkd cache folder, shared by the
+    stages of a sweep and the processes of a group; else as they are."""
+    partner_run = None if partner is None else functools.partial(partner_outputs, partner, fast=fast,
+                                                                 features=features)
+    if mode is None:
+        return objective, partner_run
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(calibration.cache_dir() / "inductor"))
+    # static shapes: one graph for the full batch, one for the last; with torch's automatic
+    # dynamic shapes a run would switch kernels after its first short batch, and a resumed
+    # run (which has not seen one yet) would round differently from an uninterrupted one
+    return (torch.compile(objective, mode=mode, dynamic=False),
+            None if partner_run is None else torch.compile(partner_run, mode=mode, dynamic=False))
 
 
 def _describe(net: nn.Module | None) -> str:
@@ -356,9 +452,13 @@ def fit(
     device = data.train_x.device
     world = distributed.world()
     part = distributed.shard if world else None
-    if config.amp == "auto":  # a stage decides before it calls fit; this is for other callers
-        precision = choose_precision(model, data, method, config, partner) if world is None or world.leads else None
-        config = dataclasses.replace(config, amp=(distributed.broadcast(precision) if world else precision).bf16)
+    first = resume["epoch"] + 1 if resume is not None else 1
+    if "auto" in (config.amp, config.compile) or config.compile is True:  # a stage decides before fit
+        choice = (choose_step(model, data, method, config, partner,
+                              (config.epochs - first + 1) * math.ceil(len(data.train_y) / config.batch_size))
+                  if world is None or world.leads else None)
+        choice = distributed.broadcast(choice) if world else choice
+        config = dataclasses.replace(config, amp=choice.bf16, compile=choice.compile or False)
     fast = bool(config.amp)  # bf16 and channels_last go together
     if fast:
         model.to(memory_format=torch.channels_last)
@@ -366,10 +466,8 @@ def fit(
         partner = frozen(partner, fast)
     method.to(device)
     features = getattr(method, "features", False)
-    step_model = torch.compile(model) if config.compile and not features else model
     optimizer, scheduler = make_optimizer([*model.parameters(), *method.parameters()], config)
     generator = torch.Generator().manual_seed(config.seed)
-    first = 1
     if resume is not None:
         method.load_state_dict(resume["method"])
         # replay the schedule first (it computes each lr from the current one), then restore
@@ -381,11 +479,11 @@ def fit(
         optimizer.load_state_dict(resume["optimizer"])
         generator.set_state(resume["generator"])
         set_rng_state(resume["rng"])
-        first = resume["epoch"] + 1
-    objective = Objective(step_model, method, fast, features)
+    objective = Objective(model, method, fast, features)
     if world:
         objective = DistributedDataParallel(
             objective, device_ids=[device.index] if device.type == "cuda" else None)
+    objective, partner_run = compiled_step(objective, partner, fast, features, config.compile or None)
     partner_pred = (None if partner is None
                     else predict(partner, data, config.batch_size, fast, part).argmax(1))
     steps = math.ceil(len(data.train_y) / config.batch_size)
@@ -400,8 +498,7 @@ def fit(
                                 channels_last=fast, indices=True, part=part)
         seen = torch.zeros((), device=device)
         for step, (x, y, idx) in enumerate(progress(train_batches, steps, f"epoch {epoch}/{config.epochs}"), 1):
-            batch = partner_outputs(partner, x, fast, features) if partner is not None else {}
-            parts = objective(x, y, epoch=epoch, index=idx, **batch)
+            parts = objective(x, y, epoch=epoch, index=idx, **(partner_run(x) if partner is not None else {}))
             loss = parts["loss"]
             optimizer.zero_grad(set_to_none=True)
             if world is None:
@@ -425,7 +522,7 @@ def fit(
         train = dict(zip(parts, (sums[:-1] / sums[-1]).tolist()))  # one host sync
         distributed.share_buffers(model)
         model.eval()
-        val = _validate(step_model, data, config.batch_size, fast, part, partner_pred)
+        val = _validate(model, data, config.batch_size, fast, part, partner_pred)
         stats = EpochStats(
             epoch=epoch, train=train, val_loss=val["loss"], val_acc=val["acc"], lr=lr,
             epoch_time_s=elapsed, throughput=len(data.train_y) / elapsed,

@@ -35,12 +35,12 @@ from ttkd.engine import (
     EpochStats,
     Interrupted,
     NonFiniteLoss,
-    Precision,
+    StepChoice,
     TrainConfig,
     accuracy,
     bf16_supported,
     check_batch,
-    choose_precision,
+    choose_step,
     fit,
     predict,
     resolve_device,
@@ -54,6 +54,7 @@ TAG_STAGE = "ttkd.stage"
 TAG_PARTNER = registry.TAG_PARTNER
 TAG_METHOD = "ttkd.method"
 TAG_PRECISION = "ttkd.precision"
+TAG_COMPILE = "ttkd.compile"  # the torch.compile mode of the training step, or "eager"
 TAG_UNRESUMABLE = "ttkd.unresumable"  # why resume=last passes a run by (its checkpoint is damaged)
 TAG_PARTNER_DATA = "ttkd.partner_data"  # "foreign": the partner was trained on another data set (partner_data=any)
 
@@ -268,11 +269,12 @@ def run_stage(stage: str, *, arch: str, train: TrainConfig, partner: str | None,
         partner_net.to(device)
     ckpt = setup.ckpt
     if ckpt is None:
-        precision = choose_precision(model, data, objective, train, partner_net)
-    else:  # a resumed run keeps the precision it started with (its checkpoint has it resolved)
-        precision = Precision(bool(train.amp), f"as run {resume_from[0]} started", {})
-    print(precision_line(precision, device), flush=True)
-    used = dataclasses.replace(train, amp=precision.bf16)
+        choice = choose_step(model, data, objective, train, partner_net)
+    else:  # a resumed run keeps the step it started with (its checkpoint has it resolved)
+        choice = StepChoice(bool(train.amp), f"as run {resume_from[0]} started", {}, train.compile or None,
+                            f"as run {resume_from[0]} started")
+    print(step_line(choice, device), flush=True)
+    used = dataclasses.replace(train, amp=choice.bf16, compile=choice.compile or False)
     setup = dataclasses.replace(setup, train=used)
     # what resuming needs to rebuild this stage exactly: the partner pinned to its version
     kwargs = {"arch": arch, "dataset": dataset, "data_dir": data_dir, "stream": stream,
@@ -306,9 +308,12 @@ def run_stage(stage: str, *, arch: str, train: TrainConfig, partner: str | None,
                 "world_size": distributed.size(),
             })
             tracking.log_dataset(data)
-            mlflow.set_tags({TAG_PRECISION: "bf16" if precision.bf16 else "float32",
-                             "ttkd.precision_reason": precision.reason})
-            mlflow.log_metrics({f"calibration_{name}_img_s": rate for name, rate in precision.rates.items()})
+            mlflow.set_tags({TAG_PRECISION: "bf16" if choice.bf16 else "float32",
+                             "ttkd.precision_reason": choice.reason, TAG_COMPILE: choice.compile or "eager",
+                             "ttkd.compile_reason": choice.compile_reason[:5000]})
+            mlflow.log_metrics({f"calibration_{name.replace('+', '_compiled_')}_img_s": rate
+                                for name, rate in choice.rates.items()}
+                               | ({"calibration_compile_s": choice.compile_s} if choice.compile_s is not None else {}))
         else:
             mlflow.set_tag("ttkd.resumed_after_epoch", str(ckpt["epoch"]))
             before = ckpt["engine"].get("world_size", 1)
@@ -391,14 +396,16 @@ def run_stage(stage: str, *, arch: str, train: TrainConfig, partner: str | None,
     return StageResult(run.info.run_id, ref, last["val_acc"], last["agreement"], partner_ref, partner_acc)
 
 
-def precision_line(p: Precision, device: torch.device) -> str:
-    """One line for the terminal: the precision a stage trains in, and why."""
-    rates = ", ".join(f"{name} {rate:,.0f} img/s" for name, rate in sorted(p.rates.items()))
+def step_line(c: StepChoice, device: torch.device) -> str:
+    """One line for the terminal: the precision a stage trains in, whether its step is
+    compiled, and why."""
+    rates = ", ".join(f"{name} {rate:,.0f} img/s" for name, rate in sorted(c.rates.items()) if "+" not in name)
     why = {"measured": f"amp=auto, measured: {rates}", "cached": f"amp=auto, measured before: {rates}",
-           "no native bf16": f"amp=auto: this {device.type.upper()} has no native bf16"}.get(p.reason, p.reason)
-    if p.bf16 and not bf16_supported(device):
+           "no native bf16": f"amp=auto: this {device.type.upper()} has no native bf16"}.get(c.reason, c.reason)
+    if c.bf16 and not bf16_supported(device):
         why += f"; emulated: this {device.type.upper()} has no native bf16, so it is slower"
-    return f"precision: {'bf16' if p.bf16 else 'float32'} ({why})"
+    compiled = f"on, {c.compile}" if c.compile else "off"
+    return f"precision: {'bf16' if c.bf16 else 'float32'} ({why}); compile: {compiled} ({c.compile_reason})"
 
 
 def _processes(n: int) -> str:
