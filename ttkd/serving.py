@@ -89,6 +89,12 @@ def pixels(images, shape: tuple[int, int, int]) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
 
 
+def refused_global(exc: BaseException) -> str | None:
+    """The Python object (``posix.system``) torch's weights-only unpickler refused to load, if it says."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+    return found[1] if found else None
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
@@ -142,8 +148,8 @@ def load_network(path: str) -> torch.nn.Module:
     try:
         return torch.export.load(path).module()
     except pickle.UnpicklingError as exc:  # from the forced weights-only load
-        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
-        raise UnsafeModelFile(f"{name} holds a pickled object{f' ({found[1]})' if found else ''} that only the "
+        found = refused_global(exc)
+        raise UnsafeModelFile(f"{name} holds a pickled object{f' ({found})' if found else ''} that only the "
                               f"full unpickler would load, running code: refusing to load it") from None
     except Exception as exc:  # a damaged archive
         raise UnsafeModelFile(f"{name} is damaged ({type(exc).__name__}: {_first_line(exc)})") from None

@@ -9,7 +9,6 @@ import hashlib
 import importlib.metadata
 import json
 import os
-import re
 import shutil
 import tempfile
 import urllib.parse
@@ -113,9 +112,8 @@ def load_checkpoint(path: Path, whose: str = "", fix: str = "start the stage aga
     try:
         return torch.load(path, weights_only=True, map_location="cpu")
     except Exception as exc:  # truncated zip, wrong format, disallowed types...
-        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
-        reason = (f"it holds a pickled {found[1]}, which only the full unpickler would load" if found
-                  else first_line(exc))
+        found = serving.refused_global(exc)
+        reason = f"it holds a pickled {found}, which only the full unpickler would load" if found else first_line(exc)
         raise DamagedCheckpoint(f"checkpoint {path.name}{f' of {whose}' if whose else ''} is damaged or not a "
                                 f"ttkd checkpoint ({reason}); {fix}") from None
 
@@ -215,10 +213,10 @@ def task_difference(who: str, meta: dict, run_id: str | None, data: ImageData) -
     metadata ``meta``, logged by run ``run_id``) differs from ``data``'s in data set,
     class names or their order, and training images (digest), as one phrase, or None;
     and what could not be compared (a model registered before ttkd recorded it), or None."""
-    theirs_digest = meta.get("train_digest") or (training_input_digest(run_id) if run_id else None)
-    ours_digest = training_digest(data)
     if "dataset" not in meta:
         return None, f"{who} was registered without a record of its training data; it could not be checked"
+    theirs_digest = meta.get("train_digest") or (training_input_digest(run_id) if run_id else None)
+    ours_digest = training_digest(data)
     theirs, ours = list(meta.get("classes") or []), list(data.class_names)
     same_name, same_classes = meta["dataset"] == data.name, theirs == ours
     same_images = theirs_digest is None or theirs_digest == ours_digest
