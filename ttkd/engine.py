@@ -292,9 +292,10 @@ def choose_step(model: nn.Module, data: ImageData, method: nn.Module, config: Tr
             optimizer, _ = make_optimizer([*net.parameters(), *objective_method.parameters()], config)
             x, y, idx = next(batches(data, "train", n, generator=torch.Generator().manual_seed(0),
                                      channels_last=fast, indices=True))
+            epoch = torch.tensor(1.0, device=device)  # as fit passes it
 
             def step():
-                loss = run(x, y, epoch=1, index=idx, **(partner_run(x) if twin is not None else {}))["loss"]
+                loss = run(x, y, epoch=epoch, index=idx, **(partner_run(x) if twin is not None else {}))["loss"]
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -497,8 +498,9 @@ def fit(
         train_batches = batches(data, "train", config.batch_size, generator=generator,
                                 channels_last=fast, indices=True, part=part)
         seen = torch.zeros((), device=device)
+        epoch_t = torch.tensor(float(epoch), device=device)  # a tensor: a compiled step is not recompiled per epoch
         for step, (x, y, idx) in enumerate(progress(train_batches, steps, f"epoch {epoch}/{config.epochs}"), 1):
-            parts = objective(x, y, epoch=epoch, index=idx, **(partner_run(x) if partner is not None else {}))
+            parts = objective(x, y, epoch=epoch_t, index=idx, **(partner_run(x) if partner is not None else {}))
             loss = parts["loss"]
             optimizer.zero_grad(set_to_none=True)
             if world is None:

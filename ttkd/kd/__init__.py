@@ -52,7 +52,7 @@ class Batch:
 
     logits: torch.Tensor                        # (B, K) of the network being trained
     labels: torch.Tensor                        # (B,)
-    epoch: int                                  # 1-based
+    epoch: int | torch.Tensor                   # 1-based; from the engine a 0-d float32 tensor on the device
     index: torch.Tensor | None = None           # (B,) positions in the training split
     partner_logits: torch.Tensor | None = None  # (B, K), no gradient
     stages: list[torch.Tensor] | None = None    # (B, C_i, H_i, W_i), features methods only

@@ -87,7 +87,10 @@ class DKD(nn.Module):
         nt_s = F.log_softmax(b.logits / t - 1000.0 * target, 1)
         nt_t = F.log_softmax(b.partner_logits / t - 1000.0 * target, 1)
         nckd = t * t * _kl(nt_t, nt_s)
-        ramp = min(b.epoch / self.warmup, 1.0) if self.warmup > 0 else 1.0
+        # a tensor op, not Python's min: the engine passes the epoch as a 0-d tensor, so that a
+        # compiled step is one graph for every epoch instead of one per epoch
+        ramp = (torch.as_tensor(b.epoch, dtype=torch.float32, device=b.logits.device) / self.warmup).clamp(
+            max=1.0) if self.warmup > 0 else 1.0
         ce = F.cross_entropy(b.logits, b.labels)
         return {"loss": ce + ramp * (self.alpha * tckd + self.beta * nckd), "ce": ce,
                 "tckd": tckd, "nckd": nckd}
