@@ -54,6 +54,11 @@ class TrainConfig:
     deterministic: bool = False  # deterministic kernels: a resumed run repeats an uninterrupted one
 
 
+# inductor's compiled graphs beside the calibration cache, shared by the processes this one
+# starts (a sweep's workers, a group's ranks); torch fixes the folder when inductor is first
+# imported, so it is set here, before that
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(calibration.cache_dir() / "inductor"))
+
 # A convolution over one input channel (grayscale images) gets its weight's gradient with
 # another stride along that size-1 dimension than DDP's bucket: the same memory order,
 # which DDP's layout check still reports once per process.
@@ -387,7 +392,6 @@ def compiled_step(objective: nn.Module, partner: nn.Module | None, fast: bool, f
                                                                  features=features)
     if mode is None:
         return objective, partner_run
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(calibration.cache_dir() / "inductor"))
     # static shapes: one graph for the full batch, one for the last; with torch's automatic
     # dynamic shapes a run would switch kernels after its first short batch, and a resumed
     # run (which has not seen one yet) would round differently from an uninterrupted one
