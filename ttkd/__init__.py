@@ -6,7 +6,7 @@ Modules, in the order data flows through them:
     models    one registry from architecture name to constructor; stage maps for KD
     kd        training objectives by name: cross-entropy, the trained-teacher term, KD methods
     engine    the training loop for every stage; no MLflow, no printing
-    calibration  the faster training path by a few timed steps, cached (amp=auto)
+    calibration  the training paths' speed by a few timed steps, cached (amp and compile auto)
     tracking  MLflow logging, checkpoints, partners rebuilt from a run's weights
     registry  MLflow model references, registration and promotion
     stages    baseline / teach / distill, each an MLflow run

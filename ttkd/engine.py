@@ -6,7 +6,8 @@
 method. Running sums of the method's named loss parts stay on the device and are read
 once per epoch, so the step loop never waits for the host. The engine knows nothing of
 MLflow and prints nothing: the caller gets each epoch's figures through ``on_epoch``
-and may wrap the batches in a progress bar.
+and may wrap the batches in a progress bar. ``choose_step`` decides, by a short
+calibration, the precision (bf16 or float32) and whether the step is compiled.
 """
 
 from __future__ import annotations
