@@ -49,7 +49,7 @@ class TrainConfig:
     seed: int = 0               # fixes weight init, data order and augmentation
     device: str = "auto"        # "auto": cuda if available, else cpu
     amp: bool | str = "auto"    # bf16 autocast and channels_last: True, False (float32), or "auto":
-                                # bf16 where a short calibration measures it faster (choose_precision)
+                                # bf16 where a short calibration measures it faster (choose_step)
     compile: bool | str = "auto"  # torch.compile the training step: True, False, a compile mode, or "auto":
                                   # compiled where a calibration finds it repays its compile time (choose_step)
     deterministic: bool = False  # deterministic kernels: a resumed run repeats an uninterrupted one

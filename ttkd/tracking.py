@@ -132,17 +132,17 @@ def log_checkpoint(path: Path, artifact_dir: str = "checkpoints") -> None:
         mlflow.log_artifact(str(path), artifact_dir)
 
 
-def download_checkpoint(run_id: str, dst: str, partner: str = "") -> dict | None:
-    """The run's ``checkpoints/last.pt``, loaded weights-only; None if it has none.
-    ``partner`` names the model whose weights it holds, when it is a frozen partner's."""
+def download_checkpoint(run_id: str, dst: str, role: str = "", model: str = "") -> dict | None:
+    """The run's ``checkpoints/last.pt``, loaded weights-only; None if it has none. With
+    ``role`` and ``model``, it holds the weights of that frozen partner (a model reference)."""
     try:
         path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="checkpoints/last.pt",
                                                    dst_path=dst)
     except (MlflowException, OSError):
         return None
-    if partner:
-        return load_checkpoint(Path(path), f"{partner} (run {run_id})", "register that model again from a run "
-                               f"whose checkpoint is whole, or use another {partner.split()[0]}")
+    if role:
+        return load_checkpoint(Path(path), f"{role} {model} (run {run_id})", "register that model again from a "
+                               f"run whose checkpoint is whole, or use another {role}")
     return load_checkpoint(Path(path), f"run {run_id}")
 
 
@@ -191,7 +191,7 @@ def load_partner(ref: ModelRef, data: ImageData, role: str, tmp: str, partner_da
     if meta.get("files") == MODEL_FILES and "arch" in meta:
         arch, state = meta["arch"], _registered_weights(ref, run_id, role, tmp)
     else:  # registered by an older ttkd: the weights of its run's last checkpoint
-        state = download_checkpoint(run_id, tmp, f"{role} {ref.uri}") if run_id else None
+        state = download_checkpoint(run_id, tmp, role, ref.uri) if run_id else None
         if state is None or "model" not in state or "arch" not in state:
             raise TTKDError(f"{role} {ref.uri} has no weights to rebuild it from (no checkpoints/last.pt "
                             f"in run {run_id}); use a model that a ttkd stage trained and registered")
