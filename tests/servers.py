@@ -7,6 +7,8 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
+import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -101,3 +103,108 @@ def mlflow_server(backend: str, artifacts: Path) -> Iterator[str]:
         proc.terminate()
         proc.wait(timeout=30)
         log.close()
+
+
+# ---- a real Ray cluster of two nodes on this machine ----------------------------------------
+
+RAY_ENV = {
+    "RAY_AUTH_MODE": "disabled",          # loopback only; a real cluster follows Ray's token setup
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_health_check_period_ms": "1000",  # a killed node is declared dead in seconds, not half a minute
+    "RAY_health_check_failure_threshold": "3",
+}
+
+
+class RayNodes:
+    """``ray start --head`` and one ``ray start --address`` on 127.0.0.1, each ``ray start
+    --block`` in a process group of its own so that a test can kill one node whole."""
+
+    def __init__(self, root: Path, cpus: tuple[int, int]):
+        self.root, self.cpus, self.port = root, cpus, free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.procs: list[subprocess.Popen] = []
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, **RAY_ENV}
+
+    def _start(self, name: str, *args: str) -> subprocess.Popen:
+        ray = str(Path(sys.executable).parent / "ray")
+        log = open(self.root / f"{name}.log", "a")
+        proc = subprocess.Popen([ray, "start", "--block", "--disable-usage-stats", f"--temp-dir={self.root}", *args],
+                                env=self.env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs.append(proc)
+        return proc
+
+    def start(self) -> None:
+        self.head = self._start("head", "--head", f"--port={self.port}", f"--num-cpus={self.cpus[0]}",
+                                "--include-dashboard=false")
+        self._wait(1)
+        self.add_worker()
+
+    def add_worker(self) -> None:
+        """A worker node joins (again, after a test killed the first)."""
+        self.worker = self._start("worker", f"--address={self.address}", f"--num-cpus={self.cpus[1]}")
+        self._wait(2)
+
+    def alive(self) -> list[dict]:
+        out = subprocess.run([sys.executable, "-c", _NODES, self.address], env=self.env(), capture_output=True,
+                             text=True, timeout=120)
+        return [dict(zip(("id", "head"), line.split())) for line in out.stdout.split("\n") if line.strip()]
+
+    def _wait(self, count: int) -> None:
+        deadline = time.time() + 120
+        while True:
+            try:
+                if len(self.alive()) >= count:
+                    return
+            except subprocess.TimeoutExpired:
+                pass
+            if time.time() > deadline or any(p.poll() is not None for p in self.procs):
+                logs = "".join((self.root / f"{n}.log").read_text()[-1500:] for n in ("head", "worker")
+                               if (self.root / f"{n}.log").exists())
+                raise RuntimeError(f"the Ray cluster did not start: {logs}")
+            time.sleep(0.5)
+
+    def kill(self, proc: subprocess.Popen) -> None:
+        """Kill a node whole, as when its machine goes: its `ray start`, raylet and every worker
+        process (Ray gives each worker a process group of its own, so the tree, not the group)."""
+        import psutil
+
+        with contextlib.suppress(psutil.NoSuchProcess):
+            tree = psutil.Process(proc.pid).children(recursive=True)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            for child in tree:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    child.kill()
+        proc.wait(timeout=30)
+        self.procs.remove(proc)
+
+    def stop(self) -> None:
+        for proc in reversed(list(self.procs)):
+            self.kill(proc)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+_NODES = """
+import sys, logging, ray
+ray.init(address=sys.argv[1], log_to_driver=False, logging_level=logging.ERROR)
+for n in ray.nodes():
+    if n["Alive"]:
+        print(n["NodeID"], int("node:__internal_head__" in n["Resources"]))
+"""
+
+
+@contextlib.contextmanager
+def ray_cluster(cpus: tuple[int, int] = (1, 1)) -> Iterator[RayNodes]:
+    """A head and a worker node; yields them; kills both (never `ray stop`, which would
+    stop every Ray process of this machine)."""
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
+    nodes = RayNodes(root, cpus)
+    try:
+        nodes.start()
+        yield nodes
+    finally:
+        nodes.stop()

@@ -17,6 +17,7 @@ become the sweep's defaults ``weights = 0,WEIGHT`` and ``methods = METHOD``.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import tomllib
 from collections.abc import Callable
@@ -45,6 +46,12 @@ class Param:
 
 def _choice(options: Callable[[], list[str]]):
     return lambda v: v in options()
+
+
+def _cluster_address(v: str) -> bool:
+    address = v[len("ray://"):] if v.startswith("ray://") else v
+    host, _, port = address.rpartition(":")
+    return v in ("", "local", "auto") or (bool(host) and port.isdigit())
 
 
 PARAMS: dict[str, Param] = {p.name: p for p in [
@@ -108,6 +115,16 @@ PARAMS: dict[str, Param] = {p.name: p for p in [
           "an integer >= 1", lambda v: v >= 1),
     Param("threads", "int", 0, "CPU threads per point (0: this process's torch threads / jobs); the thread "
           "count changes a CPU run's last bits, jobs does not", "an integer >= 0", lambda v: v >= 0),
+    Param("cluster", "str", "", "train the sweep's points on a Ray cluster instead of this machine's "
+          "worker processes: auto (the cluster this machine belongs to), HOST:PORT (what `ray start --head` "
+          "printed), ray://HOST:10001 (Ray client), or local (a Ray instance on this machine alone); needs "
+          "pip install -e '.[cluster]' and, except for local, a tracking server (MLFLOW_TRACKING_URI=http://...)",
+          "local, auto, HOST:PORT or ray://HOST:PORT", _cluster_address),
+    Param("cpus_per_point", "float", 1.0, "CPUs each point's Ray task declares (with cluster=)",
+          "a number > 0", lambda v: v > 0),
+    Param("gpus_per_point", "float", 0.0, "GPUs each point's Ray task declares (with cluster=); a fraction "
+          "packs several points on one GPU (0.25: four)", "0, a fraction up to 1, or a whole number",
+          lambda v: v == 0 or 0 < v <= 1 or float(v).is_integer() and v > 0),
     Param("force", "bool", False, f"let a sweep register more than {MAX_MODELS} model versions",
           "true or false"),
     Param("nproc", "int", 1, "training processes on this machine: one per GPU, or CPU processes "
@@ -186,7 +203,8 @@ METHOD_PARAMS = tuple(n for n in PARAMS if n.split("_")[0] in ("dkd", "dist", "f
 TRAIN = ("epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay", "schedule",
          "milestones", "gamma", "seed", "device", "amp", "compile", "deterministic")
 LAUNCH = ("nproc", "nnodes", "node_rank", "rdzv_endpoint", "rdzv_timeout")  # where, not what: not in presets
-FREE_ON_RESUME = ("resume", "experiment", "jobs", "threads") + LAUNCH  # how a run goes on, not what it computes
+CLUSTER = ("cluster", "cpus_per_point", "gpus_per_point")
+FREE_ON_RESUME = ("resume", "experiment", "jobs", "threads") + CLUSTER + LAUNCH  # how it goes on, not what it computes
 COMMON = ("dataset", "data_dir", "stream") + TRAIN + ("register_as", "experiment") + LAUNCH
 STUDY = ("student_arch", "teacher_arch", "temperature", "alpha", "kd_temperature") + METHOD_PARAMS
 STAGE_PARAMS: dict[str, tuple[str, ...]] = {
@@ -196,7 +214,7 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
     + ("resume",),
     "main": COMMON + STUDY + ("weight", "method", "resume"),
     "sweep": tuple(n for n in COMMON if n != "seed") + STUDY + ("seeds", "weights", "methods", "jobs",
-                                                                "threads", "force", "resume"),
+                                                                "threads") + CLUSTER + ("force", "resume"),
 }
 SWEEP_FROM_STUDY = {"weight": "weights", "method": "methods"}  # a study preset's values in a sweep
 STAGE_DEFAULTS = {"teach": {"arch": "cnn"}}  # where a stage differs from the table
@@ -386,6 +404,8 @@ def resolve(stage: str, given: dict[str, Any], preset: str | None = None) -> Run
     if "method" in values or "methods" in values:
         _check_method_params(stage, values.get("methods", (values.get("method"),)), set(cli) | set(settings))
     several = values["nproc"] * values["nnodes"] > 1 or distributed.under_torchrun()
+    if stage == "sweep":
+        _check_cluster(values, set(cli) | set(settings), several)
     if stage == "sweep" and several:
         if values["jobs"] > 1 and ("jobs" in cli or "jobs" in settings):
             raise TTKDError(f"jobs={values['jobs']} with nproc={values['nproc']}: a sweep trained by "
@@ -476,6 +496,25 @@ def sweep_size(seeds, weights, methods) -> int:
     """How many model versions a sweep registers: per seed a student, a teacher per weight
     and a KD student per weight and method."""
     return len(seeds) * (1 + len(weights) * (1 + len(methods)))
+
+
+def _check_cluster(values: dict, given: set[str], several: bool) -> None:
+    """cluster= replaces this machine's pool (jobs) and cannot be one run on many processes (nproc)."""
+    if not values["cluster"]:
+        stray = sorted(given & {"cpus_per_point", "gpus_per_point"})
+        if stray:
+            raise TTKDError(f"{', '.join(stray)} place{'s' if len(stray) == 1 else ''} points on a Ray cluster, "
+                            f"and no cluster is given; add cluster=local|auto|HOST:PORT, or drop "
+                            f"{'it' if len(stray) == 1 else 'them'}")
+        return
+    if "jobs" in given:
+        raise TTKDError(f"cluster={values['cluster']} with jobs={values['jobs']}: on a cluster Ray decides how "
+                        f"many points train at once (from cpus_per_point and gpus_per_point); drop jobs")
+    if several:
+        raise TTKDError(f"cluster={values['cluster']} with nproc={values['nproc']}: each point of a cluster "
+                        f"sweep is one process; drop nproc (or run the sweep without cluster=)")
+    if importlib.util.find_spec("ray") is None:
+        raise TTKDError("cluster= needs Ray, an optional extra: pip install -e '.[cluster]'")
 
 
 def _check_method_params(stage: str, methods: tuple[str, ...], given: set[str]) -> None:

@@ -315,7 +315,7 @@ def run_stage(stage: str, *, arch: str, train: TrainConfig, partner: str | None,
                                 for name, rate in choice.rates.items()}
                                | ({"calibration_compile_s": choice.compile_s} if choice.compile_s is not None else {}))
         else:
-            mlflow.set_tag("ttkd.resumed_after_epoch", str(ckpt["epoch"]))
+            mlflow.set_tags((tags or {}) | {"ttkd.resumed_after_epoch": str(ckpt["epoch"])})
             before = ckpt["engine"].get("world_size", 1)
             print(f"resuming run {run.info.run_id} after epoch {ckpt['epoch']}"
                   + (f", with {_processes(distributed.size())} instead of {before}"
@@ -488,10 +488,11 @@ def note_signal(signum, frame) -> None:
 note_signal.installed = False  # set where note_signal is the process's handler
 
 
-def resume(stage: str, reference: str, cfg: RunConfig | None = None) -> StageResult:
+def resume(stage: str, reference: str, cfg: RunConfig | None = None,
+           tags: dict[str, str] | None = None) -> StageResult:
     """Continue an unfinished ``stage`` run (its id, or ``last`` for the newest one) from
     its last checkpoint, in the same MLflow run; the values ``cfg`` was given must be the
-    run's own."""
+    run's own. ``tags`` (where it trains now) are added to the run's and its version's."""
     registry.prepare_store()
     client = MlflowClient()
     run = unfinished_run(stage, reference)
@@ -517,7 +518,8 @@ def resume(stage: str, reference: str, cfg: RunConfig | None = None) -> StageRes
     return run_stage(stage, arch=kw["arch"], train=train_config(kw["train"]), partner=kw["partner"],
                      method=kw["method"], method_params=kw["method_params"], dataset=kw["dataset"],
                      data_dir=kw["data_dir"], stream=kw["stream"], register_as=kw["register_as"],
-                     tags=kw.get("tags"), resume_from=(run_id, ckpt), partner_data=kw.get("partner_data", "same"))
+                     tags=(kw.get("tags") or {}) | (tags or {}), resume_from=(run_id, ckpt),
+                     partner_data=kw.get("partner_data", "same"))
 
 
 def unfinished_run(stage: str, reference: str):

@@ -27,7 +27,6 @@ from ttkd.engine import TrainConfig, resolve_device
 from ttkd.errors import TTKDError
 from ttkd.stages import (
     STREAM_WORDS,
-    TAG_PARTNER,
     TAG_STAGE,
     StageInterrupted,
     StageResult,
@@ -38,7 +37,8 @@ from ttkd.stages import (
     unfinished_run,
 )
 from ttkd.studies import report as reports
-from ttkd.studies.grid import TAG_POINT, Grid, Outcome, Plan, Point, run
+from ttkd.studies.grid import TAG_POINT, Grid, Outcome, Plan, Point, finished_result, run
+from ttkd.studies.scheduler import LocalPool, Placement, RayCluster, Scheduler, WorkerDied, check_store
 from ttkd.tracking import log_params
 
 STUDY_ROWS = ("student", "kd_normal", "kd_trained", "teacher_normal", "teacher_trained")
@@ -120,7 +120,7 @@ def study(*, student_arch: str, teacher_arch: str, student_train: TrainConfig,
         return "\n".join(map(str, promotions)) + "\n" + table
 
     return _run_grid("main", f"study {dataset}", plan, args, params, student_train, teacher_train,
-                     resume_run, finish, jobs=1, threads=0, verbose=True, method=method)
+                     resume_run, finish, LocalPool(jobs=1, threads=0), verbose=True, method=method)
 
 
 @datasets.load_once()
@@ -129,8 +129,9 @@ def sweep(*, student_arch: str, teacher_arch: str, student_train: TrainConfig,
           weights: tuple[float, ...] = (0.0, 0.005), methods: tuple[str, ...] = ("kd",),
           temperature: float = 4.0, method_params: dict[str, dict] | None = None,
           dataset: str = "digits", data_dir: str | None = None, stream: bool | None = None,
-          register_as: str | None = None, jobs: int = 2, threads: int = 0,
-          resume_run: str | None = None, print_line: Callable[[str], None] = print) -> str:
+          register_as: str | None = None, jobs: int = 2, threads: int = 0, cluster: str = "",
+          cpus_per_point: float = 1.0, gpus_per_point: float = 0.0, resume_run: str | None = None,
+          print_line: Callable[[str], None] = print) -> str:
     """Seeds x teacher weights x KD methods (module ``ttkd.studies.grid``), one child run
     per point under one parent run; returns the report's markdown.
 
@@ -141,7 +142,10 @@ def sweep(*, student_arch: str, teacher_arch: str, student_train: TrainConfig,
     to its best version by val_acc. A point that fails is reported and the others go on;
     the parent run then ends FAILED and ``resume`` retries what did not finish.
     ``jobs`` points train at once in worker processes, each with ``threads`` CPU threads
-    (0: this process's threads / jobs); ``print_line`` gets one line per finished point.
+    (0: this process's threads / jobs). With ``cluster`` (``local``, ``auto``, ``HOST:PORT``
+    or ``ray://HOST:PORT``) every point is a Ray task of ``cpus_per_point`` CPUs and
+    ``gpus_per_point`` GPUs (``threads`` 0: ``cpus_per_point`` threads) on that cluster
+    instead. ``print_line`` gets one line per finished point.
     """
     prefix = register_as or dataset
     weights = tuple(sorted(set(weights) | {0.0}))
@@ -150,11 +154,14 @@ def sweep(*, student_arch: str, teacher_arch: str, student_train: TrainConfig,
     plan = Plan(grid, student_arch, teacher_arch, student_train, teacher_train, temperature,
                 method_params, dict(dataset=dataset, data_dir=data_dir, stream=stream),
                 name=lambda p: sweep_name(prefix, p))
+    if cluster:
+        check_store(cluster)
     _check(plan)
     args = {"student_arch": student_arch, "teacher_arch": teacher_arch, "seeds": list(seeds),
             "weights": list(weights), "methods": list(methods), "temperature": temperature,
             "method_params": method_params, "dataset": dataset, "data_dir": data_dir,
             "stream": stream, "register_as": prefix, "jobs": jobs, "threads": threads,
+            "cluster": cluster, "cpus_per_point": cpus_per_point, "gpus_per_point": gpus_per_point,
             "student_train": dataclasses.asdict(student_train),
             "teacher_train": dataclasses.asdict(teacher_train)}
     params = ({k: (",".join(map(str, v)) if isinstance(v, list) else v) for k, v in args.items()
@@ -189,9 +196,10 @@ def sweep(*, student_arch: str, teacher_arch: str, student_train: TrainConfig,
         else:
             print_line(f"[{i:>{width}}/{n}] {o.point.key}: FAILED: {o.error}")
 
+    scheduler = (RayCluster(Placement(cluster, cpus_per_point, gpus_per_point, threads)) if cluster
+                 else LocalPool(jobs, threads))
     return _run_grid("sweep", f"sweep {dataset}", plan, args, params, student_train, teacher_train,
-                     resume_run, finish, jobs=jobs, threads=threads, verbose=False,
-                     on_outcome=on_outcome, method=",".join(methods))
+                     resume_run, finish, scheduler, verbose=False, on_outcome=on_outcome, method=",".join(methods))
 
 
 def _check(plan: Plan) -> None:
@@ -212,11 +220,19 @@ def _check(plan: Plan) -> None:
 
 def _run_grid(kind: str, run_name: str, plan: Plan, args: dict, params: dict, student_train: TrainConfig,
               teacher_train: TrainConfig, resume_run: str | None,
-              finish: Callable[[dict[Point, Outcome]], str], *, jobs: int, threads: int, verbose: bool,
+              finish: Callable[[dict[Point, Outcome]], str], scheduler: Scheduler, *, verbose: bool,
               method: str, on_outcome: Callable[[Outcome, int, int], None] = lambda o, i, n: None) -> str:
-    """Open (or reopen) the parent run, train the grid's points as its children, then
-    ``finish`` (tables, report, promotions) with every point's outcome."""
+    """Open (or reopen) the parent run, train the grid's points as its children on
+    ``scheduler``, then ``finish`` (tables, report, promotions) with every point's outcome.
+    The scheduler is entered (a cluster joined, its resources checked) before the run opens."""
     found = _children(resume_run, plan.grid) if resume_run else {}
+    with scheduler:
+        return _run_parent(kind, run_name, plan, args, params, student_train, teacher_train, resume_run, finish,
+                           scheduler, found, verbose=verbose, method=method, on_outcome=on_outcome)
+
+
+def _run_parent(kind, run_name, plan, args, params, student_train, teacher_train, resume_run, finish,
+                scheduler, found, *, verbose, method, on_outcome) -> str:
     run_ = mlflow.start_run(run_id=resume_run) if resume_run else mlflow.start_run(run_name=run_name)
     parent_id = run_.info.run_id
     status = "FAILED"
@@ -228,8 +244,11 @@ def _run_grid(kind: str, run_name: str, plan: Plan, args: dict, params: dict, st
                        | {f"{role}.{k}": v for role, train in (("student", student_train), ("teacher", teacher_train))
                           for k, v in dataclasses.asdict(train).items() if k not in per_seed})
             mlflow.log_dict(args, f"{kind}.json")  # what resuming rebuilds the grid from
-        outcomes, signum = run(plan, parent_id, found, jobs=jobs, threads=threads, verbose=verbose,
-                               on_outcome=on_outcome)
+        try:
+            outcomes, signum = run(plan, parent_id, found, scheduler, verbose=verbose, on_outcome=on_outcome)
+        except WorkerDied as exc:
+            raise TTKDError(f"a worker process died while training {exc}; run {parent_id} is marked FAILED: "
+                            f"resume={parent_id} continues it") from None
         if signum is not None:
             status = "KILLED"
             left = len(plan.grid.points()) - sum(o.result is not None for o in outcomes.values())
@@ -273,8 +292,9 @@ def _failures(outcomes: dict[Point, Outcome]) -> dict[Point, str]:
 
 def resume_grid(kind: str, reference: str, cfg: RunConfig | None = None, **change) -> str:
     """Continue an unfinished study or sweep run (its id, or ``last``) where it stopped;
-    the values ``cfg`` was given must be the run's own; ``change``: a sweep's ``jobs`` and
-    ``threads`` for the rest of it."""
+    the values ``cfg`` was given must be the run's own; ``change``: how a sweep's rest
+    trains (``jobs``, ``threads``; ``cluster`` with ``cpus_per_point`` and ``gpus_per_point``:
+    on that cluster, else on this machine, wherever it started)."""
     registry.prepare_store()
     run_ = unfinished_run(kind, reference)
     if cfg is not None:
@@ -295,7 +315,7 @@ def resume_grid(kind: str, reference: str, cfg: RunConfig | None = None, **chang
         del os.environ["MLFLOW_RUN_ID"]    # which new child runs must not attach to
     if kind == "main":
         return study(**args, **trains, resume_run=run_.info.run_id)
-    args = args | {k: tuple(args[k]) for k in ("seeds", "weights", "methods")}
+    args = args | {k: tuple(args[k]) for k in ("seeds", "weights", "methods")} | {"cluster": ""}
     return sweep(**(args | {k: v for k, v in change.items() if v}), **trains, resume_run=run_.info.run_id)
 
 
@@ -312,11 +332,7 @@ def _children(parent_id: str, grid: Grid) -> dict[Point, StageResult | str]:
         if point is None:
             continue
         if r.info.status == "FINISHED" and "ttkd.registered_model" in tags:
-            ref = registry.resolve(tags["ttkd.registered_model"])
-            partner = registry.resolve(tags[TAG_PARTNER]) if TAG_PARTNER in tags else None
-            m = r.data.metrics
-            found[point] = StageResult(r.info.run_id, ref, m["val_acc"], m.get("agreement"),
-                                       partner, m.get("partner_val_acc"))
+            found[point] = finished_result(r)
         elif r.info.status != "FINISHED":
             found[point] = r.info.run_id
     return found

@@ -4,32 +4,32 @@ A grid is seeds x teacher weights x KD methods. Each seed has one baseline stude
 each (seed, w) one teacher trained against that seed's student; each (seed, w, method)
 one student distilled from that teacher. Every point is an ordinary stage run
 (``ttkd.stages``), a child of the grid's parent run, that fetches its partner from the
-registry by ``NAME/VERSION`` exactly as a user would. Points run in this process
-(``jobs=1``) or in ``jobs`` worker processes; a point's results depend on its seed and
-thread count, never on ``jobs`` or on the order in which points finish.
+registry by ``NAME/VERSION`` exactly as a user would. Points train where a scheduler
+(``ttkd.studies.scheduler``) puts them: in this process, in worker processes, or on the
+nodes of a Ray cluster; a point's results depend on its seed and thread count, never on
+where it trained or on the order in which points finish.
 """
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import contextlib
 import dataclasses
-import multiprocessing
 import os
-import signal
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import mlflow
-import torch
+from mlflow.tracking import MlflowClient
 
-from ttkd import data as datasets
-from ttkd import distributed, stages
+from ttkd import distributed, registry, stages
 from ttkd.engine import TrainConfig
-from ttkd.errors import TTKDError
-from ttkd.stages import StageInterrupted, StageResult
+from ttkd.stages import TAG_PARTNER, StageInterrupted, StageResult
+
+if TYPE_CHECKING:
+    from ttkd.studies.scheduler import Scheduler
 
 TAG_POINT = "ttkd.point"
 
@@ -145,9 +145,10 @@ class Outcome:
     reused: bool = False
 
 
-def run_task(task: Task, verbose: bool = False) -> Outcome:
+def run_task(task: Task, verbose: bool = False, extra_tags: dict[str, str] | None = None) -> Outcome:
     """Train one point; never raises for a failure of the point itself (a NaN, an
-    unreachable store): the outcome says what went wrong, and the grid goes on."""
+    unreachable store): the outcome says what went wrong, and the grid goes on.
+    ``extra_tags`` (where it trains) also go on a continued run."""
     start = time.perf_counter()
     try:
         with contextlib.ExitStack() as quiet:
@@ -157,8 +158,11 @@ def run_task(task: Task, verbose: bool = False) -> Outcome:
                 quiet.enter_context(contextlib.redirect_stderr(sink))
             if task.resume_run:
                 try:
-                    result = stages.resume(task.stage, task.resume_run)
+                    result = stages.resume(task.stage, task.resume_run, tags=extra_tags)
                 except stages.NoCheckpoint:  # stopped in its first epoch: start it again
+                    client = MlflowClient()
+                    if client.get_run(task.resume_run).info.status == "RUNNING":  # its process died
+                        client.set_terminated(task.resume_run, "KILLED")
                     result = getattr(stages, task.stage)(**task.kwargs)
             else:
                 result = getattr(stages, task.stage)(**task.kwargs)
@@ -178,17 +182,50 @@ def run_task(task: Task, verbose: bool = False) -> Outcome:
         return Outcome(task.point, error=message, seconds=time.perf_counter() - start)
 
 
-def run(plan: Plan, parent_run_id: str, found: dict[Point, StageResult | str], *, jobs: int = 1,
-        threads: int = 0, verbose: bool = False,
-        on_outcome: Callable[[Outcome, int, int], None] = lambda o, i, n: None
+def finished_result(run) -> StageResult | None:
+    """A point's result from its run, if the run registered its model."""
+    tags = run.data.tags
+    if "ttkd.registered_model" not in tags:
+        return None
+    ref = registry.resolve(tags["ttkd.registered_model"])
+    partner = registry.resolve(tags[TAG_PARTNER]) if TAG_PARTNER in tags else None
+    m = run.data.metrics
+    return StageResult(run.info.run_id, ref, m["val_acc"], m.get("agreement"), partner, m.get("partner_val_acc"))
+
+
+def latest_attempt(task: Task) -> str | Outcome | None:
+    """What an earlier attempt at ``task``'s point left (its process or node died): the
+    id of its unfinished run to continue, or, when that run had registered its model and
+    only failed to close, its outcome (the run is closed now); None: no earlier attempt."""
+    if task.resume_run:
+        return task.resume_run
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list", max_results=1,
+                              filter_string=f"tags.`mlflow.parentRunId` = '{task.kwargs['parent_run_id']}' "
+                                            f"and tags.`{TAG_POINT}` = '{task.point.key}'",
+                              order_by=["attributes.start_time DESC"])
+    if not runs:
+        return None
+    run = runs[0]
+    result = finished_result(run)
+    if result is not None:
+        if run.info.status != "FINISHED":
+            MlflowClient().set_terminated(run.info.run_id, "FINISHED")
+        return Outcome(task.point, result, reused=True)
+    return None if run.info.status == "FINISHED" else run.info.run_id
+
+
+def run(plan: Plan, parent_run_id: str, found: dict[Point, StageResult | str], scheduler: Scheduler, *,
+        verbose: bool = False, on_outcome: Callable[[Outcome, int, int], None] = lambda o, i, n: None
         ) -> tuple[dict[Point, Outcome], int | None]:
-    """Train every point of ``plan``'s grid as a child run of ``parent_run_id``.
+    """Train every point of ``plan``'s grid as a child run of ``parent_run_id`` on
+    ``scheduler`` (entered: connected, its resources checked).
 
     ``found`` holds what an earlier attempt left: a point's :class:`StageResult` (reused
     as it is) or the id of its unfinished run (continued from its checkpoint). A point
-    whose partner failed is skipped. SIGINT or SIGTERM stops every running point after
-    its current step (its run is marked KILLED) and starts no new one. Returns the
-    outcomes (points never started are missing) and the signal that stopped the grid, if any.
+    starts once the point it needs has registered its model; one whose partner failed
+    is skipped. SIGINT or SIGTERM stops every running point after its current step (its
+    run is marked KILLED) and starts no new one. Returns the outcomes (points never
+    started are missing) and the signal that stopped the grid, if any.
     """
     points = plan.grid.points()
     done = {}
@@ -197,12 +234,10 @@ def run(plan: Plan, parent_run_id: str, found: dict[Point, StageResult | str], *
             done[p] = Outcome(p, found[p], reused=True)
             on_outcome(done[p], len(done), len(points))
     pending = [p for p in points if p not in done]
-    running: dict[cf.Future, Point] = {}
-    threads = threads or max(1, torch.get_num_threads() // jobs)
-    with _executor(jobs, threads) as pool, stages.stop_on_signals(_forward_to_workers) as stop:
-        while pending or running:
+    with stages.stop_on_signals(scheduler.stop) as stop:
+        while pending or scheduler.running:
             for point in list(pending):
-                if stop() or len(running) >= jobs:
+                if stop() or not scheduler.free():
                     break
                 if point.needs is not None and point.needs not in done:
                     continue  # its partner is still training
@@ -212,86 +247,12 @@ def run(plan: Plan, parent_run_id: str, found: dict[Point, StageResult | str], *
                     on_outcome(done[point], len(done), len(points))
                     continue
                 resume = found.get(point) if isinstance(found.get(point), str) else None
-                task = plan.task(point, done, parent_run_id, resume)
-                with _signals_blocked():  # a worker started here ignores them until it can take them
-                    running[pool.submit(run_task, task, verbose)] = point
-            if not running:
+                scheduler.submit(plan.task(point, done, parent_run_id, resume), verbose)
+            if not scheduler.running:
                 break
-            finished, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
-            for future in finished:
-                try:
-                    outcome = future.result()
-                except cf.process.BrokenProcessPool:  # a worker was killed (kill -9, out of memory)
-                    lost = ", ".join(p.key for p in running.values())
-                    raise TTKDError(f"a worker process died while training {lost}; run {parent_run_id} is "
-                                    f"marked FAILED: resume={parent_run_id} continues it") from None
-                del running[future]
+            for outcome in scheduler.wait():
                 done[outcome.point] = outcome
                 on_outcome(outcome, len(done), len(points))
                 if outcome.interrupted and not stop():
                     stop.signum = outcome.interrupted  # a point stopped by a signal stops the grid
     return done, stop.signum
-
-
-class _InlineExecutor:
-    """``submit`` runs the call at once in this process (``jobs=1``)."""
-
-    def submit(self, fn, *args) -> cf.Future:
-        future = cf.Future()
-        future.set_result(fn(*args))
-        return future
-
-
-@contextlib.contextmanager
-def _executor(jobs: int, threads: int) -> Iterator:
-    if jobs == 1:
-        before = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
-            yield _InlineExecutor()
-        finally:
-            torch.set_num_threads(before)
-        return
-    context = multiprocessing.get_context("spawn")  # no fork of a process holding threads
-    pool = cf.ProcessPoolExecutor(jobs, mp_context=context, initializer=_start_worker,
-                                  initargs=(threads, mlflow.get_tracking_uri()))
-    try:
-        yield pool
-    except BaseException:  # a dead worker, a second Ctrl-C: do not wait for the others
-        for child in multiprocessing.active_children():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(child.pid, signal.SIGKILL)  # their runs stay RUNNING: resume continues them
-        pool.shutdown(wait=False, cancel_futures=True)
-        raise
-    pool.shutdown(wait=True)
-
-
-@contextlib.contextmanager
-def _signals_blocked() -> Iterator:
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
-
-
-def _start_worker(threads: int, tracking_uri: str) -> None:
-    """A worker process: its own thread count; no `mlflow run` run of its own to attach
-    to; its data sets kept for the points it trains; signals only from the grid (its own
-    process group). It starts with them blocked; between points it notes a stop request
-    for the next point, which then stops at its first step."""
-    os.setpgrp()
-    os.environ.pop("MLFLOW_RUN_ID", None)
-    mlflow.set_tracking_uri(tracking_uri)
-    torch.set_num_threads(threads)
-    datasets.load_once().__enter__()
-    stages.note_signal.installed = True
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, stages.note_signal)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
-
-
-def _forward_to_workers(signum: int) -> None:
-    for child in multiprocessing.active_children():
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(child.pid, signum)

@@ -1,0 +1,244 @@
+"""Sweeps on a Ray cluster: a real cluster of two nodes on 127.0.0.1 (each `ray start` in a
+process group of its own) in front of a real MLflow server, against the same sweep run
+on this machine's pool."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from ttkd import config
+from ttkd.errors import TTKDError
+
+from . import servers
+from .test_resume import REPO
+from .test_sweep import SMALL
+
+EPOCHS = 4  # a point's epochs, of batches of 32: a node can be killed in the middle of one
+
+
+def small(prefix: str) -> list[str]:
+    """The sweep tests' small sweep, with EPOCHS epochs, registering under ``prefix``."""
+    args = [prefix if a == "sw" else a for a in SMALL]
+    args[args.index("--epochs") + 1] = str(EPOCHS)
+    return args + ["--batch_size", "32"]
+
+
+def mid_run(client: MlflowClient, run) -> bool:
+    """A running point with a checkpoint and at least one more epoch to train."""
+    done = len(client.get_metric_history(run.info.run_id, "val_acc"))
+    return run.info.status == "RUNNING" and 1 <= done <= EPOCHS - 2
+
+
+def sweep_env(uri: str) -> dict[str, str]:
+    return {**os.environ, **servers.RAY_ENV, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(REPO)}
+
+
+def start_sweep(uri: str, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "entry.sweep", *args], env=sweep_env(uri),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def children(client: MlflowClient, parent_id: str) -> list:
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    return client.search_runs(experiments, f"tags.`mlflow.parentRunId` = '{parent_id}'")
+
+
+def sweeps(client: MlflowClient) -> list:
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    return client.search_runs(experiments, "tags.`ttkd.stage` = 'sweep'", order_by=["attributes.start_time DESC"])
+
+
+def ttkd_lines(err: str) -> list[str]:
+    """stderr without the lines MLflow logs when it creates a fresh SQLite store."""
+    return [line for line in err.splitlines() if " INFO mlflow." not in line]
+
+
+def report_of(out: str) -> str:
+    return out[out.index("## Students"):]
+
+
+# ---- bad input: one line, nothing started -------------------------------------------------------
+
+@pytest.mark.parametrize("given, message", [
+    ({"cluster": "auto", "jobs": "2"}, "cluster=auto with jobs=2: on a cluster Ray decides how many points"),
+    ({"cluster": "auto", "nproc": "2"}, "cluster=auto with nproc=2: each point of a cluster sweep is one process"),
+    ({"cluster": "auto", "cpus_per_point": "0"}, "invalid cpus_per_point: '0'; cpus_per_point must be a number > 0"),
+    ({"cluster": "auto", "gpus_per_point": "1.5"}, "invalid gpus_per_point: '1.5'; gpus_per_point must be 0, a fraction up to 1"),
+    ({"cluster": "somewhere"}, "invalid cluster: 'somewhere'"),
+    ({"gpus_per_point": "0.25"}, "gpus_per_point places points on a Ray cluster, and no cluster is given"),
+])
+def test_bad_cluster_input_is_refused_before_anything_starts(given, message):
+    with pytest.raises(TTKDError) as exc:
+        config.resolve("sweep", given)
+    assert message in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_cluster_without_ray_installed_names_the_extra(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))
+    with pytest.raises(TTKDError, match=r"^cluster= needs Ray, an optional extra: pip install -e '\.\[cluster\]'$"):
+        config.resolve("sweep", {"cluster": "auto"})
+
+
+def test_a_store_only_this_machine_reads_is_refused_with_a_cluster(store, cli):
+    status, _, err = cli("sweep", "--seeds", "1", "--epochs", "1", "--cluster", "127.0.0.1:6379")
+    assert status == 1 and err.count("\n") == 1, err
+    assert ("cluster=127.0.0.1:6379 needs a tracking server every node can reach, and the tracking store is "
+            f"{store}") in err
+    assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cluster-server")
+    with servers.mlflow_server(f"sqlite:///{root / 'mlflow.db'}", root / "artifacts") as url:
+        yield url
+
+
+def test_an_address_that_does_not_answer_is_one_line_naming_it(server, tmp_path):
+    address = f"127.0.0.1:{servers.free_port()}"
+    start = time.time()
+    proc = start_sweep(server, "--seeds", "1", "--epochs", "1", "--cluster", address, "--experiment", "nobody")
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and err.count("\n") == 1, err
+    assert err.startswith(f"ttkd sweep: error: cannot join the Ray cluster at {address} (")
+    assert "Connection refused" in err
+    assert time.time() - start < 30 + 15  # the answer's own limit, plus starting Python
+    client = MlflowClient(server)
+    experiment = client.get_experiment_by_name("nobody")
+    assert experiment is None or client.search_runs([experiment.experiment_id]) == []
+
+
+def test_more_gpus_per_point_than_any_node_has_is_one_line_naming_the_nodes(store, cli):
+    status, _, err = cli("sweep", "--seeds", "1", "--epochs", "1", "--cluster", "local", "--gpus_per_point", "1")
+    assert status == 1 and len(ttkd_lines(err)) == 1, err
+    assert "no node of the cluster has cpus_per_point=1 and gpus_per_point=1 free for one point" in err
+    assert f"its 1 node has: {os.cpu_count()} CPU, 0 GPU" in err
+    assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
+    assert MlflowClient().search_registered_models() == []
+
+
+# ---- a real two-node cluster ---------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The small sweep on this machine, one job, never interrupted: its report and each point's val_acc."""
+    uri = f"sqlite:///{tmp_path_factory.mktemp('local') / 'one.db'}"
+    proc = start_sweep(uri, *small("cl"), "--jobs", "1")
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+    client = MlflowClient(uri)
+    parent = sweeps(client)[0]
+    points = {r.data.tags["ttkd.point"]: r.data.metrics["val_acc"] for r in children(client, parent.info.run_id)}
+    return report_of(out), points
+
+
+@pytest.fixture(scope="module")
+def nodes():
+    with servers.ray_cluster((1, 1)) as cluster:
+        yield cluster
+
+
+@pytest.mark.slow
+def test_a_node_killed_mid_sweep_loses_nothing(server, nodes, reference, tmp_path):
+    client = MlflowClient(server)
+    experiment = "cluster-kill"
+    head = next(n["id"] for n in nodes.alive() if n["head"] == "1")
+    proc = start_sweep(server, *small("cl"), "--cluster", nodes.address, "--experiment", experiment)
+
+    def on_worker() -> list:
+        found = sweeps(client)
+        runs = children(client, found[0].info.run_id) if found else []
+        return [r for r in runs if r.data.tags.get("ttkd.node", head) != head]
+
+    deadline = time.time() + 400
+    while time.time() < deadline and proc.poll() is None:  # a point on the worker mid-run, and one finished
+        runs = on_worker()
+        if any(r.info.status == "FINISHED" for r in runs) and any(mid_run(client, r) for r in runs):
+            break
+        time.sleep(0.3)
+    nodes.kill(nodes.worker)
+    victims = [r for r in on_worker() if r.info.status == "RUNNING"]  # their node is gone: they stay RUNNING
+    assert any(len(client.get_metric_history(r.info.run_id, "val_acc")) >= 1 for r in victims), \
+        proc.communicate(timeout=60)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+
+    parent = sweeps(client)[0]
+    runs = children(client, parent.info.run_id)
+    assert {r.info.status for r in runs} == {"FINISHED"} and parent.info.status == "FINISHED"
+    assert len({r.data.tags["ttkd.node"] for r in runs}) == 2  # both nodes trained points
+    assert sorted(r.data.tags["ttkd.point"] for r in runs) == sorted(reference[1])  # one run per point
+    for victim in victims:  # continued from its checkpoint on the head, in the same run (or, stopped
+        run = client.get_run(victim.info.run_id)  # before its first checkpoint, trained again in a new one)
+        assert run.data.tags["ttkd.node"] == head
+        assert "ttkd.resumed_after_epoch" in run.data.tags or not client.get_metric_history(run.info.run_id, "val_acc")
+    models = {m.name: len(client.search_model_versions(f"name = '{m.name}'")) for m in client.search_registered_models()}
+    assert models == {"cl-student": 2, "cl-teacher": 4, "cl-student-kd": 4}  # every model registered once
+    assert {r.data.tags["ttkd.point"]: r.data.metrics["val_acc"] for r in runs} == reference[1]
+    assert report_of(out) == reference[0]
+
+
+@pytest.mark.slow
+def test_sigterm_stops_a_cluster_sweep_and_resume_finishes_it_on_the_cluster(server, nodes, reference):
+    client = MlflowClient(server)
+    if len(nodes.alive()) < 2:  # the worker was killed by the test before: a new one joins
+        nodes.add_worker()
+    experiment = "cluster-term"
+    proc = start_sweep(server, *small("ct"), "--cluster", nodes.address, "--experiment", experiment)
+    deadline = time.time() + 400
+    while time.time() < deadline and proc.poll() is None:  # half-way: once some KD student is mid-run
+        found = [s for s in sweeps(client) if client.get_experiment(s.info.experiment_id).name == experiment]
+        runs = children(client, found[0].info.run_id) if found else []
+        if any(r.data.tags.get("ttkd.stage") == "distill" and mid_run(client, r) for r in runs):
+            break
+        time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "stopped by SIGTERM with" in err and "is marked KILLED" in err
+    parent = sweeps(client)[0]
+    assert parent.info.status == "KILLED"
+    runs = children(client, parent.info.run_id)
+    assert {r.info.status for r in runs} <= {"FINISHED", "KILLED"} and "KILLED" in {r.info.status for r in runs}
+
+    resumed = start_sweep(server, "--resume", "last", "--experiment", experiment, "--cluster", nodes.address)
+    out, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err
+    runs = children(client, parent.info.run_id)
+    assert client.get_run(parent.info.run_id).info.status == "FINISHED"
+    assert {r.data.tags["ttkd.point"]: r.data.metrics["val_acc"] for r in runs if r.info.status == "FINISHED"} \
+        == reference[1]
+    assert all(r.info.status != "RUNNING" for r in runs)
+    assert report_of(out) == reference[0]
+
+
+
+def test_a_node_without_the_data_set_or_with_another_ttkd_fails_its_point_naming_itself(monkeypatch, tmp_path):
+    import ray
+
+    from ttkd.studies import scheduler
+    from ttkd.studies.grid import Point, Task
+
+    class Context:
+        def get_node_id(self):
+            return "ab12cd34ef56" + "0" * 44
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: Context())
+    missing = tmp_path / "cifar100"
+    task = Task(Point("student", 0), "baseline", {"data_dir": str(missing), "tags": {}})
+    outcome = scheduler.train_on_node(task, 1, "http://127.0.0.1:1", {}, scheduler.VERSION)
+    assert outcome.result is None and outcome.error == (
+        f"node {os.uname().nodename} (ab12cd34ef56) has no data set at {missing}; put it at that path on "
+        f"every node (or on a file system they share)")
+    outcome = scheduler.train_on_node(task, 1, "http://127.0.0.1:1", {}, "0.0.1")
+    assert outcome.error.startswith(f"node {os.uname().nodename} (ab12cd34ef56) runs ttkd {scheduler.VERSION} "
+                                    f"and the sweep ttkd 0.0.1; install the same ttkd on every node")
