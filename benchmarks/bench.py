@@ -6,6 +6,8 @@
     python -m benchmarks.bench --methods          # each KD method's cost per step, relative to kd
     python -m benchmarks.bench --methods-accuracy # each KD method's student, from normal and trained teachers
     python -m benchmarks.bench --compile-accuracy # digits: eager against compiled training, paired over seeds
+    python -m benchmarks.bench --packing          # points per hour with K = 1, 2, 4, 8 points per device (Ray)
+    python -m benchmarks.bench --scheduler        # the digits sweep on the local pool and on Ray, same run
 
 Speed: for each stage (baseline: the student alone; teach: the teacher beside the frozen
 student; distill: the student beside the frozen teacher) it measures in this one process,
@@ -29,6 +31,14 @@ range over the rounds), ttkd over the faster compute path and each path's peak m
 Accuracy: the digits study's five networks trained by ttkd with bf16 on, with it off, and
 by the seed's DataLoader loop, over several seeds; prints mean ± standard deviation.
 
+Packing: K baseline points at once on this machine's device through the sweep's Ray
+backend (``cluster=local``), each declaring 1/K of a GPU (on CPU: 1/K of the cores, with
+max(1, cores/K) threads), ``--rounds`` x K points per K in a store of their own; points per
+hour from the wall time of all of them, Ray's start excluded.
+
+Scheduler: the digits sweep (``--seeds`` seeds, default stages) with ``jobs=2`` on the local
+pool and with ``cluster=local``, taking turns, wall time each, Ray's start included.
+
 Methods: the distill step of every KD method in ``ttkd.kd`` through ``ttkd.engine.fit``,
 in rounds taking turns, as images per second and relative to kd; and, over several
 seeds on digits, the student each method distils from a normal and a trained teacher.
@@ -37,11 +47,15 @@ seeds on digits, the student each method distils from a normal and a trained tea
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
+import io
 import math
+import os
 import statistics
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -478,6 +492,83 @@ def method_accuracies(args) -> str:
     return "\n".join(lines)
 
 
+# --- many points at once: packing and the scheduler's cost -------------------------------------
+
+@contextlib.contextmanager
+def _scratch_store():
+    """A SQLite store of its own for the duration, in a temporary folder (cwd too)."""
+    import mlflow
+
+    with tempfile.TemporaryDirectory(prefix="ttkd-bench-") as tmp:
+        before, cwd = os.environ.get("MLFLOW_TRACKING_URI"), os.getcwd()
+        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp}/mlflow.db"
+        mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+        os.chdir(tmp)
+        try:
+            yield tmp
+        finally:
+            os.chdir(cwd)
+            mlflow.set_tracking_uri(before)
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+            if before is not None:
+                os.environ["MLFLOW_TRACKING_URI"] = before
+
+
+def packing(args) -> list[tuple[int, int, float, float]]:
+    """(K, points, seconds, points per hour) for each K of ``args.k``."""
+    import mlflow
+
+    from ttkd.studies.grid import Point, Task
+    from ttkd.studies.scheduler import Placement, RayCluster
+
+    device = resolve_device(args.device)
+    cores = os.cpu_count() or 1
+    rows = []
+    with _scratch_store():
+        for k in args.k:
+            gpus = 1 / k if device.type == "cuda" else 0.0
+            placement = Placement("local", cpus_per_point=cores / k if device.type == "cpu" else 1.0,
+                                  gpus_per_point=gpus, threads=max(1, cores // k))
+            train = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, device=args.device,
+                                amp=args.amp, compile=args.compile)
+            with mlflow.start_run(run_name=f"packing K={k}") as parent, RayCluster(placement) as cluster:
+                tasks = [Task(Point("student", seed), "baseline",
+                              dict(arch=args.student, train=dataclasses.replace(train, seed=seed),
+                                   register_as=f"pack-{k}", tags={"ttkd.point": f"K={k} seed={seed}"},
+                                   parent_run_id=parent.info.run_id, dataset=args.dataset))
+                         for seed in range(args.rounds * k)]
+                start = time.perf_counter()
+                for task in tasks:
+                    cluster.submit(task, verbose=False)
+                outcomes = []
+                while cluster.running:
+                    outcomes += cluster.wait()
+                seconds = time.perf_counter() - start
+            failed = [o.error for o in outcomes if o.result is None]
+            if failed:
+                raise SystemExit(f"K={k}: {len(failed)} points failed: {failed[0]}")
+            rows.append((k, len(tasks), seconds, len(tasks) / seconds * 3600))
+            print(f"| {k} | {len(tasks)} | {seconds:.1f} | {rows[-1][3]:,.0f} | {rows[-1][3] / rows[0][3]:.2f}x |",
+                  flush=True)
+    return rows
+
+
+def scheduler_overhead(args) -> dict[str, list[float]]:
+    """Wall seconds of the same digits sweep on the local pool (jobs=2) and on Ray (cluster=local)."""
+    from ttkd import config, studies
+
+    times: dict[str, list[float]] = {"local pool, jobs=2": [], "Ray, cluster=local": []}
+    for _ in range(args.repeat):
+        for label, given in (("local pool, jobs=2", {"jobs": "2"}), ("Ray, cluster=local", {"cluster": "local"})):
+            cfg = config.resolve("sweep", {"seeds": str(args.seeds), "threads": "1", **given})
+            with _scratch_store(), contextlib.redirect_stdout(io.StringIO()):
+                start = time.perf_counter()
+                studies.sweep(**cfg.stage_kwargs(), print_line=lambda line: None)
+                times[label].append(time.perf_counter() - start)
+            print(f"# {label}: {times[label][-1]:.1f} s", file=sys.stderr, flush=True)
+    return times
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m ttkd.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--student", default="cnn")
@@ -501,6 +592,14 @@ def main(argv=None) -> None:
                         help="time the baseline stage on PNG files, decoded into memory and left on disk")
     parser.add_argument("--methods", action="store_true",
                         help="time the distill stage with every KD method, relative to kd")
+    parser.add_argument("--packing", action="store_true",
+                        help="points per hour with K points per device at once (Ray, cluster=local); "
+                             "default --student cnn --dataset digits")
+    parser.add_argument("--k", type=int, nargs="+", default=[1, 2, 4, 8], help="--packing: points per device")
+    parser.add_argument("--rounds", type=int, default=2, help="--packing: rounds x K points per K")
+    parser.add_argument("--epochs", type=int, default=2, help="--packing: epochs per point")
+    parser.add_argument("--scheduler", action="store_true",
+                        help="the digits sweep with jobs=2 against cluster=local, --repeat times each")
     parser.add_argument("--methods-accuracy", action="store_true",
                         help="digits: each KD method's student from a normal and a trained teacher "
                              "(default --student resnet8 --teacher cnn)")
@@ -513,6 +612,21 @@ def main(argv=None) -> None:
           f"amp={str(args.amp).lower()}, native bf16 {'yes' if bf16_supported(device) else 'no'}", file=sys.stderr)
     if args.accuracy:
         print(accuracy_table(args))
+        return
+    if args.packing:
+        if "--dataset" not in (argv or sys.argv):
+            args.dataset = "digits"
+        print(f"{args.dataset}, baseline {args.student}, {args.epochs} epochs, batch {args.batch_size}, "
+              f"{device} ({device_name(device)}), {os.cpu_count()} cores; {args.rounds} x K points per K\n")
+        print("| K (points per device) | points | seconds | points per hour | vs K = 1 |\n|---:|---:|---:|---:|---:|")
+        packing(args)
+        return
+    if args.scheduler:
+        times = scheduler_overhead(args)
+        (local, pool), (ray, on_ray) = times.items()
+        print(f"digits sweep, {args.seeds} seeds, default stages, threads=1, median of {args.repeat}: "
+              f"{local} {statistics.median(pool):.1f} s, {ray} {statistics.median(on_ray):.1f} s; "
+              f"Ray / local pool {statistics.median(on_ray) / statistics.median(pool):.2f}")
         return
     if args.compile_accuracy:
         print(compile_accuracy(args))

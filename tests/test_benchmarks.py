@@ -46,3 +46,12 @@ def test_method_benchmark_times_every_method(capsys):
     rows = [l for l in capsys.readouterr().out.splitlines() if l.startswith("| ") and "x |" in l]
     assert [r.split("|")[1].strip() for r in rows] == kd.names()
     assert rows[0].endswith("| 1.00x |")  # kd against itself
+
+
+@pytest.mark.slow  # starts a Ray instance per K
+def test_packing_benchmark_reports_points_per_hour_for_each_k(capsys):
+    bench.main(["--packing", "--k", "1", "2", "--rounds", "1", "--epochs", "1", "--student", "mlp",
+                "--compile", "false"])
+    rows = [l for l in capsys.readouterr().out.splitlines() if re.match(r"\| \d+ \| \d+ \|", l)]
+    assert [(r.split("|")[1].strip(), r.split("|")[2].strip()) for r in rows] == [("1", "1"), ("2", "2")]
+    assert all(float(r.split("|")[4].replace(",", "")) > 0 for r in rows) and rows[0].endswith("| 1.00x |")

@@ -113,7 +113,8 @@ PARAMS: dict[str, Param] = {p.name: p for p in [
     Param("jobs", "int", 2, "points of the sweep trained at once, each in its own worker process "
           "(2 jobs of 1 thread beat 1 job of 2 threads by 1.47x on a 2-core CPU)",
           "an integer >= 1", lambda v: v >= 1),
-    Param("threads", "int", 0, "CPU threads per point (0: this process's torch threads / jobs); the thread "
+    Param("threads", "int", 0, "CPU threads per point (0: this process's torch threads / jobs; with "
+          "cluster=, cpus_per_point); the thread "
           "count changes a CPU run's last bits, jobs does not", "an integer >= 0", lambda v: v >= 0),
     Param("cluster", "str", "", "train the sweep's points on a Ray cluster instead of this machine's "
           "worker processes: auto (the cluster this machine belongs to), HOST:PORT (what `ray start --head` "

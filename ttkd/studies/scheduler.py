@@ -196,8 +196,8 @@ def check_store(cluster: str) -> None:
     if cluster == "local" or urllib.parse.urlparse(uri).scheme in ("http", "https", "databricks"):
         return
     raise TTKDError(f"cluster={cluster} needs a tracking server every node can reach, and the tracking store "
-                    f"is {uri}, which only this machine can read; start `mlflow server` (see 'For a team' in "
-                    f"the README) and set MLFLOW_TRACKING_URI=http://HOST:PORT on this machine, or use "
+                    f"is {uri}, whose files or artifacts stay on this machine; start `mlflow server` (see "
+                    f"'For a team' in the README) and set MLFLOW_TRACKING_URI=http://HOST:PORT here, or use "
                     f"cluster=local")
 
 
