@@ -1,9 +1,12 @@
 """`mlflow run . -e promote`: point an alias at the best (or a chosen) model version."""
 
+import math
+
 import click
 
 from entry.options import command, run
-from ttkd import registry
+from ttkd import predict, registry
+from ttkd.errors import TTKDError
 
 
 @command("promote")
@@ -19,10 +22,31 @@ from ttkd import registry
                    "of the students distilled from each version.")
 @click.option("--student_arch", default="", help="by=students: count only students of this architecture.")
 @click.option("--method", default="", help="by=students: count only students of this KD method.")
-def main(model, metric, alias, force, by, student_arch, method):
+@click.option("--max_latency_ms", default="", help="only versions (by=students: students) that answer one image "
+              "within this many ms on the CPU, as measured when registered")
+@click.option("--max_params", default="", help="only versions (by=students: students) with at most this many "
+              "parameters")
+@click.option("--measure", type=click.BOOL, default=False, show_default=True,
+              help="first measure the cost of every version (by=students: and of its students) that lacks it")
+def main(model, metric, alias, force, by, student_arch, method, max_latency_ms, max_params, measure):
     """Point ALIAS at a version of MODEL and print what changed."""
+    budget = {key: _positive(key, value) for key, value in (("max_latency_ms", max_latency_ms),
+                                                             ("max_params", max_params)) if value.strip()}
+    if measure:
+        for line in predict.measure_unmeasured(model, students=by == "students"):
+            print(line, flush=True)
     print(registry.promote(model, metric=metric, alias=alias, force=force, by=by,
-                           student_arch=student_arch, method=method))
+                           student_arch=student_arch, method=method, budget=budget))
+
+
+def _positive(key: str, text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (math.isfinite(value) and value > 0):
+        raise TTKDError(f"invalid {key}: {text!r}; give a number > 0")
+    return value
 
 
 if __name__ == "__main__":

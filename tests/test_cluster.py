@@ -20,7 +20,7 @@ from ttkd.errors import TTKDError
 
 from . import servers
 from .test_resume import REPO
-from .test_sweep import SMALL
+from .test_sweep import SMALL, accuracy_tables
 
 EPOCHS = 4  # a point's epochs, of batches of 32: a node can be killed in the middle of one
 
@@ -32,10 +32,10 @@ def small(prefix: str) -> list[str]:
     return args + ["--batch_size", "32"]
 
 
-def mid_run(client: MlflowClient, run) -> bool:
-    """A running point with a checkpoint and at least one more epoch to train."""
+def mid_run(client: MlflowClient, run, at_most: int = EPOCHS - 2) -> bool:
+    """A running point with a checkpoint and at most ``at_most`` epochs done (more to train)."""
     done = len(client.get_metric_history(run.info.run_id, "val_acc"))
-    return run.info.status == "RUNNING" and 1 <= done <= EPOCHS - 2
+    return run.info.status == "RUNNING" and 1 <= done <= at_most
 
 
 def sweep_env(uri: str) -> dict[str, str]:
@@ -63,7 +63,7 @@ def ttkd_lines(err: str) -> list[str]:
 
 
 def report_of(out: str) -> str:
-    return out[out.index("## Students"):]
+    return accuracy_tables(out)
 
 
 # ---- bad input: one line, nothing started -------------------------------------------------------
@@ -199,7 +199,7 @@ def test_sigterm_stops_a_cluster_sweep_and_resume_finishes_it_on_the_cluster(ser
     while time.time() < deadline and proc.poll() is None:  # half-way: once some KD student is mid-run
         found = [s for s in sweeps(client) if client.get_experiment(s.info.experiment_id).name == experiment]
         runs = children(client, found[0].info.run_id) if found else []
-        if any(r.data.tags.get("ttkd.stage") == "distill" and mid_run(client, r) for r in runs):
+        if any(r.data.tags.get("ttkd.stage") == "distill" and mid_run(client, r, at_most=1) for r in runs):
             break
         time.sleep(0.3)
     proc.send_signal(signal.SIGTERM)

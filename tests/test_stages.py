@@ -12,7 +12,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from ttkd import data, engine, models, registry, tracking
+from ttkd import cost, data, engine, models, registry, tracking
 
 REPO = Path(__file__).resolve().parents[1]
 EPOCH_METRICS = {"train_loss", "train_ce", "val_acc", "val_loss", "lr", "epoch_time_s", "throughput"}
@@ -71,6 +71,20 @@ def test_stages_by_hand(store, cli, tmp_path):
     assert run_of("models:/digits-cnn-trained/1").data.tags["ttkd.precision"] == "bf16"
     assert len(client.get_metric_history(base_run.info.run_id, "val_acc")) == 2
     assert "train_kl" not in base_run.data.metrics
+
+    # what the served network costs: measured on the exported program, as metrics and version tags
+    assert metrics["params"] == float(base_run.data.params["num_params"]) == cost.parameters(
+        models.build("mlp", 10, 1, image_size=8))
+    assert metrics["macs"] == cost.macs(models.build("mlp", 10, 1, image_size=8), (1, 8, 8)) > 0
+    served = mlflow.artifacts.download_artifacts(f"runs:/{base_run.info.run_id}/model/artifacts/network.pt2",
+                                                 dst_path=str(tmp_path / "served"))
+    assert metrics["model_bytes"] == os.path.getsize(served)
+    assert metrics["latency_ms_b1_cpu"] > 0 and metrics["throughput_b256_cpu"] > 0 and metrics["cost_threads"] == 1
+    teacher_run = run_of("models:/digits-cnn-trained/1")
+    assert teacher_version.tags["ttkd.params"] == str(int(teacher_run.data.metrics["params"]))
+    assert float(teacher_version.tags["ttkd.latency_ms_b1_cpu"]) == pytest.approx(
+        teacher_run.data.metrics["latency_ms_b1_cpu"], rel=1e-5)
+    assert client.search_model_versions("tags.`ttkd.params` = '" + teacher_version.tags["ttkd.params"] + "'")
 
     # the checkpoint (our class, weights_only) and the registered model, which takes raw
     # pixels and normalises them itself, agree in eval mode, in both layouts

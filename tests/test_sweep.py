@@ -64,8 +64,10 @@ def fake_values(grid: Grid, gain: dict[float, float]) -> dict:
     values = {}
     for p in grid.points():
         acc = 95.0 + (gain[p.weight] + rng.normal(0, 0.1) if p.role == "kd" else 0.0)
+        cost = ({"params": 10_000, "macs": 50_000, "latency_ms_b1_cpu": 0.5} if p.role == "teacher" else
+                {"params": 1_000, "macs": 2_000, "latency_ms_b1_cpu": 0.1 + 0.01 * p.seed})
         values[p] = report.PointValues(acc, 90.0, f"models:/m/{len(values) + 1}", "run",
-                                       (80.0, acc) if p.role == "kd" else ())
+                                       (80.0, acc) if p.role == "kd" else (), cost)
     return values
 
 
@@ -86,8 +88,16 @@ def test_report_calls_a_real_gain_beyond_noise_and_a_zero_gain_within_noise():
     metrics = report.headline_metrics(r)
     assert metrics["kd.w-0.02.vs_w0"] == pytest.approx(rows[-0.02]["vs_normal"]["mean"])
     assert "kd.w0.vs_w0" not in metrics and metrics["no_kd.val_acc"] == pytest.approx(95.0)
+    costs = {(c["role"], c["weight"]): c for c in r["costs"]}
+    kd = costs[("kd", 0.005)]
+    assert (kd["vs_teacher"]["x_params"], kd["vs_teacher"]["x_macs"]) == (10.0, 25.0)
+    assert kd["vs_teacher"]["x_faster"] == pytest.approx(0.5 / np.mean([0.1 + 0.01 * s for s in range(4)]))
+    assert kd["vs_no_kd"]["delta"]["mean"] == pytest.approx(rows[0.005]["vs_no_kd"]["mean"])
+    assert "## What the models cost" in text and "| teacher | 0.005 (trained) |  | 10,000 | 50,000 | 0.500 |" in text
     figs = report.figures(r)
-    assert set(figs) == {"students_vs_weight.png", "teachers_vs_weight.png", "kd_curves.png"}
+    assert set(figs) == {"students_vs_weight.png", "teachers_vs_weight.png", "kd_curves.png",
+                         "accuracy_vs_latency.png"}
+    assert figs["accuracy_vs_latency.png"].axes[0].get_xscale() == "log"
     students = figs["students_vs_weight.png"].axes[0]
     assert [t.get_text() for t in students.get_xticklabels()] == ["-0.02\nnasty", "0\nnormal",
                                                                  "0.005\ntrained"]
@@ -163,6 +173,13 @@ SMALL = ["--seeds", "2", "--weights", "0.005", "--epochs", "2", "--deterministic
          "--threads", "1", "--register_as", "sw"]
 
 
+def accuracy_tables(out: str) -> str:
+    """The sweep's report from its first table on, less the cost table, whose timings differ run to run."""
+    text = out[out.index("## Students"):]
+    start = text.find("## What the models cost")
+    return text if start < 0 else text[:start] + text[text.index("\n## ", start) + 1:]
+
+
 def sweep_children(parent_id):
     return mlflow.search_runs(output_format="list", filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
 
@@ -208,7 +225,8 @@ def test_one_job_and_two_jobs_killed_by_sigterm_then_resumed_give_the_same_sweep
     assert taught[champion] == max(taught.values())
     assert "sw-teacher: each version judged by the val_acc of the students it taught" in out
     metrics = point_metrics(one.info.run_id)
-    table = out[out.index("## Students"):]
+    table = accuracy_tables(out)
+    assert "## What the models cost" in out and "| KD student | 0.005 (trained) | kd |" in out
 
     # two worker processes, stopped by SIGTERM half-way, then resumed: the same sweep
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
@@ -235,7 +253,7 @@ def test_one_job_and_two_jobs_killed_by_sigterm_then_resumed_give_the_same_sweep
     assert status == 0, err
     assert out.count("(reused)") == len(finished)
     assert point_metrics(parent.info.run_id) == metrics
-    assert out[out.index("## Students"):] == table
+    assert accuracy_tables(out) == table
     assert mlflow.get_run(parent.info.run_id).info.status == "FINISHED"
 
 

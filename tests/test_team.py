@@ -42,6 +42,15 @@ def test_runs_go_in_the_experiment_given_and_resume_last_looks_only_there(store,
     assert "in experiment 'alice'" in out
     assert mlflow.get_run(run.info.run_id).info.status == "FINISHED"
 
+    # MLflow's UI opens both experiments in its model-training view; a kind set by hand is kept
+    client = MlflowClient()
+    kinds = {e.name: e.tags.get("mlflow.experimentKind") for e in client.search_experiments()}
+    assert kinds["alice"] == kinds["bob"] == "custom_model_development"
+    client.set_experiment_tag(client.get_experiment_by_name("bob").experiment_id, "mlflow.experimentKind",
+                              "genai_development")
+    assert cli("baseline", "--resume", "last", "--experiment", "bob")[0] == 1
+    assert client.get_experiment_by_name("bob").tags["mlflow.experimentKind"] == "genai_development"
+
 
 def test_a_run_opened_by_mlflow_run_in_the_same_experiment_is_the_stages_run(store, cli, monkeypatch):
     team = MlflowClient().create_experiment("team")

@@ -11,11 +11,12 @@ from types import SimpleNamespace
 import numpy as np
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model
+from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from ttkd import serving, tracking
+from ttkd import cost, registry, serving, tracking
 from ttkd.errors import TTKDError
-from ttkd.registry import ModelRef, first_line
+from ttkd.registry import TAG_PARTNER, ModelRef, first_line
 
 
 @dataclasses.dataclass
@@ -97,3 +98,37 @@ def classify_folder(ref: ModelRef, folder: str, batch_size: int = 256) -> Classi
 def shown(path: Path) -> str:
     """A file name as text: bytes that are not UTF-8 (a name from another system) as \\xNN."""
     return str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def measure_version(version) -> dict[str, str]:
+    """Measure what registered model ``version`` (a model version of the registry) costs,
+    on its network as served, and tag the version with it; returns the tags."""
+    ref = ModelRef(f"models:/{version.name}/{version.version}", version.name, str(version.version), version.run_id)
+    with tempfile.TemporaryDirectory() as tmp:
+        model, meta, _ = load_classifier(ref, tmp)
+        network = next(Path(tmp).rglob("network.pt2"))
+        measured = cost.measure(model.network, tuple(meta["image_shape"]), network.stat().st_size,
+                                threads=tracking.COST_THREADS)
+    tags = tracking.cost_tags(measured)
+    tracking.tag_version(version.name, str(version.version), tags)
+    return tags
+
+
+def measure_unmeasured(reference: str, students: bool = False) -> list[str]:
+    """Measure every version of model ``reference`` (with ``students``: of the models
+    distilled from it too) that has no measured cost yet; one line per version measured."""
+    registry.prepare_store()
+    name = reference.strip().removeprefix("models:/").split("/")[0].split("@")[0]
+    client = MlflowClient()
+    versions = client.search_model_versions(f"name = '{name}'", max_results=10000)
+    if students:
+        versions += [s for v in versions for s in client.search_model_versions(
+            f"tags.`{TAG_PARTNER}` = 'models:/{name}/{v.version}'", max_results=10000)]
+    lines = []
+    for v in versions:
+        if "ttkd.latency_ms_b1_cpu" in v.tags and "ttkd.params" in v.tags:
+            continue
+        tags = measure_version(v)
+        lines.append(f"measured {v.name} version {v.version}: {int(tags['ttkd.params']):,} parameters, "
+                     f"{float(tags['ttkd.latency_ms_b1_cpu']):.3f} ms per image at batch 1")
+    return lines

@@ -236,7 +236,8 @@ class Promotion:
 
     def __str__(self) -> str:
         new = f"version {self.new} ({self.metric} {self.new_value:.4g})"
-        old = f"version {self.old} ({self.metric} {self.old_value:.4g})" if self.old else "(unset)"
+        old = ("(unset)" if not self.old else f"version {self.old}" + (
+            f" ({self.metric} {self.old_value:.4g})" if self.old_value is not None else " (not judged here)"))
         line = (f"{self.name}@{self.alias} unchanged: already {new}" if not self.moved
                 else f"{self.name}@{self.alias}: {old} -> {new}")
         return "\n".join(self.evidence + (line,))
@@ -247,8 +248,23 @@ def lower_is_better(metric: str) -> bool:
     return any(word in metric for word in ("loss", "error", "time"))
 
 
+BUDGETS = {"max_latency_ms": ("ttkd.latency_ms_b1_cpu", "ms per image at batch 1 on the CPU"),
+           "max_params": ("ttkd.params", "parameters")}
+
+
+def within(version, budget: dict[str, float]) -> bool:
+    """Whether a version's measured cost (its tags) is within ``budget`` (BUDGETS' keys)."""
+    return all(float(version.tags[BUDGETS[k][0]]) <= limit for k, limit in budget.items())
+
+
+def unmeasured(versions, budget: dict[str, float]) -> list[str]:
+    """The versions among ``versions`` that lack a figure ``budget`` needs."""
+    return [str(v.version) for v in versions if any(BUDGETS[k][0] not in v.tags for k in budget)]
+
+
 def promote(reference: str, metric: str = "val_acc", alias: str = DEFAULT_ALIAS,
-            force: bool = False, by: str = "self", student_arch: str = "", method: str = "") -> Promotion:
+            force: bool = False, by: str = "self", student_arch: str = "", method: str = "",
+            budget: dict[str, float] | None = None) -> Promotion:
     """Point ``alias`` at a version of a registered model, judged by ``metric``.
 
     ``reference`` is ``NAME`` (pick the best version by the metric, as logged last by
@@ -259,6 +275,10 @@ def promote(reference: str, metric: str = "val_acc", alias: str = DEFAULT_ALIAS,
     mean ``metric`` of the students distilled from it (registered versions whose
     ``ttkd.partner_model`` tag names it), only those of ``student_arch`` and ``method``
     if given. Versions that taught no such student are left out.
+
+    ``budget`` (``max_latency_ms``, ``max_params``) leaves out every version whose
+    measured cost exceeds it (with ``by="students"``: every student); none within it is
+    refused, naming the cheapest version's figure.
     """
     if by not in ("self", "students"):
         raise TTKDError(f"invalid by {by!r}: use self (the version's own {metric}) or students "
@@ -275,11 +295,22 @@ def promote(reference: str, metric: str = "val_acc", alias: str = DEFAULT_ALIAS,
                         f"most {MAX_NAME} characters; choose a shorter alias")
     _registered(client, name)
     evidence: tuple[str, ...] = ()
+    budget = budget or {}
+    for key, limit in budget.items():
+        if key not in BUDGETS or not (isinstance(limit, int | float) and math.isfinite(limit) and limit > 0):
+            raise TTKDError(f"invalid {key}: {limit!r}; give a number > 0")
     if by == "students":
-        scored, evidence = _teaching_scores(client, name, metric, student_arch, method)
+        scored, evidence = _teaching_scores(client, name, metric, student_arch, method, budget)
         label = f"students' mean {metric}"
     else:
-        scores = {str(v.version): _score(client, v, metric) for v in _versions(client, name)}
+        versions = _versions(client, name)
+        if budget:
+            _check_measured(name, versions, budget)
+            fits = [v for v in versions if within(v, budget)]
+            if not fits:
+                raise TTKDError(_nothing_within(name, versions, budget))
+            versions = fits
+        scores = {str(v.version): _score(client, v, metric) for v in versions}
         scored = {v: s for v, s in scores.items() if s is not None}
         label = metric
         if not scored:
@@ -315,10 +346,30 @@ def _which(student_arch: str, method: str) -> str:
     return f" ({', '.join(p for p in parts if p)})" if student_arch or method else ""
 
 
+def _check_measured(name: str, versions, budget: dict[str, float]) -> None:
+    missing = unmeasured(versions, budget)
+    if missing:
+        model = versions[0].name
+        raise TTKDError(f"{name}: version{'s' * (len(missing) > 1)} {', '.join(missing)} of {model} "
+                        f"{'have' if len(missing) > 1 else 'has'} no measured cost (registered before ttkd "
+                        f"measured it); measure them with `mlflow run . -e promote -P model={model} -P measure=true`")
+
+
+def _nothing_within(name: str, versions, budget: dict[str, float]) -> str:
+    key = next(iter(budget))
+    tag, what = BUDGETS[key]
+    best = min(versions, key=lambda v: float(v.tags[tag]))
+    return (f"no version of {name} is within {', '.join(f'{k}={v:g}' for k, v in budget.items())}; the "
+            f"{'fastest' if key == 'max_latency_ms' else 'smallest'} is {best.name} version {best.version} at "
+            f"{float(best.tags[tag]):.4g} {what}")
+
+
 def _teaching_scores(client: MlflowClient, name: str, metric: str, student_arch: str,
-                     method: str) -> tuple[dict[str, float], tuple[str, ...]]:
-    """Per version of teacher ``name``: the mean ``metric`` of the students it taught; and
-    one line of evidence per version."""
+                     method: str, budget: dict[str, float] | None = None) -> tuple[dict[str, float], tuple[str, ...]]:
+    """Per version of teacher ``name``: the mean ``metric`` of the students it taught
+    (only those within ``budget``); and one line of evidence per version."""
+    budget = budget or {}
+    students = []
     versions = _versions(client, name)
     if not any(v.tags.get("ttkd.stage") == "teach" for v in versions):
         made = sorted({v.tags.get("ttkd.stage", "outside ttkd") for v in versions})
@@ -329,10 +380,13 @@ def _teaching_scores(client: MlflowClient, name: str, metric: str, student_arch:
     for v in versions:
         taught = client.search_model_versions(f"tags.`{TAG_PARTNER}` = 'models:/{name}/{v.version}'",
                                               max_results=10000)
-        values = [s for sv in taught
-                  if sv.tags.get("ttkd.stage") == "distill"
-                  and (not student_arch or sv.tags.get("ttkd.arch") == student_arch)
-                  and (not method or sv.tags.get("ttkd.method") == method)
+        mine = [sv for sv in taught if sv.tags.get("ttkd.stage") == "distill"
+                and (not student_arch or sv.tags.get("ttkd.arch") == student_arch)
+                and (not method or sv.tags.get("ttkd.method") == method)]
+        if budget and mine:
+            _check_measured(f"the students of {name} version {v.version}", mine, budget)
+        students += mine
+        values = [s for sv in mine if (not budget or within(sv, budget))
                   and (s := _score(client, sv, metric)) is not None]
         point = ", ".join(f"{k} {v.tags[f'ttkd.{k}']}" for k in ("seed", "weight") if f"ttkd.{k}" in v.tags)
         about = f"  version {v.version}" + (f" ({point})" if point else "")
@@ -341,7 +395,10 @@ def _teaching_scores(client: MlflowClient, name: str, metric: str, student_arch:
             lines.append(f"{about}: {len(values)} student{'s' * (len(values) > 1)}, "
                          f"mean {metric} {scored[str(v.version)]:.4g}")
         else:
-            lines.append(f"{about}: taught no student, left out")
+            lines.append(f"{about}: {'no student within the budget' if budget and mine else 'taught no student'}, "
+                         f"left out")
+    if not scored and budget and students:
+        raise TTKDError(_nothing_within(f"the students of {name}", students, budget))
     if not scored:
         raise TTKDError(f"no version of {name!r} has taught a student{_which(student_arch, method)}; "
                         f"distil one from it first (the distill stage, or a sweep)")

@@ -12,6 +12,7 @@ registry only after training finished.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import datetime
 import json
@@ -19,6 +20,7 @@ import os
 import signal
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,8 +30,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from tqdm import tqdm
 
+from ttkd import cost, distributed, kd, models, registry, tracking
 from ttkd import data as datasets
-from ttkd import distributed, kd, models, registry, tracking
 from ttkd.config import PARAMS, RunConfig, check_resume
 from ttkd.engine import (
     EpochStats,
@@ -378,10 +380,20 @@ def run_stage(stage: str, *, arch: str, train: TrainConfig, partner: str | None,
             last = dataclasses.asdict(history[-1])
         mlflow.log_metric("best_val_acc", best[0])
 
-        info, digests = tracking.log_model(model, data, arch)
+        measured = []  # what the served network costs, measured on it before it is logged
+
+        def measure(net: torch.nn.Module, path: Path) -> None:  # (and, trained on a GPU, the network there)
+            start = time.perf_counter()
+            on_cuda = (copy.deepcopy(model).eval().to(device), device) if device.type == "cuda" else None
+            measured.append(cost.measure(net, data.image_shape, path.stat().st_size, threads=tracking.COST_THREADS,
+                                         on_cuda=on_cuda))
+            measured.append(time.perf_counter() - start)
+        info, digests = tracking.log_model(model, data, arch, on_export=measure)
+        mlflow.log_metrics(measured[0].metrics() | {"cost_measure_s": measured[1]})
         mlflow.set_tag(tracking.TAG_DIGESTS, json.dumps(digests, sort_keys=True))
         version_tags = {TAG_STAGE: stage, TAG_METHOD: method, "ttkd.dataset": dataset, "ttkd.arch": arch,
-                        tracking.TAG_DIGESTS: json.dumps(digests, sort_keys=True), **(tags or {})}
+                        tracking.TAG_DIGESTS: json.dumps(digests, sort_keys=True), **tracking.cost_tags(measured[0]),
+                        **(tags or {})}
         if partner_ref is not None:
             version_tags[TAG_PARTNER] = partner_ref.uri
         if found is not None and found.foreign:

@@ -14,6 +14,7 @@ import tempfile
 import urllib.parse
 import urllib.request
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import mlflow
@@ -38,13 +39,19 @@ TAG_DIGESTS = "ttkd.model_sha256"  # on a run and its version: {file in the mode
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
+# the experiment tag MLflow 3's UI picks its view from, and its value for model training
+# (``ExperimentKind.CUSTOM_MODEL_DEVELOPMENT`` in MLflow's front end); a kind already set is kept
+TAG_EXPERIMENT_KIND, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
+
+
 def use_experiment(name: str) -> str:
     """Make experiment ``name`` the one every run of this process, and of the processes it
     starts, goes in; created when missing; returns its id. Without a name: the experiment
     of ``MLFLOW_EXPERIMENT_NAME``, else that of the run ``mlflow run`` opened, else
     ``MLFLOW_EXPERIMENT_ID`` (so a later call without a name keeps the same), else Default.
     When ``mlflow run`` opened its run in another experiment, that run gets a tag saying
-    where the work went, and stays empty: MLflow cannot move a run to another experiment."""
+    where the work went, and stays empty: MLflow cannot move a run to another experiment.
+    An experiment without a kind is tagged as one of model training, for MLflow's UI."""
     prepare_store()
     client = MlflowClient()
     launcher = os.environ.get("MLFLOW_RUN_ID")
@@ -69,6 +76,8 @@ def use_experiment(name: str) -> str:
         raise TTKDError(f"experiment {experiment.name!r} is deleted (MLflow keeps it in its trash, and "
                         f"its name taken): restore it with `mlflow experiments restore --experiment-id "
                         f"{experiment.experiment_id}`, or give another experiment name")
+    if TAG_EXPERIMENT_KIND not in experiment.tags:  # MLflow's UI opens it in its model-training view
+        client.set_experiment_tag(experiment.experiment_id, TAG_EXPERIMENT_KIND, TRAINING_KIND)
     if launcher and launched_in != experiment.experiment_id:
         client.set_tag(launcher, "ttkd.ran_in_experiment", experiment.name)
         del os.environ["MLFLOW_RUN_ID"]
@@ -320,13 +329,16 @@ MODEL_FILES = {"network": "artifacts/network.pt2", "weights": "artifacts/weights
                "code": "serving.py"}  # the model's files ttkd reads or MLflow runs, by path in its folder
 
 
-def log_model(model: nn.Module, data: ImageData, arch: str):
+def log_model(model: nn.Module, data: ImageData, arch: str,
+              on_export: Callable[[nn.Module, Path], None] | None = None):
     """Log ``model`` (eval mode, on the CPU) as the model a user serves: ``ttkd/serving.py``
     around the network exported by ``torch.export`` (pickle-free), taking uint8 images and
     answering classes, with the image shape, normalisation and class names in its
     configuration and metadata; beside it the weights as ``weights.safetensors``, from
-    which later stages rebuild it as ttkd's ``arch``. Returns ``(model info, SHA-256 of
-    each file in MODEL_FILES)``: the digests go in the registry with the version."""
+    which later stages rebuild it as ttkd's ``arch``. ``on_export`` is called with the
+    exported network and its file before it is logged (to measure what is served). Returns
+    ``(model info, SHA-256 of each file in MODEL_FILES)``: the digests go in the registry
+    with the version."""
     model.eval().cpu()  # BatchNorm must be exported with its running statistics
     c, h, w = data.image_shape
     example = torch.zeros(2, c, h, w)  # batch > 1, so that the batch size stays free
@@ -339,6 +351,8 @@ def log_model(model: nn.Module, data: ImageData, arch: str):
     with tempfile.TemporaryDirectory() as tmp:
         files = {"network": Path(tmp) / "network.pt2", "weights": Path(tmp) / "weights.safetensors"}
         torch.export.save(program, files["network"])
+        if on_export is not None:
+            on_export(program.module(), files["network"])
         safetensors.torch.save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()},
                                     files["weights"])
         digests = file_digests({MODEL_FILES[k]: p for k, p in files.items()} | {MODEL_FILES["code"]: code})
@@ -384,6 +398,31 @@ def metric_history(run_id: str, key: str) -> list[float]:
     """A run's values of metric ``key``, by step."""
     history = MlflowClient().get_metric_history(run_id, key)
     return [m.value for m in sorted(history, key=lambda m: (m.step, m.timestamp))]
+
+
+COST_THREADS = 1  # CPU threads a served network's latency and throughput are measured with
+
+
+def cost_tags(c) -> dict[str, str]:
+    """A model version's cost (a ``ttkd.cost.Cost``) as searchable tags: ``tags.`ttkd.params```, ..."""
+    return {f"ttkd.{k}": (f"{v:.6g}" if isinstance(v, float) else str(v))
+            for k, v in dataclasses.asdict(c).items() if v is not None}
+
+
+def tag_version(name: str, version: str, tags: dict[str, str]) -> None:
+    client = MlflowClient()
+    for key, value in tags.items():
+        retry_locked(lambda k=key, v=value: client.set_model_version_tag(name, version, k, v))
+
+
+COST_METRICS = ("params", "macs", "model_bytes", "latency_ms_b1_cpu", "throughput_b256_cpu",
+                "latency_ms_b1_cuda", "throughput_b256_cuda")
+
+
+def run_cost(run_id: str) -> dict[str, float]:
+    """The cost metrics a stage logged for its model (none for a run older than them)."""
+    metrics = MlflowClient().get_run(run_id).data.metrics
+    return {k: metrics[k] for k in COST_METRICS if k in metrics}
 
 
 def log_report(text: str, report: dict, figures: dict) -> None:

@@ -113,6 +113,7 @@ def study(*, student_arch: str, teacher_arch: str, student_train: TrainConfig,
         res = {study_role(p): o.result for p, o in outcomes.items()}
         promotions = [registry.promote(r.model.name) for r in res.values()]
         table = comparison_table(res, weight, method)
+        table += "\n" + cost_table(res, {k: tracking.run_cost(r.run_id) for k, r in res.items()}, method)
         mlflow.log_metrics({f"val_acc_{k}": res[k].val_acc for k in STUDY_ROWS})
         mlflow.log_text(table, "comparison.md")
         mlflow.log_dict({k: {"model": r.model.uri, "val_acc": r.val_acc, "agreement": r.agreement}
@@ -282,7 +283,7 @@ def _values(outcomes: dict[Point, Outcome]) -> dict[Point, reports.PointValues]:
             continue
         curve = tracking.metric_history(o.result.run_id, "val_acc") if p.role == "kd" else ()
         values[p] = reports.PointValues(o.result.val_acc, o.result.agreement, o.result.model.uri,
-                                        o.result.run_id, tuple(curve))
+                                        o.result.run_id, tuple(curve), tracking.run_cost(o.result.run_id))
     return values
 
 
@@ -354,4 +355,34 @@ def comparison_table(res: dict[str, StageResult], weight: float, method: str = "
         delta = f"{r.val_acc - base:+.2f}" if key.startswith(("student", "kd")) else ""
         agree = f"{r.agreement:.2f}" if r.agreement is not None else ""
         lines.append(f"| {labels[key]} | {r.val_acc:.2f} | {delta} | {agree} | {r.model.uri} |")
+    return "\n".join(lines) + "\n"
+
+
+COST_LABELS = {"student": "student, no KD", "kd_normal": "KD student, normal teacher",
+               "kd_trained": "KD student, trained teacher", "teacher_normal": "normal teacher",
+               "teacher_trained": "trained teacher"}
+
+
+def cost_table(res: dict[str, StageResult], costs: dict[str, dict[str, float]], method: str = "kd") -> str:
+    """What each model costs to run (measured on the served network, CPU at 1 thread), and
+    each KD student against its teacher and the no-KD student: x fewer parameters and MACs,
+    x faster at batch 1, the difference in val_acc."""
+    if any(not c for c in costs.values()):
+        return ""  # a run from before ttkd measured costs
+    lines = ["| model | parameters | MACs per image | served file (KiB) | ms per image (batch 1) | "
+             "images/s (batch 256) |", "|---|---:|---:|---:|---:|---:|"]
+    for key in STUDY_ROWS:
+        c = costs[key]
+        lines.append(f"| {COST_LABELS[key]} | {c['params']:,.0f} | {c['macs']:,.0f} | {c['model_bytes'] / 1024:,.1f} | "
+                     f"{c['latency_ms_b1_cpu']:.3f} | {c['throughput_b256_cpu']:,.0f} |")
+    lines += ["", f"| {method.upper()} student | against | x fewer parameters | x fewer MACs | x faster (batch 1) | "
+              "Δ val_acc (pp) |", "|---|---|---:|---:|---:|---:|"]
+    for kind in ("normal", "trained"):
+        student = costs[f"kd_{kind}"]
+        for other in (f"teacher_{kind}", "student"):
+            them = costs[other]
+            lines.append(f"| {COST_LABELS['kd_' + kind]} | {COST_LABELS[other]} | "
+                         f"{them['params'] / student['params']:.2f}x | {them['macs'] / student['macs']:.2f}x | "
+                         f"{them['latency_ms_b1_cpu'] / student['latency_ms_b1_cpu']:.2f}x | "
+                         f"{res[f'kd_{kind}'].val_acc - res[other].val_acc:+.2f} |")
     return "\n".join(lines) + "\n"

@@ -77,6 +77,7 @@ class PointValues:
     model: str
     run_id: str
     curve: tuple[float, ...] = ()   # val_acc per epoch (KD students)
+    cost: dict[str, float] = dataclasses.field(default_factory=dict)  # params, macs, latency_ms_b1_cpu, ...
 
 
 def build(grid: Grid, values: dict[Point, PointValues], failed: dict[Point, str]) -> dict:
@@ -104,6 +105,7 @@ def build(grid: Grid, values: dict[Point, PointValues], failed: dict[Point, str]
                  "agreement": _dict(interval(acc("teacher", w, field="agreement").values())),
                  "per_seed": acc("teacher", w)} for w in grid.weights]
     return {
+        "costs": _costs(grid, values, acc) if values and all(v.cost for v in values.values()) else [],
         "grid": dataclasses.asdict(grid), "confidence": CONFIDENCE,
         "no_kd": {"val_acc": _dict(interval(no_kd.values())), "per_seed": no_kd},
         "students": students, "teachers": teachers,
@@ -112,6 +114,37 @@ def build(grid: Grid, values: dict[Point, PointValues], failed: dict[Point, str]
                     "val_acc": v.val_acc, "agreement": v.agreement, "model": v.model, "run_id": v.run_id}
                    for p, v in values.items()],
     }
+
+
+def _costs(grid: Grid, values: dict[Point, PointValues], acc) -> list[dict]:
+    """Per model (the no-KD student, each teacher, each KD student): its cost, mean over
+    seeds; a KD student's also as ratios to its teacher's and the no-KD student's (x fewer
+    parameters and MACs, x faster at batch 1) with its paired Δ val_acc to each."""
+    def cost(role, w=None, m=None):
+        found = [values[p].cost for s in grid.seeds if (p := Point(role, s, w, m)) in values]
+        return {k: float(np.mean([c[k] for c in found])) for k in ("params", "macs", "latency_ms_b1_cpu")} | {
+            "latency_std": float(np.std([c["latency_ms_b1_cpu"] for c in found])), "n": len(found)} if found else None
+
+    def versus(mine: dict, theirs: dict, delta: Interval) -> dict:
+        return {"x_params": theirs["params"] / mine["params"], "x_macs": theirs["macs"] / mine["macs"],
+                "x_faster": theirs["latency_ms_b1_cpu"] / mine["latency_ms_b1_cpu"], "delta": _dict(delta)}
+    no_kd = cost("student")
+    rows = [{"role": "student", "weight": None, "method": None, "val_acc": _dict(interval(acc("student").values())),
+             **(no_kd or {})}]
+    for w in grid.weights:
+        teacher = cost("teacher", w)
+        rows.append({"role": "teacher", "weight": w, "method": None,
+                     "val_acc": _dict(interval(acc("teacher", w).values())), **(teacher or {})})
+        for m in grid.methods:
+            mine = cost("kd", w, m)
+            if mine is None:
+                continue
+            rows.append({"role": "kd", "weight": w, "method": m, "val_acc": _dict(interval(acc("kd", w, m).values())),
+                         **mine,
+                         "vs_teacher": versus(mine, teacher, paired(acc("kd", w, m), acc("teacher", w)))
+                         if teacher else None,
+                         "vs_no_kd": versus(mine, no_kd, paired(acc("kd", w, m), acc("student"))) if no_kd else None})
+    return [r for r in rows if "params" in r]
 
 
 def headline_metrics(report: dict) -> dict[str, float]:
@@ -190,11 +223,34 @@ def markdown(report: dict) -> str:
     for t in report["teachers"]:
         lines.append(f"| {_w(t['weight'])} | {t['val_acc']['n']} | {_mean_std(t['val_acc'])} "
                      f"| {_mean_std(t['agreement'])} |")
+    lines += _cost_lines(report)
     lines += ["", "## In words", ""] + [f"- {s}" for s in sentences(report)]
     if report["failed"]:
         lines += ["", "## Points that did not finish", ""]
         lines += [f"- {f['point']}: {f['error']}" for f in report["failed"]]
     return "\n".join(lines) + "\n"
+
+
+def _cost_lines(report: dict) -> list[str]:
+    """The cost table: what each model costs to run, and each KD student against its teacher."""
+    if not report.get("costs"):
+        return []
+    pct = int(report["confidence"] * 100)
+    lines = ["", "## What the models cost", "",
+             "measured on the served network, CPU, 1 thread; a KD student against its teacher: x fewer "
+             f"parameters, MACs, x faster at batch 1, and its paired Δ val_acc (pp, mean [{pct}% CI])", "",
+             "| model | w | method | parameters | MACs per image | ms per image (batch 1) | vs its teacher: "
+             "params / MACs / speed | Δ val_acc vs teacher | Δ val_acc vs no-KD student |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    names = {"student": "student, no KD", "teacher": "teacher", "kd": "KD student"}
+    for r in report["costs"]:
+        w = _w(r["weight"]) if r["weight"] is not None else ""
+        them = r.get("vs_teacher")
+        ratios = (f"{them['x_params']:.2f}x / {them['x_macs']:.2f}x / {them['x_faster']:.2f}x" if them else "")
+        lines.append(f"| {names[r['role']]} | {w} | {r['method'] or ''} | {r['params']:,.0f} | {r['macs']:,.0f} | "
+                     f"{r['latency_ms_b1_cpu']:.3f} | {ratios} | {_diff(them['delta']) if them else ''} | "
+                     f"{_diff(r['vs_no_kd']['delta']) if r.get('vs_no_kd') else ''} |")
+    return lines
 
 
 def sentences(report: dict) -> list[str]:
@@ -227,9 +283,35 @@ def sentences(report: dict) -> list[str]:
 
 def figures(report: dict) -> dict[str, Figure]:
     """``students_vs_weight.png``, ``teachers_vs_weight.png`` and ``kd_curves.png``."""
-    return {"students_vs_weight.png": _students_figure(report),
-            "teachers_vs_weight.png": _teachers_figure(report),
-            "kd_curves.png": _curves_figure(report)}
+    found = {"students_vs_weight.png": _students_figure(report),
+             "teachers_vs_weight.png": _teachers_figure(report),
+             "kd_curves.png": _curves_figure(report)}
+    if report.get("costs"):
+        found["accuracy_vs_latency.png"] = _latency_figure(report)
+    return found
+
+
+def _latency_figure(report: dict) -> Figure:
+    """val_acc against CPU latency at batch 1 (log scale): one marker per model (role, w,
+    method), error bars = standard deviation over seeds."""
+    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    ax = fig.add_subplot()
+    marks = {"student": "s", "teacher": "^", "kd": "o"}
+    styles = dict(zip(report["grid"]["weights"], _weight_styles(report["grid"]["weights"])))
+    for r in report["costs"]:
+        color = styles[r["weight"]]["color"] if r["weight"] is not None else "grey"
+        label = {"student": "student, no KD", "teacher": f"teacher w = {r['weight']:g}",
+                 "kd": f"{r['method']} student, w = {r['weight']:g}"}[r["role"]] if r["role"] != "student" else \
+            "student, no KD"
+        ax.errorbar(r["latency_ms_b1_cpu"], r["val_acc"]["mean"], xerr=r["latency_std"],
+                    yerr=r["val_acc"]["std"] or 0.0, fmt=marks[r["role"]], color=color, label=label, capsize=3)
+    ax.set_xscale("log")
+    ax.set_xlabel("ms per image at batch 1 (CPU, 1 thread; log scale)")
+    ax.set_ylabel("val_acc (%)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize="small")
+    ax.set_title("accuracy against latency, mean ± std over seeds")
+    return fig
 
 
 def _weight_axis(ax, weights: list[float]) -> None:

@@ -259,7 +259,7 @@ class RayCluster:
                 self._cancelled = True
                 for ref in self._refs:
                     ray.cancel(ref)  # a KeyboardInterrupt in the task's process: it stops after its step
-            ready, _ = ray.wait(list(self._refs), num_returns=1, timeout=1.0)
+            ready, _ = ray.wait(list(self._refs), num_returns=1, timeout=0.25)
             if ready:
                 break
         outcomes = []
