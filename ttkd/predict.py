@@ -124,10 +124,8 @@ def measure_unmeasured(reference: str, students: bool = False) -> list[str]:
     if students:
         versions += [s for v in versions for s in client.search_model_versions(
             f"tags.`{TAG_PARTNER}` = 'models:/{name}/{v.version}'", max_results=10000)]
-    lines = []
-    for v in versions:
-        if "ttkd.latency_ms_b1_cpu" in v.tags and "ttkd.params" in v.tags:
-            continue
+    lines, missing = [], set(registry.unmeasured(versions, registry.BUDGETS))  # what promote's budgets need
+    for v in (v for v in versions if str(v.version) in missing):
         tags = measure_version(v)
         lines.append(f"measured {v.name} version {v.version}: {int(tags['ttkd.params']):,} parameters, "
                      f"{float(tags['ttkd.latency_ms_b1_cpu']):.3f} ms per image at batch 1")

@@ -380,20 +380,20 @@ def run_stage(stage: str, *, arch: str, train: TrainConfig, partner: str | None,
             last = dataclasses.asdict(history[-1])
         mlflow.log_metric("best_val_acc", best[0])
 
-        measured = []  # what the served network costs, measured on it before it is logged
+        measured = {}  # what the served network costs, measured on it before it is logged
 
         def measure(net: torch.nn.Module, path: Path) -> None:  # (and, trained on a GPU, the network there)
             start = time.perf_counter()
             on_cuda = (copy.deepcopy(model).eval().to(device), device) if device.type == "cuda" else None
-            measured.append(cost.measure(net, data.image_shape, path.stat().st_size, threads=tracking.COST_THREADS,
-                                         on_cuda=on_cuda))
-            measured.append(time.perf_counter() - start)
+            measured["cost"] = cost.measure(net, data.image_shape, path.stat().st_size,
+                                            threads=tracking.COST_THREADS, on_cuda=on_cuda)
+            measured["seconds"] = time.perf_counter() - start
         info, digests = tracking.log_model(model, data, arch, on_export=measure)
-        mlflow.log_metrics(measured[0].metrics() | {"cost_measure_s": measured[1]})
+        mlflow.log_metrics(measured["cost"].metrics() | {"cost_measure_s": measured["seconds"]})
         mlflow.set_tag(tracking.TAG_DIGESTS, json.dumps(digests, sort_keys=True))
         version_tags = {TAG_STAGE: stage, TAG_METHOD: method, "ttkd.dataset": dataset, "ttkd.arch": arch,
-                        tracking.TAG_DIGESTS: json.dumps(digests, sort_keys=True), **tracking.cost_tags(measured[0]),
-                        **(tags or {})}
+                        tracking.TAG_DIGESTS: json.dumps(digests, sort_keys=True),
+                        **tracking.cost_tags(measured["cost"]), **(tags or {})}
         if partner_ref is not None:
             version_tags[TAG_PARTNER] = partner_ref.uri
         if found is not None and found.foreign:

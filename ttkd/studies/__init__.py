@@ -228,46 +228,41 @@ def _run_grid(kind: str, run_name: str, plan: Plan, args: dict, params: dict, st
     The scheduler is entered (a cluster joined, its resources checked) before the run opens."""
     found = _children(resume_run, plan.grid) if resume_run else {}
     with scheduler:
-        return _run_parent(kind, run_name, plan, args, params, student_train, teacher_train, resume_run, finish,
-                           scheduler, found, verbose=verbose, method=method, on_outcome=on_outcome)
-
-
-def _run_parent(kind, run_name, plan, args, params, student_train, teacher_train, resume_run, finish,
-                scheduler, found, *, verbose, method, on_outcome) -> str:
-    run_ = mlflow.start_run(run_id=resume_run) if resume_run else mlflow.start_run(run_name=run_name)
-    parent_id = run_.info.run_id
-    status = "FAILED"
-    try:
-        if not resume_run:
-            mlflow.set_tags({TAG_STAGE: kind, "ttkd.method": method})
-            per_seed = ("seed",) if kind == "sweep" else ()  # a sweep's seeds are a parameter of their own
-            log_params(params | {"stream": STREAM_WORDS[args["stream"]], "data_dir": args["data_dir"] or ""}
-                       | {f"{role}.{k}": v for role, train in (("student", student_train), ("teacher", teacher_train))
-                          for k, v in dataclasses.asdict(train).items() if k not in per_seed})
-            mlflow.log_dict(args, f"{kind}.json")  # what resuming rebuilds the grid from
+        run_ = mlflow.start_run(run_id=resume_run) if resume_run else mlflow.start_run(run_name=run_name)
+        parent_id = run_.info.run_id
+        status = "FAILED"
         try:
-            outcomes, signum = run(plan, parent_id, found, scheduler, verbose=verbose, on_outcome=on_outcome)
-        except WorkerDied as exc:
-            raise TTKDError(f"a worker process died while training {exc}; run {parent_id} is marked FAILED: "
-                            f"resume={parent_id} continues it") from None
-        if signum is not None:
-            status = "KILLED"
-            left = len(plan.grid.points()) - sum(o.result is not None for o in outcomes.values())
-            raise StageInterrupted(f"stopped by {signal.Signals(signum).name} with {left} of "
-                                   f"{len(plan.grid.points())} stages "
-                                   f"unfinished; {kind} run {parent_id} is marked KILLED and keeps every "
-                                   f"finished stage: continue it with resume={parent_id}", signum)
-        failed = _failures(outcomes)
-        if kind == "main" and failed:  # the study's table needs all five
-            raise TTKDError(_failure_line(failed, parent_id, len(outcomes)))
-        text = finish(outcomes)
-        if failed:
-            print(text)
-            raise TTKDError(_failure_line(failed, parent_id, len(outcomes)))
-        status = "FINISHED"
-    finally:
-        mlflow.end_run(status)
-    return text
+            if not resume_run:
+                mlflow.set_tags({TAG_STAGE: kind, "ttkd.method": method})
+                per_seed = ("seed",) if kind == "sweep" else ()  # a sweep's seeds are a parameter of their own
+                roles = (("student", student_train), ("teacher", teacher_train))
+                log_params(params | {"stream": STREAM_WORDS[args["stream"]], "data_dir": args["data_dir"] or ""}
+                           | {f"{role}.{k}": v for role, train in roles
+                              for k, v in dataclasses.asdict(train).items() if k not in per_seed})
+                mlflow.log_dict(args, f"{kind}.json")  # what resuming rebuilds the grid from
+            try:
+                outcomes, signum = run(plan, parent_id, found, scheduler, verbose=verbose, on_outcome=on_outcome)
+            except WorkerDied as exc:
+                raise TTKDError(f"a worker process died while training {exc}; run {parent_id} is marked FAILED: "
+                                f"resume={parent_id} continues it") from None
+            if signum is not None:
+                status = "KILLED"
+                left = len(plan.grid.points()) - sum(o.result is not None for o in outcomes.values())
+                raise StageInterrupted(f"stopped by {signal.Signals(signum).name} with {left} of "
+                                       f"{len(plan.grid.points())} stages "
+                                       f"unfinished; {kind} run {parent_id} is marked KILLED and keeps every "
+                                       f"finished stage: continue it with resume={parent_id}", signum)
+            failed = _failures(outcomes)
+            if kind == "main" and failed:  # the study's table needs all five
+                raise TTKDError(_failure_line(failed, parent_id, len(outcomes)))
+            text = finish(outcomes)
+            if failed:
+                print(text)
+                raise TTKDError(_failure_line(failed, parent_id, len(outcomes)))
+            status = "FINISHED"
+        finally:
+            mlflow.end_run(status)
+        return text
 
 
 def _failure_line(failed: dict[Point, str], parent_id: str, total: int) -> str:

@@ -219,8 +219,7 @@ class RayCluster:
         return len(self._refs)
 
     def __enter__(self) -> RayCluster:
-        ray = import_ray()
-        check_store(self.placement.cluster)
+        ray = import_ray()  # (the store was checked by the sweep, before it touched it)
         self._connect(ray)
         try:
             self._check_resources(ray)
