@@ -321,3 +321,12 @@ def test_registry_lists_the_methods_and_refuses_unknown_ones():
     with pytest.raises(TTKDError, match="unknown method 'fitnets'; choose one of: kd, dkd, dist"):
         kd.get("fitnets")
     assert [n for n in kd.names() if kd.get(n).features] == ["fitnet", "at", "rkd", "crd"]
+
+
+def test_every_method_parameter_is_a_checked_run_parameter_of_distill():
+    from ttkd import config
+
+    for name in kd.names():
+        assert set(kd.get(name).params) <= set(config.PARAMS), name  # a parameter with no row could not be given
+        assert set(kd.get(name).params) <= set(config.STAGE_PARAMS["distill"]), name
+    assert "alpha" not in config.METHOD_PARAMS and "dkd_beta" in config.METHOD_PARAMS

@@ -198,8 +198,9 @@ PARAMS: dict[str, Param] = {p.name: p for p in [
           lambda v: 0 <= v < 1),
 ]}
 
-# parameters that only some distillation methods take
-METHOD_PARAMS = tuple(n for n in PARAMS if n.split("_")[0] in ("dkd", "dist", "fitnet", "at", "rkd", "crd"))
+# parameters that only some distillation methods take: those the methods declare, but kd's alpha and temperature
+METHOD_PARAMS = tuple(n for n in PARAMS if n not in ("alpha", "temperature")
+                      and any(n in kd.get(m).params for m in kd.names()))
 
 TRAIN = ("epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay", "schedule",
          "milestones", "gamma", "seed", "device", "amp", "compile", "deterministic")
