@@ -1,6 +1,6 @@
-"""Write docs/parameters.md, the reference of every run parameter, from ttkd/config.py's table.
+"""Write docs/reference/parameters.md, the reference of every run parameter, from ttkd/config.py's table.
 
-    python docs/parameters.py          # rewrite docs/parameters.md
+    python docs/parameters.py          # rewrite docs/reference/parameters.md
     python docs/parameters.py --check  # exit 1 if the committed page differs from the table
 
 A test runs the check, so the page cannot drift from the table.
@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ttkd import config
 
-PAGE = Path(__file__).with_name("parameters.md")
+PAGE = Path(__file__).parent / "reference" / "parameters.md"
 
 
 def _default(value) -> str:

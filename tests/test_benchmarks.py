@@ -1,4 +1,4 @@
-"""The benchmark runs and reports; its figures are in the README, never asserted here."""
+"""The benchmark runs and reports; its figures are in docs/explanation/speed.md, never asserted here."""
 
 import re
 

@@ -197,7 +197,7 @@ def test_the_whole_study_with_two_processes_matches_one_with_one_run_and_version
     float rounding (the all-reduce adds the two halves in another order): 1e-5 relative.
     The cnn teachers have BatchNorm, which normalises each process's half batch on its
     own, so they (and the students they teach) may differ by a few validation images:
-    within 1.5 points (5 of the 360 images; one seed's spread is larger, see the README)."""
+    within 1.5 points (5 of the 360 images; one seed's spread is larger, see docs/how-to/several-gpus.md)."""
     one = launch(store, *EPOCHS, "--register_as", "one", module="main", wait=False)  # both at once
     status, out, err = launch(store, *EPOCHS, "--nproc", "2", "--register_as", "two", module="main")
     assert status == 0, err

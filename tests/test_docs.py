@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+PAGES = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
 LINK = re.compile(r"\]\(([^)\s]+)\)")
 REPO_PATH = re.compile(r"`((?:ttkd|docs|tests|benchmarks|entry|experiments|\.ci)/[\w./-]*[\w/])`")
 
@@ -18,7 +18,7 @@ def test_the_parameter_reference_is_what_the_script_generates_from_the_table():
     done = subprocess.run([sys.executable, "docs/parameters.py", "--check"], cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     from ttkd import config
-    page = (REPO / "docs" / "parameters.md").read_text()
+    page = (REPO / "docs" / "reference" / "parameters.md").read_text()
     assert all(f"| `{name}` |" in page for name in config.PARAMS)
 
 
@@ -28,7 +28,7 @@ def slugs(text: str) -> set[str]:
             for h in re.findall(r"^#+ (.+)$", text, flags=re.M)}
 
 
-@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(REPO)))
 def test_every_link_and_path_in_the_docs_resolves(page):
     text = page.read_text()
     bad = []
@@ -47,3 +47,21 @@ def test_every_link_and_path_in_the_docs_resolves(page):
     bad += [p for p in REPO_PATH.findall(text)  # a placeholder (experiments/NAME.toml) names no file
             if not re.search(r"[A-Z]{2,}", p) and not (REPO / p).exists()]
     assert bad == []
+
+
+def test_the_readme_is_a_front_page_and_the_manual_lists_every_page_in_its_reading_order():
+    assert len((REPO / "README.md").read_text().splitlines()) <= 300
+    index = REPO / "docs" / "README.md"
+    listed = [(index.parent / target).resolve() for target in LINK.findall(index.read_text())
+              if not urllib.parse.urlparse(target).scheme]
+    pages = {p.resolve() for p in PAGES if p.parent != REPO and p != index}
+    assert pages - set(listed) == set()  # a page the manual does not list cannot be found in order
+    tutorial = [p.name for p in listed if p.parent.name == "tutorial"]
+    assert tutorial == sorted(tutorial) and len(tutorial) == 4
+
+
+def test_the_ci_runs_the_readmes_install_study_and_test_commands():
+    script = (REPO / ".ci" / "run").read_text()
+    blocks = re.findall(r"^```sh\n(.*?)^```$", (REPO / "README.md").read_text(), flags=re.M | re.S)
+    assert "awk" in script and "n<=2" in script  # it runs the README's first two sh blocks
+    assert "mlflow run . --env-manager local" in blocks[0] and "pytest" in blocks[1]

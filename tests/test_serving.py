@@ -152,7 +152,7 @@ def test_the_served_champion_answers_a_request_made_from_a_png_with_its_class(ch
     png = tmp_path / "digit.png"
     with served(champion, store) as url:
         right = 0
-        for i in range(30):  # the request a user builds from a PNG file, as in the README
+        for i in range(30):  # the request a user builds from a PNG file, as in docs/tutorial/4-serve.md
             save_digit(png, digits.val_x[i, 0].numpy())
             request = {"inputs": [np.asarray(Image.open(png)).tolist()]}
             answer = requests.post(url, json=request, timeout=30)

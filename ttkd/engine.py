@@ -453,7 +453,7 @@ def fit(
     scaled so that the averaged gradient is that of the global batch's mean. The stop
     request, the NaN check, the loss sums and the validation figures are combined over
     processes, so every process returns the same stats and stops at the same step.
-    BatchNorm normalises each process's slice on its own (see the README).
+    BatchNorm normalises each process's slice on its own (see docs/how-to/several-gpus.md).
     """
     device = data.train_x.device
     world = distributed.world()

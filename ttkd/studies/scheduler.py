@@ -197,7 +197,7 @@ def check_store(cluster: str) -> None:
         return
     raise TTKDError(f"cluster={cluster} needs a tracking server every node can reach, and the tracking store "
                     f"is {uri}, whose files or artifacts stay on this machine; start `mlflow server` (see "
-                    f"'For a team' in the README) and set MLFLOW_TRACKING_URI=http://HOST:PORT here, or use "
+                    f"docs/how-to/team-server.md) and set MLFLOW_TRACKING_URI=http://HOST:PORT here, or use "
                     f"cluster=local")
 
 
