@@ -65,3 +65,24 @@ def test_the_ci_runs_the_readmes_install_study_and_test_commands():
     blocks = re.findall(r"^```sh\n(.*?)^```$", (REPO / "README.md").read_text(), flags=re.M | re.S)
     assert "awk" in script and "n<=2" in script  # it runs the README's first two sh blocks
     assert "mlflow run . --env-manager local" in blocks[0] and "pytest" in blocks[1]
+
+
+def test_the_kd_method_how_to_builds_a_method_that_registers_and_computes_its_maths(monkeypatch):
+    """The guide's code, run as written: its module registers, its loss is CE + β·MSE, its row parses."""
+    import torch
+    import torch.nn.functional as F
+
+    from ttkd import config, kd
+
+    module, _, row = re.findall(r"```python\n(.*?)```", (REPO / "docs/how-to/kd-method.md").read_text(), flags=re.S)
+    monkeypatch.setattr(kd, "_REGISTRY", dict(kd._REGISTRY))  # the guide's method stays out of the real registry
+    exec(compile(module, "logit.py", "exec"), {"__name__": "ttkd.kd.logit"})
+    assert kd.names()[-1] == "logit" and kd.get("logit").params == ("logit_beta",)
+    param = eval(row.strip().rstrip(","), {"Param": config.Param})
+    assert param.name == "logit_beta" and param.valid(param.default) and not param.valid(-1.0)
+
+    torch.manual_seed(0)
+    b = kd.Batch(logits=torch.randn(4, 3), labels=torch.tensor([0, 1, 2, 0]), epoch=1, partner_logits=torch.randn(4, 3))
+    parts = kd.build("logit", kd.Context(3, torch.tensor([0, 1, 2])), logit_beta=0.5)(b)
+    by_hand = F.cross_entropy(b.logits, b.labels) + 0.5 * ((b.logits - b.partner_logits) ** 2).mean()
+    assert torch.allclose(parts["loss"], by_hand) and set(parts) == {"loss", "ce", "mse"}
