@@ -42,15 +42,13 @@ OUT = REPO / "docs" / "screenshots"
 SWEEP = ["-P", "seeds=5", "-P", "weights=-0.02,0,0.005,0.02"]  # the sweep of the tutorial
 
 
-def train(store: Path, env: dict) -> None:
+def train(store: Path, client: MlflowClient) -> None:
     """The study and the sweep, unless the store has them already."""
-    os.environ["MLFLOW_TRACKING_URI"] = env["MLFLOW_TRACKING_URI"]
-    client = MlflowClient()
     if not client.search_registered_models("name = 'digits-student-kd-trained'"):
-        subprocess.run(["mlflow", "run", str(REPO), "--env-manager", "local"], cwd=store, env=env, check=True)
+        subprocess.run(["mlflow", "run", str(REPO), "--env-manager", "local"], cwd=store, check=True)
     if client.get_experiment_by_name("digits-sweep") is None:
         subprocess.run(["mlflow", "run", "--experiment-name", "digits-sweep", str(REPO), "-e", "sweep",
-                        "--env-manager", "local", *SWEEP], cwd=store, env=env, check=True)
+                        "--env-manager", "local", *SWEEP], cwd=store, check=True)
 
 
 def free_port() -> int:
@@ -59,10 +57,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_ui(store: Path, env: dict) -> tuple[subprocess.Popen, str]:
+def start_ui(store: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    ui = subprocess.Popen(["mlflow", "ui", "--backend-store-uri", env["MLFLOW_TRACKING_URI"],
-                           "--host", "127.0.0.1", "--port", str(port)], cwd=store, env=env,
+    ui = subprocess.Popen(["mlflow", "ui", "--backend-store-uri", os.environ["MLFLOW_TRACKING_URI"],
+                           "--host", "127.0.0.1", "--port", str(port)], cwd=store,
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     for _ in range(120):
@@ -95,8 +93,8 @@ def wait_for(page: webdriver.Chrome, text: str) -> None:
 
 def click(page: webdriver.Chrome, text: str) -> None:
     """Click the element whose own text is text, as a user would."""
-    WebDriverWait(page, 60).until(lambda p: p.find_elements(By.XPATH, f"//*[normalize-space(text())='{text}']"))
-    page.find_elements(By.XPATH, f"//*[normalize-space(text())='{text}']")[0].click()
+    found = WebDriverWait(page, 60).until(lambda p: p.find_elements(By.XPATH, f"//*[normalize-space(text())='{text}']"))
+    found[0].click()
 
 
 def expand(page: webdriver.Chrome, run_name: str, child_text: str) -> None:
@@ -118,16 +116,16 @@ def main() -> int:
     args = parser.parse_args()
     store = (args.store or Path(tempfile.mkdtemp(prefix="ttkd-screenshots-"))).resolve()
     store.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store / 'mlflow.db'}"}
-    train(store, env)
-
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{store / 'mlflow.db'}"  # this process's and its children's
     client = MlflowClient()
+    train(store, client)
+
     sweep = client.get_experiment_by_name("digits-sweep")
     parent = client.search_runs([sweep.experiment_id], "tags.`ttkd.stage` = 'sweep'", max_results=1)[0]
     student = client.get_model_version_by_alias("digits-student-kd", "champion")
     study = client.search_runs(["0"], "tags.`ttkd.stage` = 'main'", max_results=1)[0]
     OUT.mkdir(exist_ok=True)
-    ui, url = start_ui(store, env)
+    ui, url = start_ui(store)
     page = browser()
     try:
         # MLflow 3.17's UI picks its view from a switch it keeps in the browser (GenAI by default), not from the
