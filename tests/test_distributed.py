@@ -145,6 +145,25 @@ def test_more_processes_than_cores_is_a_warning_not_an_error():
     assert distributed.Launch(nproc=1).check("cpu") == []
 
 
+def test_the_process_killed_outright_is_named_not_the_one_torchrun_stopped_with_sigterm(monkeypatch):
+    """torchrun reports the killed process and the others it then stopped with SIGTERM in one
+    failure, with timestamps in whole seconds: the SIGKILL is the cause, whatever its rank."""
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    def fails(args):
+        failures = {0: ProcessFailure(0, 100, -signal.SIGTERM, ""), 1: ProcessFailure(1, 101, -signal.SIGKILL, "")}
+        for f in failures.values():
+            f.timestamp = 1_000
+        raise ChildFailedError("entry.baseline", failures)
+
+    monkeypatch.setattr(torchrun, "main", fails)
+    monkeypatch.setenv(distributed.LEADS, "")  # relaunch sets these for the processes: put back after
+    monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))
+    with pytest.raises(distributed.Lost, match=r"process 1 of 2 \(pid 101\) was killed by SIGKILL"):
+        distributed.relaunch("entry.baseline", [], distributed.Launch(nproc=2))
+
+
 @pytest.mark.slow
 def test_a_rendezvous_endpoint_that_does_not_answer_fails_within_its_timeout(store):
     start = time.monotonic()

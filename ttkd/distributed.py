@@ -240,9 +240,12 @@ def relaunch(module: str, argv: list[str], launch: Launch) -> int:
         torchrun.main([*args, "-m", module, *argv])
     except ChildFailedError as exc:
         # a process killed by a signal is the cause, even when the others' failures (lost
-        # contact with it) were seen in the same poll
-        killed = sorted((f.timestamp, rank) for rank, f in exc.failures.items() if f.exitcode < 0)
-        rank = killed[0][1] if killed else exc.get_first_failure()[0]
+        # contact with it) were seen in the same poll; torchrun stops the others with SIGTERM
+        # and their timestamps are whole seconds, so a SIGTERM death is the cause only when
+        # no process died of another signal
+        killed = sorted((f.exitcode == -signal.SIGTERM, f.timestamp, rank)
+                        for rank, f in exc.failures.items() if f.exitcode < 0)
+        rank = killed[0][2] if killed else exc.get_first_failure()[0]
         failure = exc.failures[rank]
         if failure.exitcode < 0:
             name = signal.Signals(-failure.exitcode).name
