@@ -20,18 +20,20 @@ from ttkd.stages import TAG_STAGE
 @click.option("--images", required=True, help="folder of image files (any size: resized to the model's)")
 @click.option("--batch_size", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--experiment", default=None, help="MLflow experiment of the run (default as the stages')")
-def main(model, images, batch_size, experiment):
+@click.option("--trust_unverified", type=click.BOOL, default=False, show_default=True,
+              help="use a model whose files the registry holds no SHA-256 record of, as it is (tagged on the run)")
+def main(model, images, batch_size, experiment, trust_unverified):
     """Classify every image file under IMAGES; writes predictions.csv (file, class, name,
     probability) and, for files that are not readable images, skipped.csv."""
     if experiment is not None and not experiment.strip():
         raise TTKDError("invalid experiment: ''; give an experiment name, or leave experiment out for the default")
     tracking.use_experiment(experiment or "")
     ref = registry.resolve(model)
-    result = classify_folder(ref, images, batch_size)  # everything is read before the run opens
+    result = classify_folder(ref, images, batch_size, trust_unverified)  # everything is read before the run opens
     if result.warning:
         print(f"warning: {result.warning}", file=sys.stderr, flush=True)
     with mlflow.start_run(run_name=f"predict {ref.name or ref.uri}"):
-        mlflow.set_tag(TAG_STAGE, "predict")
+        mlflow.set_tags({TAG_STAGE: "predict"} | ({tracking.TAG_TRUSTED: ref.uri} if result.warning else {}))
         tracking.log_params({"model": ref.uri, "images": images, "predicted": len(result.rows),
                              "skipped": len(result.skipped)})
         mlflow.log_text(_csv(result.rows, ("file", "class", "name", "probability")), "predictions.csv")

@@ -1,6 +1,7 @@
 """`mlflow run . -e promote`: point an alias at the best (or a chosen) model version."""
 
 import math
+import sys
 
 import click
 
@@ -28,12 +29,19 @@ from ttkd.errors import TTKDError
               "parameters")
 @click.option("--measure", type=click.BOOL, default=False, show_default=True,
               help="first measure the cost of every version (by=students: and of its students) that lacks it")
-def main(model, metric, alias, force, by, student_arch, method, max_latency_ms, max_params, measure):
+@click.option("--trust_unverified", type=click.BOOL, default=False, show_default=True,
+              help="measure=true: measure a version whose files the registry holds no SHA-256 record of, as it is")
+def main(model, metric, alias, force, by, student_arch, method, max_latency_ms, max_params, measure,
+         trust_unverified):
     """Point ALIAS at a version of MODEL and print what changed."""
     budget = {key: _positive(key, value) for key, value in (("max_latency_ms", max_latency_ms),
                                                              ("max_params", max_params)) if value.strip()}
     if measure:
-        for line in predict.measure_unmeasured(model, students=by == "students"):
+        lines, warnings = predict.measure_unmeasured(model, students=by == "students",
+                                                     trust_unverified=trust_unverified)
+        for warning in warnings:
+            print(f"warning: {warning}", file=sys.stderr, flush=True)
+        for line in lines:
             print(line, flush=True)
     print(registry.promote(model, metric=metric, alias=alias, force=force, by=by,
                            student_arch=student_arch, method=method, budget=budget))

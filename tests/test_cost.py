@@ -1,6 +1,5 @@
 """What a model costs: counts that can be checked by hand, timings that are only positive."""
 
-import torch
 from torch import nn
 
 from ttkd import cost
@@ -13,11 +12,16 @@ def test_macs_are_the_flop_counters_halved_and_match_the_layers_by_hand():
     assert cost.parameters(net) == (4 * 9 + 4) + (256 * 10 + 10)
 
 
-def test_measure_times_at_the_given_threads_and_puts_the_count_back():
+def test_measure_counts_the_network_and_times_the_served_function_at_batch_1_and_256():
     net = nn.Sequential(nn.Flatten(), nn.Linear(64, 10)).eval()
-    before = torch.get_num_threads()
-    c = cost.measure(net, (1, 8, 8), model_bytes=123, threads=1)
-    assert torch.get_num_threads() == before
+    batches = []
+
+    def served(x):  # the served network: a function of a float32 numpy batch
+        batches.append(x.shape)
+        return x.reshape(len(x), -1)[:, :10]
+    c = cost.measure(net, served, (1, 8, 8), model_bytes=123, threads=1)
+    assert set(batches) == {(1, 1, 8, 8), (cost.THROUGHPUT_BATCH, 1, 8, 8)}
+    assert batches.count((1, 1, 8, 8)) == cost.WARMUP_CALLS + cost.LATENCY_CALLS
     assert (c.params, c.macs, c.model_bytes, c.threads) == (650, 640, 123, 1)
     assert c.latency_ms_b1_cpu > 0 and c.throughput_b256_cpu > 0 and c.latency_ms_b1_cuda is None
     assert set(c.metrics()) == {"params", "macs", "model_bytes", "latency_ms_b1_cpu", "throughput_b256_cpu",

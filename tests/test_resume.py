@@ -204,8 +204,9 @@ def test_damaged_checkpoint_is_refused(store, cli, monkeypatch):
     artifact.write_bytes(artifact.read_bytes()[:1000])  # truncated
     status, _, err = cli("baseline", "--resume", "last")
     assert status == 1 and err.count("\n") == 1, err
-    assert f"checkpoint last.pt of run {run.info.run_id} is damaged or not a ttkd checkpoint (" in err
-    assert "start the stage again; resume=last skips this run from now on" in err
+    assert (f"checkpoint last.pt of run {run.info.run_id} is damaged or was changed after its run wrote it (its "
+            f"SHA-256 is not the one the run recorded); start the stage again; resume=last skips this run from now on"
+            in err)
     status, _, err = cli("baseline", "--resume", "last")  # the damaged run is not picked again
     assert status == 1 and "no unfinished baseline run to resume" in err
 
@@ -222,6 +223,24 @@ def test_unreachable_tracking_server_fails_fast_with_its_uri(cli, monkeypatch, t
                                "to a reachable store")
     finally:
         mlflow.set_tracking_uri(None)
+
+
+@pytest.mark.parametrize("where", ["under a file", "a file that is not a database"])
+def test_a_sqlite_store_that_cannot_be_one_is_one_line_before_anything_trains(cli, monkeypatch, tmp_path, where):
+    (tmp_path / "plain").write_text("not a folder, not a database\n")
+    path = tmp_path / "plain" / "mlflow.db" if where == "under a file" else tmp_path / "plain"
+    uri = f"sqlite:///{path}"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    try:
+        status, _, err = cli("baseline", "--epochs", "1")
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert status == 1 and err.count("\n") == 1, err
+    assert err.startswith(f"ttkd baseline: error: cannot use the tracking store {uri} (")
+    assert (tmp_path / "plain").read_text() == "not a folder, not a database\n"
+    assert not list(tmp_path.glob("mlruns"))
 
 
 @pytest.mark.slow

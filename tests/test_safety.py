@@ -1,8 +1,12 @@
 """Model files that try to run code, partners trained on other data: refused in one line."""
 
+import contextlib
 import io
 import json
 import os
+import re
+import shutil
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -13,7 +17,8 @@ import yaml
 from mlflow import MlflowClient
 
 from tests.test_data import write_image
-from ttkd import data, models, serving, tracking
+from ttkd import data, models, tracking
+from ttkd.errors import TTKDError
 
 
 class Payload:
@@ -51,83 +56,257 @@ def model_folder(name: str, version: str = "1") -> Path:
     return Path(client.get_logged_model(model_id).artifact_location.removeprefix("file://"))
 
 
+@pytest.fixture(scope="module")
+def registry_with_victim(tmp_path_factory):
+    """One store for the attacks: ``victim`` (the model attacked, its costs untagged so that
+    promote measure=true reads it) and ``other`` (an mlp trained otherwise, whose files an
+    attacker swaps in). Each attack puts the victim's files and tags back afterwards."""
+    from entry.baseline import main as baseline
+    from entry.options import run
+
+    root = tmp_path_factory.mktemp("attacks")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mlflow.set_tracking_uri(uri)
+        for name, seed in (("victim", "0"), ("other", "1")):
+            run(baseline, ["--epochs", "1", "--seed", seed, "--register_as", name])
+        client = MlflowClient()
+        for key in [k for k in client.get_model_version("victim", "1").tags if k.startswith("ttkd.latency")]:
+            client.delete_model_version_tag("victim", "1", key)
+        yield root
+        mlflow.set_tracking_uri(None)
+        os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+
+
 @pytest.fixture()
-def victim(store, cli):
-    status, _, err = cli("baseline", "--epochs", "1", "--register_as", "victim")
-    assert status == 0, err
-    return model_folder("victim")
+def attack(registry_with_victim, monkeypatch, tmp_path):
+    """``(victim's folder, other's folder, proof file)``; the victim's files and tags are
+    put back after the test, and the proof that code ran must not exist."""
+    uri = f"sqlite:///{registry_with_victim / 'mlflow.db'}"
+    monkeypatch.chdir(registry_with_victim)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    victim, other = model_folder("victim"), model_folder("other")
+    saved = tmp_path / "saved"
+    shutil.copytree(victim, saved)
+    tags = dict(MlflowClient().get_model_version("victim", "1").tags)
+    yield victim, other, tmp_path / "payload-ran"
+    shutil.rmtree(victim)
+    shutil.copytree(saved, victim)
+    client = MlflowClient()
+    for key in set(client.get_model_version("victim", "1").tags) - set(tags):
+        client.delete_model_version_tag("victim", "1", key)
+    for key, value in tags.items():
+        client.set_model_version_tag("victim", "1", key, value)
+    os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+    assert not (tmp_path / "payload-ran").exists()
 
 
-def test_a_model_file_carrying_a_pickle_payload_runs_nothing_anywhere(victim, cli, tmp_path):
-    proof = tmp_path / "payload-ran"
-    network = victim / "artifacts" / "network.pt2"
-    rewrite_zip(network, {"data/sample_inputs/model.pt": pickled_payload(proof)})
+def every_reader(cli, images: Path, *, trust: bool = False) -> dict[str, tuple[int, str, str]]:
+    """What each path that reads a registered model answers for ``victim``: teach, distill,
+    predict, promote measure=true, and the serve entry point's check (in-process, up to the
+    app it would listen with)."""
+    from ttkd import predict, registry
 
-    # the stages and predict: the changed file is not the registered one
-    for args in (("teach", "--student", "victim", "--epochs", "1"),
-                 ("distill", "--teacher", "victim", "--epochs", "1"),
-                 ("predict", "--model", "victim", "--images", str(tmp_path))):
-        status, _, err = cli(*args)
-        assert status == 1 and err.count("\n") == 1, err
-        assert "models:/victim/1: its file artifacts/network.pt2 is not the one registered" in err, err
-    # the served model (MLflow runs the model's own serving.py, which reads the network safely)
-    with pytest.raises(Exception, match=r"network.pt2 holds a pickled object \(posix.system\) that only the full"):
-        mlflow.pyfunc.load_model("models:/victim/1")
-    # with the registry's digest rewritten to match (an attacker who can write both),
-    # predict still unpickles nothing
-    digests = tracking.file_digests({"artifacts/network.pt2": network, "artifacts/weights.safetensors":
-                                     victim / "artifacts" / "weights.safetensors", "serving.py": victim / "serving.py"})
-    MlflowClient().set_model_version_tag("victim", "1", tracking.TAG_DIGESTS, json.dumps(digests))
-    status, _, err = cli("predict", "--model", "victim", "--images", str(tmp_path))
-    assert status == 1 and "model models:/victim/1: network.pt2 holds a pickled object (posix.system)" in err, err
-    assert not proof.exists()
-    assert len(mlflow.search_runs(["0"])) == 1  # nothing opened a run
-
-
-def test_the_network_loader_takes_only_the_parts_ttkd_writes(tmp_path):
-    net = models.build("cnn", 10, 1, image_size=8).eval()
-    program = torch.export.export(net, (torch.zeros(2, 1, 8, 8),))
-    good = tmp_path / "network.pt2"
-    torch.export.save(program, good)
-    x = torch.randn(2, 1, 8, 8)
-    assert torch.allclose(serving.load_network(str(good))(x), net(x))
-    proof = tmp_path / "payload-ran"
-    cases = {  # name -> (parts to replace or add, the refusal)
-        "compiled library": ({"data/aotinductor/model/model.so": b"\x7fELF"}, "(data/aotinductor/model/model.so)"),
-        "opaque object": ({"data/constants/opaque_obj_0": pickled_payload(proof)}, "(data/constants/opaque_obj_0)"),
-        "pickled weight": ({"data/weights/model_weights_config.json": json.dumps({"config": {"w": {
-            "path_name": "weight_0", "is_param": True, "use_pickle": True, "tensor_meta": None}}}).encode()},
-            "(data/weights/model_weights_config.json: w)"),
-        "payload in the example inputs": ({"data/sample_inputs/model.pt": pickled_payload(proof)},
-                                          "holds a pickled object (posix.system)"),
+    images.mkdir(exist_ok=True)
+    write_image(images / "a.png", (8, 8), False, 7)
+    extra = ("--trust_unverified", "true") if trust else ()
+    answers = {
+        "teach": cli("teach", "--student", "victim", "--epochs", "1", *extra),
+        "distill": cli("distill", "--teacher", "victim", "--epochs", "1", *extra),
+        "predict": cli("predict", "--model", "victim", "--images", str(images), *extra),
+        "promote": cli("promote", "--model", "victim/1", "--measure", "true", "--force", "true", *extra),
     }
-    for name, (parts, refusal) in cases.items():
-        bad = tmp_path / f"{name}.pt2"
-        bad.write_bytes(good.read_bytes())
-        rewrite_zip(bad, dict(parts))
-        with pytest.raises(serving.UnsafeModelFile) as exc:
-            serving.load_network(str(bad))
-        assert refusal in str(exc.value) and "\n" not in str(exc.value), (name, exc.value)
-    not_a_zip = tmp_path / "plain.pt2"
-    not_a_zip.write_bytes(b"not an archive")
-    with pytest.raises(serving.UnsafeModelFile, match="plain.pt2 is not a torch.export archive"):
-        serving.load_network(str(not_a_zip))
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            predict.scoring_app(registry.resolve("victim"), tmp, trust)
+        answers["serve"] = (0, "", "")
+    except TTKDError as exc:
+        answers["serve"] = (1, "", f"ttkd serve: error: {exc}\n")
+    return answers
+
+
+def assert_refused(answers: dict, *needles: str) -> None:
+    for path, (status, _, err) in answers.items():
+        assert status == 1 and err.count("\n") == 1, (path, err)
+        for needle in needles:
+            assert needle in err, (path, err)
+
+
+def edit_mlmodel(folder: Path, change) -> None:
+    mlmodel = yaml.safe_load((folder / "MLmodel").read_text())
+    change(mlmodel)
+    (folder / "MLmodel").write_text(yaml.safe_dump(mlmodel))
+
+
+def relabel(mlmodel: dict) -> None:
+    mlmodel["flavors"]["python_function"]["config"]["classes"] = [str((i + 1) % 10) for i in range(10)]
+
+
+def repoint(other: Path):
+    return lambda m: m["flavors"]["python_function"]["artifacts"]["network"].update(
+        path=str(other / "artifacts/network.onnx"))
+
+
+CHANGED = "someone changed the model's files after it was registered"
+ATTACKS = {  # what an attacker with write access to the artifact store does -> the file named
+    "the served network swapped for another model's": (lambda v, o, proof: shutil.copy(
+        o / "artifacts/network.onnx", v / "artifacts/network.onnx"), "artifacts/network.onnx"),
+    "the weights swapped for another model's": (lambda v, o, proof: shutil.copy(
+        o / "artifacts/weights.safetensors", v / "artifacts/weights.safetensors"), "artifacts/weights.safetensors"),
+    "MLmodel pointing the network at another file": (lambda v, o, proof: edit_mlmodel(v, repoint(o)), "MLmodel"),
+    "MLmodel's classes relabelled": (lambda v, o, proof: edit_mlmodel(v, relabel), "MLmodel"),
+    "MLmodel's run id changed": (lambda v, o, proof: edit_mlmodel(v, lambda m: m.update(run_id="0" * 32)),
+                                 "MLmodel"),
+    "the record's classes relabelled": (lambda v, o, proof: (v / "artifacts/network.json").write_text(
+        (v / "artifacts/network.json").read_text().replace('"0"', '"zero"')), "artifacts/network.json"),
+    "serving.py replaced by code": (lambda v, o, proof: (v / "serving.py").write_text(
+        f"import pathlib\npathlib.Path({str(proof)!r}).touch()\n"), "serving.py"),
+    "a torch.export program added whose symbolic size runs code": (lambda v, o, proof: (
+        v / "artifacts/network.pt2").write_bytes(sympy_payload(proof)), "artifacts/network.pt2"),
+    "a pickle payload added": (lambda v, o, proof: (v / "artifacts/model.pt").write_bytes(
+        pickled_payload(proof)), "artifacts/model.pt"),
+    "the weights cut short": (lambda v, o, proof: (v / "artifacts/weights.safetensors").write_bytes(
+        (v / "artifacts/weights.safetensors").read_bytes()[:100]), "artifacts/weights.safetensors"),
+    "the weights replaced by a zip bomb": (lambda v, o, proof: (v / "artifacts/weights.safetensors").write_bytes(
+        zip_bomb()), "artifacts/weights.safetensors"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("what", ATTACKS)
+def test_a_changed_model_file_is_refused_by_every_reader_before_it_is_read(attack, cli, tmp_path, what):
+    victim, other, proof = attack
+    change, file = ATTACKS[what]
+    change(victim, other, proof)
+    assert_refused(every_reader(cli, tmp_path / "images"), f"models:/victim/1: its file {file} is ", CHANGED)
+    assert not proof.exists()
+    assert not mlflow.search_runs(search_all_experiments=True, filter_string="attributes.status = 'RUNNING'",
+                                  output_format="list")
+    assert MlflowClient().search_registered_models("name = 'digits-cnn-trained'") == []
+
+
+def test_the_files_ttkd_writes_run_nothing_when_loaded_even_with_the_digest_forged_to_match(attack, cli, tmp_path):
+    """An attacker who can write the registry too: ttkd's readers still read data only, and
+    a network file that is not ttkd's ONNX graph is one line."""
+    victim, _, proof = attack
+    (victim / "artifacts/network.pt2").write_bytes(sympy_payload(proof))  # a program nobody loads
+    (victim / "artifacts/weights.safetensors").write_bytes(b"\x00" * 64)
+    (victim / "artifacts/network.onnx").write_bytes(pickled_payload(proof))
+    forged = tracking.folder_digests(victim)
+    MlflowClient().set_model_version_tag("victim", "1", tracking.TAG_DIGESTS, json.dumps(forged))
+    answers = every_reader(cli, tmp_path / "images")
+    assert_refused(answers, "models:/victim/1: its artifacts/weights.safetensors is damaged")
+    with pytest.raises(Exception, match="network.onnx is not an ONNX network onnxruntime can run"):
+        mlflow.pyfunc.load_model("models:/victim/1")  # the model's own serving.py, run by MLflow
     assert not proof.exists()
 
 
-def test_a_checkpoint_carrying_a_pickle_payload_is_refused_on_resume(store, cli, tmp_path, monkeypatch):
+def sympy_payload(proof: Path) -> bytes:
+    """A torch.export archive with no pickle in it whose symbolic batch size, read back by
+    ``torch.export.load``, runs ``touch proof``: sympy evaluates the size's expression."""
+    net = models.build("mlp", 10, 1, image_size=8).eval()
+    program = torch.export.export(net, (torch.zeros(2, 1, 8, 8),), dynamic_shapes=({0: torch.export.Dim("b")},))
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    with zipfile.ZipFile(buffer) as z:
+        parts = {i.filename: z.read(i.filename) for i in z.infolist()}
+    code = f"__import__('os').system('touch {proof}')".encode()
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as z:
+        for name, content in parts.items():
+            if name.endswith(".json"):
+                content = re.sub(rb"Symbol\('(s\d+)', positive=True, integer=True\)",
+                                 lambda m: b"(" + code + b", " + m[0] + b")[1]", content)
+            z.writestr(name, content)
+    return out.getvalue()
+
+
+def zip_bomb() -> bytes:
+    """A small zip that unpacks to 1 GiB of zeros."""
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as z, z.open("data.pkl", "w", force_zip64=True) as part:
+        for _ in range(1024):
+            part.write(bytes(1 << 20))
+    return out.getvalue()
+
+
+def test_the_sympy_payload_is_real(tmp_path):
+    """The attack the tests plant runs code when torch loads it: otherwise they prove nothing."""
+    proof = tmp_path / "ran"
+    archive = tmp_path / "network.pt2"
+    archive.write_bytes(sympy_payload(proof))
+    with contextlib.suppress(Exception):
+        torch.export.load(archive)
+    assert proof.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("record", ["missing", "{}", "not a mapping"])
+def test_a_model_without_a_digest_record_is_refused_unless_trusted_knowingly(attack, cli, tmp_path, record):
+    client = MlflowClient()
+    if record == "missing":
+        client.delete_model_version_tag("victim", "1", tracking.TAG_DIGESTS)
+    else:
+        client.set_model_version_tag("victim", "1", tracking.TAG_DIGESTS, "{}" if record == "{}" else "[]")
+    assert_refused(every_reader(cli, tmp_path / "images"),
+                   "models:/victim/1 has no record of its files' SHA-256 in the registry",
+                   "pass trust_unverified=true to use it as it is")
+    if record != "missing":
+        return
+    for path, (status, _, err) in every_reader(cli, tmp_path / "images", trust=True).items():
+        assert status == 0 and ("warning: model" in err or "warning: student" in err or "warning: teacher" in err
+                                or path == "serve"), (path, err)
+    trusted = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                                 filter_string=f"tags.`{tracking.TAG_TRUSTED}` = 'models:/victim/1'")
+    assert {r.data.tags["ttkd.stage"] for r in trusted} == {"teach", "distill", "predict"}
+
+
+def test_a_logged_model_reference_is_checked_against_its_source_run_not_its_mlmodel(attack, cli, tmp_path):
+    victim, _, _ = attack
+    model_id = MlflowClient().get_model_version("victim", "1").source.removeprefix("models:/")
+    edit_mlmodel(victim, lambda m: m.update(run_id="0" * 32))
+    status, _, err = cli("predict", "--model", f"models:/{model_id}", "--images", str(tmp_path))
+    assert status == 1 and f"models:/{model_id}: its file MLmodel is not the one registered" in err, err
+
+
+def test_a_checkpoint_changed_in_the_store_is_refused_and_never_names_what_resume_registers(
+        store, cli, tmp_path, monkeypatch):
     from tests.test_resume import poison
     from ttkd.kd.logits import CrossEntropy
-    poison(monkeypatch, CrossEntropy)
-    cli("baseline", "--epochs", "3", "--amp", "false", "--compile", "false")  # fails in epoch 2, leaving epoch 1's checkpoint
+    undo = poison(monkeypatch, CrossEntropy)
+    cli("baseline", "--epochs", "3", "--amp", "false", "--compile", "false", "--register_as", "own")  # fails in epoch 2
+    undo()
     run = mlflow.search_runs(output_format="list")[0]
+    checkpoint = Path(run.info.artifact_uri.removeprefix("file://")) / "checkpoints" / "last.pt"
+    good = checkpoint.read_bytes()
     proof = tmp_path / "payload-ran"
-    (Path(run.info.artifact_uri.removeprefix("file://")) / "checkpoints" / "last.pt").write_bytes(pickled_payload(proof))
-    status, _, err = cli("baseline", "--resume", run.info.run_id)
-    assert status == 1 and err.count("\n") == 1
-    assert (f"checkpoint last.pt of run {run.info.run_id} is damaged or not a ttkd checkpoint (it holds a "
-            f"pickled posix.system, which only the full unpickler would load)") in err
+    for bad in (pickled_payload(proof), zip_bomb(), good[:1000]):
+        checkpoint.write_bytes(bad)
+        status, _, err = cli("baseline", "--resume", run.info.run_id)
+        assert status == 1 and err.count("\n") == 1, err
+        assert f"checkpoint last.pt of run {run.info.run_id} is damaged or was changed after its run wrote it" in err
+    # the weights-only loader beneath the digest refuses the payload on its own too
+    checkpoint.write_bytes(pickled_payload(proof))
+    with pytest.raises(tracking.DamagedCheckpoint, match=r"it holds a pickled posix.system, which only the full"):
+        tracking.load_checkpoint(checkpoint)
     assert not proof.exists()
+
+    # an attacker who also rewrites the run's digest tag: names and tags still come from the run
+    state = torch.load(io.BytesIO(good), weights_only=True)
+    state["kwargs"] = {"register_as": "digits-student", "tags": {"ttkd.partner_model": "models:/forged/1"}}
+    checkpoint.write_bytes(b"")
+    torch.save(state, checkpoint)
+    forged = {"last.pt": [tracking.file_digests({"c": checkpoint})["c"]]}
+    MlflowClient().set_tag(run.info.run_id, tracking.TAG_CHECKPOINTS, json.dumps(forged))
+    MlflowClient().set_terminated(run.info.run_id, "KILLED")
+    status, _, err = cli("baseline", "--resume", run.info.run_id)
+    assert status == 0, err
+    [version] = MlflowClient().search_model_versions(f"run_id = '{run.info.run_id}'")
+    assert version.name == "own" and "ttkd.partner_model" not in version.tags
+    assert MlflowClient().search_registered_models("name = 'digits-student'") == []
 
 
 def make_folder(root: Path, classes, shift: int = 0) -> str:
@@ -185,27 +364,37 @@ def test_the_same_classes_in_another_order_are_named_as_such():
                               "(1, 0, 2, 3, 4, 5, … (10 in all); here 0..9), digest ")
 
 
-def test_a_partner_registered_without_a_record_of_its_data_gets_a_warning_and_serves(store, cli):
+def test_a_partner_registered_by_an_older_ttkd_is_used_only_when_trusted_knowingly(store, cli):
     status, _, err = cli("baseline", "--epochs", "1", "--register_as", "old")
     assert status == 0, err
-    folder = model_folder("old")  # as an older ttkd registered it: no data record, weights in the checkpoint only
+    # as an older ttkd registered it: no data record, weights in its run's checkpoint only, no digest record
+    folder = model_folder("old")
     mlmodel = yaml.safe_load((folder / "MLmodel").read_text())
-    for key in ("dataset", "train_digest", "files", "arch"):
+    for key in ("dataset", "train_digest", "arch"):
         mlmodel["metadata"].pop(key)
     (folder / "MLmodel").write_text(yaml.safe_dump(mlmodel))
     (folder / "artifacts" / "weights.safetensors").unlink()
-    status, out, err = cli("distill", "--teacher", "old", "--epochs", "1")
+    (folder / "artifacts" / "network.json").unlink()
+    MlflowClient().delete_model_version_tag("old", "1", tracking.TAG_DIGESTS)
+    status, _, err = cli("distill", "--teacher", "old", "--epochs", "1")
+    assert status == 1 and err.count("\n") == 1
+    assert "teacher models:/old/1 has no record of its files' SHA-256 in the registry" in err
+    status, out, err = cli("distill", "--teacher", "old", "--epochs", "1", "--trust_unverified", "true")
     assert status == 0, err
+    assert "used as it is, as trust_unverified=true asks" in err
     assert "warning: teacher models:/old/1 was registered without a record of its training data; " \
            "it could not be checked" in err
     assert "teacher models:/old/1: val_acc" in out
+    [student] = MlflowClient().search_model_versions("name = 'digits-mlp-kd'")
+    assert student.tags[tracking.TAG_TRUSTED] == "models:/old/1"
+    assert mlflow.get_run(student.run_id).data.tags[tracking.TAG_TRUSTED] == "models:/old/1"
 
     # its run's checkpoint damaged: the message names the model, the run and the whole reason
     run_id = MlflowClient().get_model_version("old", "1").run_id
     checkpoint = Path(mlflow.get_run(run_id).info.artifact_uri.removeprefix("file://")) / "checkpoints" / "last.pt"
     checkpoint.write_bytes(checkpoint.read_bytes()[:500])
-    status, _, err = cli("distill", "--teacher", "old", "--epochs", "1")
+    status, _, err = cli("distill", "--teacher", "old", "--epochs", "1", "--trust_unverified", "true")
     assert status == 1 and err.count("\n") == 1, err
     refusal = err.strip()
-    assert f"checkpoint last.pt of teacher models:/old/1 (run {run_id}) is damaged or not a ttkd checkpoint (" in refusal
-    assert refusal.endswith("); register that model again from a run whose checkpoint is whole, or use another teacher")
+    assert f"checkpoint last.pt of teacher models:/old/1 (run {run_id}) is damaged or was changed" in refusal
+    assert refusal.endswith("; register that model again from a run whose checkpoint is whole, or use another teacher")

@@ -13,7 +13,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import requests
-import torch
 from mlflow.exceptions import MlflowException
 from PIL import Image
 
@@ -27,8 +26,8 @@ DIGIT = (1, 8, 8)
 def test_pixels_take_both_layouts_and_numbers_that_are_pixel_values():
     a = np.arange(2 * 8 * 8 * 3).reshape(2, 8, 8, 3) % 256
     nchw = pixels(a.transpose(0, 3, 1, 2).tolist(), (3, 8, 8))
-    assert torch.equal(pixels(a.astype(np.uint8), (3, 8, 8)), nchw) and nchw.shape == (2, 3, 8, 8)
-    assert torch.equal(pixels(a.astype(float), (3, 8, 8)), nchw)  # 12.0 is a pixel value too
+    assert np.array_equal(pixels(a.astype(np.uint8), (3, 8, 8)), nchw) and nchw.shape == (2, 3, 8, 8)
+    assert np.array_equal(pixels(a.astype(float), (3, 8, 8)), nchw)  # 12.0 is a pixel value too
     assert pixels(np.zeros((5, 8, 8), np.uint8), DIGIT).shape == (5, 1, 8, 8)  # one channel: (N, H, W)
 
 
@@ -110,12 +109,12 @@ def test_predict_on_an_empty_or_unreadable_folder_is_one_line_and_opens_no_run(c
     assert mlflow.search_runs(output_format="list", filter_string="tags.`ttkd.stage` = 'predict'") == []
 
 
-def test_the_served_model_takes_more_images_than_its_exported_batch_bound(champion):
-    from ttkd.serving import MAX_BATCH
+def test_the_served_model_answers_a_request_larger_than_its_chunk_whole_and_in_order(champion):
+    from ttkd.serving import CHUNK
     model = mlflow.pyfunc.load_model(champion)
     digits = data.load("digits").val_x.numpy()
-    many = np.concatenate([digits] * (MAX_BATCH // len(digits) + 1))  # past the exported batch dimension's bound
-    assert len(many) > MAX_BATCH
+    many = np.concatenate([digits] * (3 * CHUNK // len(digits) + 1))  # several chunks, the last one partial
+    assert len(many) > 3 * CHUNK and len(many) % CHUNK
     answer = model.predict(many)
     assert len(answer) == len(many)
     assert list(answer["class"][:len(digits)]) == list(answer["class"][-len(digits):])
@@ -123,9 +122,10 @@ def test_the_served_model_takes_more_images_than_its_exported_batch_bound(champi
 
 @contextlib.contextmanager
 def served(model_uri: str, store: str):
+    """The serve entry point on ``model_uri``, on its default host (127.0.0.1)."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager",
-                             "local", "-h", "127.0.0.1", "-p", str(port)], env={"MLFLOW_TRACKING_URI": store,
+    proc = subprocess.Popen([sys.executable, "-m", "entry.serve", "--model", model_uri, "--port", str(port)],
+                            env={"MLFLOW_TRACKING_URI": store,
                              **{k: v for k, v in __import__("os").environ.items() if k != "MLFLOW_TRACKING_URI"}},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
@@ -169,3 +169,6 @@ def test_the_served_champion_answers_a_request_made_from_a_png_with_its_class(ch
             reason = answer.json()["message"].splitlines()[-1]
             assert answer.status_code == 400 and reason.startswith("Error: "), (what, answer.text)
             assert "expected uint8 images of 8x8 pixels with 1 channel" in reason and "Traceback" not in answer.text
+        bare = requests.post(url, data=b'{"inputs": [[0]]}', timeout=30)  # bytes: requests sends no Content-Type
+        assert bare.status_code == 415 and "the request has no Content-Type" in bare.json()["message"], bare.text
+        assert "\n" not in bare.json()["message"]

@@ -1,5 +1,6 @@
 """Each entry point end to end on digits, one epoch, in an isolated store."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -72,11 +73,11 @@ def test_stages_by_hand(store, cli, tmp_path):
     assert len(client.get_metric_history(base_run.info.run_id, "val_acc")) == 2
     assert "train_kl" not in base_run.data.metrics
 
-    # what the served network costs: measured on the exported program, as metrics and version tags
+    # what the served network costs: measured on the served ONNX network, as metrics and version tags
     assert metrics["params"] == float(base_run.data.params["num_params"]) == cost.parameters(
         models.build("mlp", 10, 1, image_size=8))
     assert metrics["macs"] == cost.macs(models.build("mlp", 10, 1, image_size=8), (1, 8, 8)) > 0
-    served = mlflow.artifacts.download_artifacts(f"runs:/{base_run.info.run_id}/model/artifacts/network.pt2",
+    served = mlflow.artifacts.download_artifacts(f"runs:/{base_run.info.run_id}/model/artifacts/network.onnx",
                                                  dst_path=str(tmp_path / "served"))
     assert metrics["model_bytes"] == os.path.getsize(served)
     assert metrics["latency_ms_b1_cpu"] > 0 and metrics["throughput_b256_cpu"] > 0 and metrics["cost_threads"] == 1
@@ -213,8 +214,8 @@ def register_foreign(shape, num_classes, name):
                           num_classes, (0.5,) * c, (0.25,) * c)
     with mlflow.start_run():
         mlflow.log_metric("val_acc", 50.0)
-        info, _ = tracking.log_model(models.build("mlp", num_classes, c, image_size=h), fake, "mlp")
-    registry.register(info.model_uri, name, {"ttkd.stage": "baseline"})
+        info, digests = tracking.log_model(models.build("mlp", num_classes, c, image_size=h), fake, "mlp")
+    registry.register(info.model_uri, name, {"ttkd.stage": "baseline", tracking.TAG_DIGESTS: json.dumps(digests)})
 
 
 @pytest.fixture(scope="module")
@@ -298,6 +299,13 @@ BAD_INPUTS = [
     (("main", "--method", "dkd", "--alpha", "0.5"), 1, "method dkd does not use alpha"),
     (("promote", "--model", "nope"), 1, "no registered model named 'nope'"),
     (("promote", "--model", "digits-mlp", "--force", "maybe"), 2, "invalid force"),
+    (("baseline", "--seed", "99999999999999999999"), 1, "seed must be an integer from 0 to 4294967295"),
+    (("baseline", "--dataset", "synthetic-1x100000x100000-10"), 1,
+     "dataset must be one of cifar10, cifar100, digits"),
+    (("baseline", "--register_as", "q'x"), 1, "invalid model name \"q'x\": use a non-empty name without"),
+    (("main", "--register_as", 'q"x'), 1, "quotes, backslashes or control characters"),
+    (("teach", "--student", "digits-mlp", "--weight", "1e308"), 1, "weight must be a number from -100 to 100"),
+    (("sweep", "--weights", "0,1e308"), 1, "weights must be a comma-separated list of distinct numbers from -100"),
 ]
 
 

@@ -30,6 +30,8 @@ from ttkd.errors import TTKDError
 
 STAGES = ("baseline", "teach", "distill", "main", "sweep")
 MAX_MODELS = 100  # a sweep that would register more model versions needs force=true
+MAX_SEED = 2**32 - 1  # what numpy's generator takes
+MAX_WEIGHT = 100.0  # |w|: the papers use 0.005 to 0.1; beyond this, w·T²·KL overflows float32 long before
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +58,8 @@ def _cluster_address(v: str) -> bool:
 
 PARAMS: dict[str, Param] = {p.name: p for p in [
     Param("dataset", "str", "digits", "data set", "one of " + ", ".join(data.names())
-          + " (synthetic also as synthetic-CxHxW-K)", data.known),
+          + f" (synthetic also as synthetic-CxHxW-K, C·H·W at most {data.SYNTHETIC_MAX_PIXELS:,} and K from 2 to "
+          f"{data.SYNTHETIC_MAX_CLASSES:,})", data.known),
     Param("data_dir", "str", "", "folder with the data set's files (default ./data)"),
     Param("stream", "str", "auto", "image folders (imagefolder, tiny-imagenet): true leaves the images on "
           "disk, decoded batch by batch by DataLoader workers; false decodes them into memory; auto "
@@ -88,7 +91,7 @@ PARAMS: dict[str, Param] = {p.name: p for p in [
     Param("gamma", "float", TrainConfig.gamma, "learning-rate factor at each milestone",
           "a number > 0", lambda v: v > 0),
     Param("seed", "int", TrainConfig.seed, "fixes weight init, data order and augmentation",
-          "an integer >= 0", lambda v: v >= 0),
+          f"an integer from 0 to {MAX_SEED}", lambda v: 0 <= v <= MAX_SEED),
     Param("device", "str", TrainConfig.device, "auto (CUDA if visible), cpu, cuda or cuda:N"),
     Param("amp", "auto-bool", TrainConfig.amp, "bf16 mixed precision and channels_last: true forces it "
           "(emulated, slower, on a CPU without native bf16), false trains in float32, auto takes bf16 where "
@@ -102,11 +105,12 @@ PARAMS: dict[str, Param] = {p.name: p for p in [
           "deterministic kernels, so that a resumed run repeats an uninterrupted one", "true or false"),
     Param("seeds", "seeds", (0, 1, 2, 3, 4), "the sweep's seeds: a count N (seeds 0 to N-1), or a "
           "comma-separated list such as 3,7 (one seed other than 0: 7,)",
-          "a count from 1 to 10000 or a list of distinct integers >= 0, like 5 or 0,3,7",
-          lambda v: len(v) >= 1 and min(v) >= 0 and len(set(v)) == len(v)),
+          f"a count from 1 to 10000 or a list of distinct integers from 0 to {MAX_SEED}, like 5 or 0,3,7",
+          lambda v: len(v) >= 1 and min(v) >= 0 and max(v) <= MAX_SEED and len(set(v)) == len(v)),
     Param("weights", "floats", (0.0, 0.005), "the sweep's teacher weights w (0, the normal teacher, "
-          "is always included)", "a comma-separated list of distinct numbers, like -0.02,0,0.005,0.02",
-          lambda v: len(v) >= 1 and len({f"{w:g}" for w in v}) == len(v)),
+          "is always included)", f"a comma-separated list of distinct numbers from -{MAX_WEIGHT:g} to {MAX_WEIGHT:g}, "
+          "like -0.02,0,0.005,0.02",
+          lambda v: len(v) >= 1 and len({f"{w:g}" for w in v}) == len(v) and max(map(abs, v)) <= MAX_WEIGHT),
     Param("methods", "strs", ("kd",), "the sweep's distillation methods",
           "a comma-separated list of distinct methods among " + ", ".join(kd.names()),
           lambda v: len(v) >= 1 and len(set(v)) == len(v) and set(v) <= set(kd.names())),
@@ -154,8 +158,11 @@ PARAMS: dict[str, Param] = {p.name: p for p in [
           "set (its name, class names in order and training images); any: allow another data set with the "
           "same image shape and class count, tagging the run ttkd.partner_data=foreign", "same or any",
           _choice(lambda: ["same", "any"])),
+    Param("trust_unverified", "bool", False, "use a model whose files the registry holds no SHA-256 record of "
+          "(registered by an older ttkd or outside ttkd) as it is, tagging the run ttkd.trust_unverified; without "
+          "it such a model is refused", "true or false"),
     Param("weight", "float", 0.005, "w of CE + w·T²·KL(teacher ‖ student): > 0 trained, 0 normal, < 0 nasty",
-          "a number"),
+          f"a number from -{MAX_WEIGHT:g} to {MAX_WEIGHT:g}", lambda v: abs(v) <= MAX_WEIGHT),
     Param("alpha", "float", 0.9, "weight of the KL term: (1 − α)·CE + α·T²·KL", "a number in [0, 1]",
           lambda v: 0 <= v <= 1),
     Param("temperature", "float", 4.0, "T of the teach stage (and of distill when run alone)",
@@ -211,9 +218,9 @@ COMMON = ("dataset", "data_dir", "stream") + TRAIN + ("register_as", "experiment
 STUDY = ("student_arch", "teacher_arch", "temperature", "alpha", "kd_temperature") + METHOD_PARAMS
 STAGE_PARAMS: dict[str, tuple[str, ...]] = {
     "baseline": COMMON + ("arch", "resume"),
-    "teach": COMMON + ("arch", "student", "partner_data", "weight", "temperature", "resume"),
-    "distill": COMMON + ("arch", "teacher", "partner_data", "method", "alpha", "temperature") + METHOD_PARAMS
-    + ("resume",),
+    "teach": COMMON + ("arch", "student", "partner_data", "trust_unverified", "weight", "temperature", "resume"),
+    "distill": COMMON + ("arch", "teacher", "partner_data", "trust_unverified", "method", "alpha",
+                         "temperature") + METHOD_PARAMS + ("resume",),
     "main": COMMON + STUDY + ("weight", "method", "resume"),
     "sweep": tuple(n for n in COMMON if n != "seed") + STUDY + ("seeds", "weights", "methods", "jobs",
                                                                 "threads") + CLUSTER + ("force", "resume"),

@@ -1,7 +1,8 @@
 """What a model costs to run: parameters, multiply-accumulates, size on disk, latency.
 
-Pure torch, measured on the network as it is served (the exported program behind the
-pyfunc), never counted by hand: MACs come from PyTorch's own ``torch.utils.flop_counter``
+Measured, never counted by hand: parameters and MACs on ttkd's network, times on the
+network as it is served (the ONNX network behind the pyfunc, a function of a numpy batch
+here); MACs come from PyTorch's own ``torch.utils.flop_counter``
 (one multiply-accumulate is two of its FLOPs), times from repeated calls after a warm-up
 (the median, so that one slow spell of a shared machine does not decide), at a fixed
 thread count that is recorded beside them.
@@ -14,6 +15,7 @@ import statistics
 import time
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -29,7 +31,7 @@ class Cost:
 
     params: int                     # parameters (weights and biases; buffers not counted)
     macs: int                       # multiply-accumulates per image
-    model_bytes: int                # the served file (the exported program)
+    model_bytes: int                # the served file (network.onnx)
     threads: int                    # CPU threads the CPU timings ran with
     latency_ms_b1_cpu: float        # one image, median of LATENCY_CALLS calls
     throughput_b256_cpu: float      # images/s at THROUGHPUT_BATCH, median of THROUGHPUT_CALLS calls
@@ -79,16 +81,22 @@ def speed(net: torch.nn.Module, image_shape: tuple[int, ...], device: torch.devi
     return latency * 1000, THROUGHPUT_BATCH / batch
 
 
-def measure(net: torch.nn.Module, image_shape: tuple[int, ...], model_bytes: int, *, threads: int = 1,
-            on_cuda: tuple[torch.nn.Module, torch.device] | None = None) -> Cost:
-    """The cost of ``net`` (the served network, on the CPU) for images of ``image_shape``:
-    CPU timings with ``threads`` threads (restored after); with ``on_cuda`` = (the same
+def served_speed(served: Callable[[np.ndarray], object], image_shape: tuple[int, ...]) -> tuple[float, float]:
+    """(latency at batch 1 in ms, images/s at THROUGHPUT_BATCH) of the served network, a
+    function of a float32 ``(N, *image_shape)`` array."""
+    rng = np.random.default_rng(0)
+    one = rng.random((1, *image_shape), dtype=np.float32)
+    many = rng.random((THROUGHPUT_BATCH, *image_shape), dtype=np.float32)
+    return (median_seconds(lambda: served(one), LATENCY_CALLS) * 1000,
+            THROUGHPUT_BATCH / median_seconds(lambda: served(many), THROUGHPUT_CALLS))
+
+
+def measure(net: torch.nn.Module, served: Callable[[np.ndarray], object], image_shape: tuple[int, ...],
+            model_bytes: int, *, threads: int = 1, on_cuda: tuple[torch.nn.Module, torch.device] | None = None) -> Cost:
+    """The cost of ``net`` (ttkd's network, on the CPU) served as ``served`` (the served
+    network, made to run on ``threads`` CPU threads) for images of ``image_shape``: its
+    parameters and MACs, and the served network's CPU timings; with ``on_cuda`` = (the same
     network in eval mode on a GPU, that GPU), its timings there too."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        latency, throughput = speed(net, image_shape, torch.device("cpu"))
-    finally:
-        torch.set_num_threads(before)
+    latency, throughput = served_speed(served, image_shape)
     gpu = speed(*on_cuda[:1], image_shape, on_cuda[1]) if on_cuda is not None else (None, None)
     return Cost(parameters(net), macs(net, image_shape), model_bytes, threads, latency, throughput, *gpu)

@@ -397,16 +397,30 @@ def _read(path, size: tuple[int, int], mode: str) -> np.ndarray:
 
 SYNTHETIC = re.compile(r"synthetic(?:-(\d+)x(\d+)x(\d+)-(\d+))?")
 SYNTHETIC_SIZES = (50_000, 10_000)  # train, val: CIFAR's
+SYNTHETIC_MAX_PIXELS = 3 * 64 * 64  # values per image (Tiny-ImageNet's): 60,000 of them are 737 MB
+SYNTHETIC_MAX_CLASSES = 100_000
+
+
+def synthetic_shape(name: str) -> tuple[int, int, int, int] | None:
+    """``(C, H, W, K)`` of a synthetic data set's name, None if the name is not one or its
+    size is out of bounds (C·H·W from 1 to SYNTHETIC_MAX_PIXELS, K from 2 to SYNTHETIC_MAX_CLASSES)."""
+    match = SYNTHETIC.fullmatch(name)
+    if match is None:
+        return None
+    c, h, w, k = (int(g) for g in match.groups()) if match.group(1) else (3, 32, 32, 10)
+    ok = min(c, h, w) >= 1 and c * h * w <= SYNTHETIC_MAX_PIXELS and 2 <= k <= SYNTHETIC_MAX_CLASSES
+    return (c, h, w, k) if ok else None
 
 
 def load_synthetic(name: str = "synthetic") -> ImageData:
     """Random uint8 images and labels for benchmarks, always the same (fixed seed):
     ``synthetic`` is CIFAR-shaped (3x32x32, 10 classes, 50,000 + 10,000 images);
     ``synthetic-CxHxW-K`` chooses the image shape and class count. Augmented like CIFAR."""
-    match = SYNTHETIC.fullmatch(name)
-    c, h, w, k = (int(g) for g in match.groups()) if match.group(1) else (3, 32, 32, 10)
-    if min(c, h, w) < 1 or k < 2:
-        raise TTKDError(f"invalid synthetic data set {name!r}; use synthetic-CxHxW-K with K >= 2")
+    shape = synthetic_shape(name)
+    if shape is None:
+        raise TTKDError(f"invalid synthetic data set {name!r}; use synthetic-CxHxW-K with C·H·W at most "
+                        f"{SYNTHETIC_MAX_PIXELS:,} (3x64x64) and K from 2 to {SYNTHETIC_MAX_CLASSES:,}")
+    c, h, w, k = shape
     g = torch.Generator().manual_seed(SPLIT_SEED)
     n_train, n_val = SYNTHETIC_SIZES
     x = torch.randint(0, 256, (n_train + n_val, c, h, w), generator=g, dtype=torch.uint8)
@@ -421,7 +435,7 @@ def names() -> list[str]:
 
 
 def known(name: str) -> bool:
-    return name in LOADERS or SYNTHETIC.fullmatch(name) is not None
+    return name in LOADERS or synthetic_shape(name) is not None
 
 
 LOADERS: dict[str, Callable[[str | None], ImageData]] = {

@@ -9,12 +9,11 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
-from mlflow.exceptions import MlflowException
-from mlflow.models import Model
+import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from ttkd import cost, registry, serving, tracking
+from ttkd import cost, modelfile, registry, serving, tracking
 from ttkd.errors import TTKDError
 from ttkd.registry import TAG_PARTNER, ModelRef, first_line
 
@@ -27,34 +26,40 @@ class Classified:
     warning: str | None = None        # what could not be checked about the model
 
 
-def load_classifier(ref: ModelRef, tmp: str) -> tuple[serving.ImageClassifier, dict, str | None]:
-    """The registered model ``ref`` as it answers when served, built from this ttkd's own
-    ``ttkd/serving.py``, not from the copy in the model's folder (which MLflow would run):
-    its files are checked against the digests recorded at registration and its network
-    is read by ``serving.load_network``; nothing in the model's folder runs. Returns the
-    model, its metadata and a warning when its files could not be checked."""
+@dataclasses.dataclass
+class Opened:
+    """A registered model, its files checked, built by ttkd."""
+
+    folder: str                       # where its files were downloaded (valid while the caller's folder lives)
+    record: modelfile.Record
+    net: torch.nn.Module              # ttkd's own architecture with the registered weights, eval mode
+    classifier: serving.ImageClassifier  # this ttkd's serving.py around ``net``: the model as it answers
+    warning: str | None               # why its files could not be checked (trust_unverified=true)
+
+
+def open_model(ref: ModelRef, tmp: str, trust_unverified: bool = False) -> Opened:
+    """The registered model ``ref`` as it answers when served, from this ttkd's own code:
+    its files are checked against the digests the registry recorded when it was
+    registered before any is read, then its network is built from ttkd's architecture code
+    and ``weights.safetensors`` (``ttkd.modelfile``), inside this ttkd's
+    ``ttkd/serving.py``; nothing in the model's folder runs."""
     who = f"model {ref.uri}"
-    local = tracking.download_model(ref, who, tmp)
-    try:
-        mlmodel = Model.load(local)  # MLmodel: YAML, read with the safe loader
-        flavor = mlmodel.flavors["python_function"]
-        config, meta = flavor["config"], mlmodel.metadata or {}
-        network = Path(local, flavor["artifacts"]["network"]["path"])
-    except (MlflowException, OSError, KeyError, TypeError) as exc:
-        raise TTKDError(f"{who} is not a model that ttkd registered ({first_line(exc)})") from None
-    if "image_shape" not in meta:
-        raise TTKDError(f"{ref.uri} does not say what images it takes; predict needs a model that "
-                        f"this ttkd registered")
-    warning = tracking.verify_model_files(ref, ref.run_id or mlmodel.run_id, local, who)
-    model = serving.ImageClassifier()
-    try:
-        model.load_context(SimpleNamespace(model_config=config, artifacts={"network": str(network)}))
-    except serving.UnsafeModelFile as exc:
-        raise TTKDError(f"{who}: {exc}") from None
-    return model, meta, warning
+    local = tracking.download_model(ref.uri, who, tmp)
+    warning = tracking.verify_model(ref, local, who, trust_unverified)
+    net, record = modelfile.build(local, who)
+
+    def network(x: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return net(torch.from_numpy(x)).numpy()
+
+    classifier = serving.ImageClassifier(network)
+    classifier.load_context(SimpleNamespace(artifacts={}, model_config={
+        "image_shape": list(record.image_shape), "classes": list(record.classes),
+        "mean": list(record.mean), "std": list(record.std)}))
+    return Opened(local, record, net, classifier, warning)
 
 
-def classify_folder(ref: ModelRef, folder: str, batch_size: int = 256) -> Classified:
+def classify_folder(ref: ModelRef, folder: str, batch_size: int = 256, trust_unverified: bool = False) -> Classified:
     """Every file under ``folder`` (sorted, hidden ones left out) through the registered
     model ``ref`` as served: read first, each converted to the model's channels and
     size, so that a bad file is skipped and reported before anything is predicted."""
@@ -68,8 +73,9 @@ def classify_folder(ref: ModelRef, folder: str, batch_size: int = 256) -> Classi
     if not files:
         raise TTKDError(f"{folder} holds no files; give a folder of image files (PNG, JPEG, ...)")
     with tempfile.TemporaryDirectory() as tmp:
-        model, meta, warning = load_classifier(ref, tmp)
-    c, h, w = meta["image_shape"]
+        opened = open_model(ref, tmp, trust_unverified)
+    model, warning = opened.classifier, opened.warning
+    c, h, w = opened.record.image_shape
     images, names, skipped, resized = [], [], [], 0
     for path in files:
         try:
@@ -100,23 +106,29 @@ def shown(path: Path) -> str:
     return str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-def measure_version(version) -> dict[str, str]:
+def measure_version(version, trust_unverified: bool = False) -> tuple[dict[str, str], str | None]:
     """Measure what registered model ``version`` (a model version of the registry) costs,
-    on its network as served, and tag the version with it; returns the tags."""
+    its files checked first: parameters and MACs of the network ttkd builds, times of the
+    served ONNX network; tag the version with it; returns the tags, and a warning when its
+    files could not be checked (``trust_unverified``)."""
     ref = ModelRef(f"models:/{version.name}/{version.version}", version.name, str(version.version), version.run_id)
     with tempfile.TemporaryDirectory() as tmp:
-        model, meta, _ = load_classifier(ref, tmp)
-        network = next(Path(tmp).rglob("network.pt2"))
-        measured = cost.measure(model.network, tuple(meta["image_shape"]), network.stat().st_size,
+        opened = open_model(ref, tmp, trust_unverified)
+        path = Path(opened.folder, modelfile.NETWORK)
+        served = serving.load_network(str(path), opened.record.image_shape, opened.record.num_classes,
+                                      threads=tracking.COST_THREADS)
+        measured = cost.measure(opened.net, served, opened.record.image_shape, path.stat().st_size,
                                 threads=tracking.COST_THREADS)
     tags = tracking.cost_tags(measured)
     tracking.tag_version(version.name, str(version.version), tags)
-    return tags
+    return tags, opened.warning
 
 
-def measure_unmeasured(reference: str, students: bool = False) -> list[str]:
+def measure_unmeasured(reference: str, students: bool = False,
+                       trust_unverified: bool = False) -> tuple[list[str], list[str]]:
     """Measure every version of model ``reference`` (with ``students``: of the models
-    distilled from it too) that has no measured cost yet; one line per version measured."""
+    distilled from it too) that has no measured cost yet; one line per version measured,
+    and the warnings about versions whose files could not be checked."""
     registry.prepare_store()
     name = reference.strip().removeprefix("models:/").split("/")[0].split("@")[0]
     client = MlflowClient()
@@ -124,9 +136,32 @@ def measure_unmeasured(reference: str, students: bool = False) -> list[str]:
     if students:
         versions += [s for v in versions for s in client.search_model_versions(
             f"tags.`{TAG_PARTNER}` = 'models:/{name}/{v.version}'", max_results=10000)]
-    lines, missing = [], set(registry.unmeasured(versions, registry.BUDGETS))  # what promote's budgets need
+    lines, warnings, missing = [], [], set(registry.unmeasured(versions, registry.BUDGETS))  # what budgets need
     for v in (v for v in versions if str(v.version) in missing):
-        tags = measure_version(v)
+        tags, warning = measure_version(v, trust_unverified)
+        warnings += [warning] if warning else []
         lines.append(f"measured {v.name} version {v.version}: {int(tags['ttkd.params']):,} parameters, "
                      f"{float(tags['ttkd.latency_ms_b1_cpu']):.3f} ms per image at batch 1")
-    return lines
+    return lines, warnings
+
+
+def scoring_app(ref: ModelRef, tmp: str, trust_unverified: bool = False):
+    """MLflow's scoring server for model ``ref`` (a FastAPI app) and a warning, from its files
+    downloaded under ``tmp`` and checked against the registry's digests, the network built
+    and its ONNX file loaded once before (so that a bad file is one line now, not an answer
+    later). A request without a Content-Type gets a one-line 415 instead of MLflow's 500."""
+    from fastapi.responses import JSONResponse
+    from mlflow.pyfunc import load_model, scoring_server
+
+    opened = open_model(ref, tmp, trust_unverified)  # checks every file, builds the network
+    serving.load_network(str(Path(opened.folder, modelfile.NETWORK)), opened.record.image_shape,
+                         opened.record.num_classes)
+    app = scoring_server.init(load_model(opened.folder))  # the checked copy, never downloaded again
+
+    @app.middleware("http")
+    async def content_type_needed(request, call_next):
+        if request.method == "POST" and not request.headers.get("content-type"):
+            return JSONResponse({"error_code": "BAD_REQUEST", "message": "the request has no Content-Type; send "
+                                 "Content-Type: application/json with {\"inputs\": [...]}"}, status_code=415)
+        return await call_next(request)
+    return app, opened.warning

@@ -31,7 +31,7 @@ HEALTH_TIMEOUT_S = 5.0  # how long an http(s) tracking server gets to answer bef
 DB_TIMEOUT_S = 5.0  # and a database server
 DATABASES = ("postgresql", "mysql", "mssql")  # tracking stores MLflow keeps in a database server
 _SCHEMA_LOCK = 0x7474_6B64  # PostgreSQL advisory lock held while MLflow creates its tables
-_ILLEGAL_NAME = re.compile(r"[/@:]")
+_ILLEGAL_NAME = re.compile(r"[/@:'\"\\\x00-\x1f]")  # separators, quotes and control characters
 MAX_NAME = 256  # characters of a registered model's name or alias that MLflow's tables hold (PostgreSQL: varchar)
 
 
@@ -47,10 +47,17 @@ def prepare_store() -> None:
         _prepare_database(uri)
     elif uri.startswith("sqlite:///"):
         path = Path(uri[len("sqlite:///"):].split("?")[0])
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path.with_name(path.name + ".lock"), "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            retry_locked(lambda: MlflowClient().search_experiments(max_results=1))
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path.with_name(path.name + ".lock"), "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                retry_locked(lambda: MlflowClient().search_experiments(max_results=1))
+        except OSError as exc:
+            raise TTKDError(f"cannot use the tracking store {uri} ({exc.strerror or exc}: {exc.filename}); "
+                            f"set MLFLOW_TRACKING_URI to sqlite:///PATH in a folder you can write") from None
+        except Exception as exc:  # SQLAlchemy's or MLflow's: the file is not an MLflow database
+            raise TTKDError(f"cannot use the tracking store {uri} ({first_line(exc)[:200]}); set MLFLOW_TRACKING_URI "
+                            f"to a new file or to an MLflow database") from None
     elif uri.startswith(("http://", "https://")):
         import requests
         try:
@@ -119,8 +126,9 @@ def check_model_name(name: str, what: str = "model name") -> None:
     """Refuse a registered-model (or alias) name that model references could not address,
     or that the registry cannot store."""
     if not name or _ILLEGAL_NAME.search(name):
-        raise TTKDError(f"invalid {what} {name!r}: use a non-empty name without '/', '@' "
-                        f"or ':' (they separate versions, aliases and URI schemes)")
+        raise TTKDError(f"invalid {what} {name!r}: use a non-empty name without '/', '@' or ':' (they separate "
+                        f"versions, aliases and URI schemes), quotes, backslashes or control characters (registry "
+                        f"searches quote names)")
     if len(name) > MAX_NAME:
         raise TTKDError(f"invalid {what} {name[:40]}… ({len(name)} characters): the registry keeps names of at most "
                         f"{MAX_NAME} characters; choose a shorter register_as")

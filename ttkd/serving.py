@@ -1,12 +1,13 @@
 """The model a stage registers, as MLflow serves it: images in, classes out.
 
 MLflow logs this file with the model ("models from code") and runs it wherever the model
-is loaded, with or without ttkd installed, so it imports nothing from ttkd (ttkd itself
-loads models with its own installed copy of this file, never the model's). The network is
-a ``torch.export`` program (``network.pt2``: a graph as JSON and its weights as raw
-tensors), read by :func:`load_network`, which refuses an archive that would need Python's
-full unpickler or a compiled library; the image size, normalisation and class names come
-from the model's configuration.
+is loaded, with or without ttkd installed, so it imports nothing from ttkd and needs no
+torch: the network is ``network.onnx``, run by onnxruntime, which interprets a graph of
+ONNX operators and runs no code from the file (it also refuses weights stored outside the
+file). The image size, normalisation and class names come from the model's configuration,
+and the network's declared input and output must agree with them. ttkd itself answers
+with its own installed copy of this class around a network it built from the weights
+(``ttkd.predict``), never with the model's copy.
 
 Input: uint8 pixel values, ``(N, H, W, C)`` or ``(N, C, H, W)`` (for one channel also
 ``(N, H, W)``), as a numpy array or nested lists of numbers. Output: one row per image with
@@ -17,48 +18,49 @@ serve`` answers as HTTP 400.
 
 from __future__ import annotations
 
-import json
-import os
-import pickle
-import re
-import zipfile
+from collections.abc import Callable
 
 import numpy as np
 import pandas as pd
-import torch
 from mlflow.exceptions import MlflowException
 from mlflow.models import set_model
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
 
+Network = Callable[[np.ndarray], np.ndarray]  # (N, C, H, W) float32, normalised -> (N, classes) logits
+
 
 class ImageClassifier(PythonModel):
+    def __init__(self, network: Network | None = None):
+        self.network = network  # given: ttkd's own network; otherwise read from the model's files
+
     def load_context(self, context) -> None:
         config = context.model_config
         self.shape = tuple(config["image_shape"])  # (C, H, W)
         self.classes = list(config["classes"])
-        self.mean = torch.tensor(config["mean"], dtype=torch.float32).view(1, -1, 1, 1)
-        self.std = torch.tensor(config["std"], dtype=torch.float32).view(1, -1, 1, 1)
-        self.network = load_network(context.artifacts["network"])
+        self.mean = np.asarray(config["mean"], dtype=np.float32).reshape(1, -1, 1, 1)
+        self.std = np.asarray(config["std"], dtype=np.float32).reshape(1, -1, 1, 1)
+        if self.network is None:
+            self.network = load_network(context.artifacts["network"], self.shape, len(self.classes))
 
     def predict(self, context, model_input: np.ndarray, params=None) -> pd.DataFrame:
         # np.ndarray: the one hint MLflow neither converts inputs by nor warns about; any
         # input still comes here as sent, and ``pixels`` checks it
         x = pixels(model_input, self.shape)
-        try:
-            with torch.no_grad():  # in chunks: the exported batch size is bounded (MAX_BATCH)
-                p = torch.cat([torch.softmax(self.network((chunk / 255 - self.mean) / self.std), dim=1)
-                               for chunk in x.split(CHUNK)])
+        try:  # in chunks, so that a large request does not hold every activation at once
+            logits = np.concatenate([self.network((x[i:i + CHUNK] / 255 - self.mean) / self.std)
+                                     for i in range(0, len(x), CHUNK)])
         except Exception as exc:  # one line, no traceback, in the answer to a request
             refuse(f"the model could not classify these images ({type(exc).__name__}: {_first_line(exc)[:200]})")
-        best = p.argmax(dim=1)
-        return pd.DataFrame({"class": best.numpy(), "name": [self.classes[i] for i in best.tolist()],
-                             "probability": p.gather(1, best[:, None])[:, 0].numpy(),
-                             "probabilities": list(p.numpy())})
+        z = np.exp(logits - logits.max(axis=1, keepdims=True))
+        p = z / z.sum(axis=1, keepdims=True)
+        best = p.argmax(axis=1)
+        return pd.DataFrame({"class": best, "name": [self.classes[i] for i in best.tolist()],
+                             "probability": p[np.arange(len(p)), best], "probabilities": list(p)})
 
 
-def pixels(images, shape: tuple[int, int, int]) -> torch.Tensor:
-    """``images`` as a float32 ``(N, C, H, W)`` tensor of values 0..255, or a one-line
+def pixels(images, shape: tuple[int, int, int]) -> np.ndarray:
+    """``images`` as a float32 ``(N, C, H, W)`` array of values 0..255, or a one-line
     refusal saying what was expected."""
     c, h, w = shape
     expected = f"uint8 images of {h}x{w} pixels with {c} channel{'s' * (c > 1)}, as (N, H, W, C) or (N, C, H, W)"
@@ -86,13 +88,7 @@ def pixels(images, shape: tuple[int, int, int]) -> torch.Tensor:
                f"{expected}: raw pixel values 0 to 255, not normalised ones")
     if a.min() < 0 or a.max() > 255:
         refuse(f"pixel values must be 0 to 255 (got {a.min()} to {a.max()}); expected {expected}")
-    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
-
-
-def refused_global(exc: BaseException) -> str | None:
-    """The Python object (``posix.system``) torch's weights-only unpickler refused to load, if it says."""
-    found = re.search(r"GLOBAL ([\w.]+)", str(exc))
-    return found[1] if found else None
+    return np.ascontiguousarray(a, dtype=np.float32)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -104,60 +100,39 @@ def refuse(reason: str):
     raise MlflowException(reason, error_code=INVALID_PARAMETER_VALUE)
 
 
-MAX_BATCH = 1 << 16  # the largest batch the network is exported for (ttkd.tracking.log_model)
-CHUNK = 1024         # images per call of the network when serving a larger request
-
-# The parts of a torch.export archive (after its root folder) that ttkd's own export
-# writes and torch reads without code: the graph and its configs as JSON, tensors as raw
-# bytes, and the example inputs, read here with torch's weights-only unpickler. Anything
-# else (a compiled AOTInductor library, pickled custom or opaque objects, legacy pickled
-# weights) is refused before torch opens the archive.
-_SAFE_PART = re.compile(r"(archive_format|archive_version|byteorder|\.data/version|\.data/serialization_id"
-                        r"|models/[\w.-]+\.json|data/weights/(weight_\d+|[\w.-]+_weights_config\.json)"
-                        r"|data/constants/(tensor_\w+|[\w.-]+_constants_config\.json)"
-                        r"|data/sample_inputs/[\w.-]+\.pt)")
+CHUNK = 1024  # images per call of the network when serving a larger request
 
 
 class UnsafeModelFile(MlflowException):
-    """A model file that could run code when loaded."""
+    """A network file that is not the one-input, one-output ONNX graph ttkd writes."""
 
 
-def load_network(path: str) -> torch.nn.Module:
-    """The network of a ``torch.export`` archive, read without Python's full unpickler: an
-    archive with a part ttkd's export does not write, or whose weights or constants are
-    marked as pickled, is refused; the parts torch unpickles (the example inputs) are read
-    with ``torch.load``'s weights-only unpickler, forced, so that torch's fallback to the
-    full unpickler cannot run. Raises :class:`UnsafeModelFile` naming the file and part."""
+def load_network(path: str, image_shape: tuple[int, int, int], num_classes: int, threads: int = 0) -> Network:
+    """The ONNX network in ``path`` as a function of a normalised float32 batch, run by
+    onnxruntime on the CPU (``threads``: its intra-op threads, 0 for its default). Its one
+    input must take ``(N, *image_shape)`` float32 and its one output give ``num_classes``
+    logits per image; anything else, or a file onnxruntime cannot read, raises
+    :class:`UnsafeModelFile` naming the file."""
+    import os
+
+    import onnxruntime
+
     name = os.path.basename(path)
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = options.inter_op_num_threads = threads
+    options.log_severity_level = 3  # errors only: the answer to a request is ours to word
     try:
-        with zipfile.ZipFile(path) as archive:
-            parts = [n.split("/", 1)[-1] for n in archive.namelist() if not n.endswith("/")]
-            unsafe = [n for n in parts if not _SAFE_PART.fullmatch(n)]
-            for config in (n for n in archive.namelist() if n.endswith(("_weights_config.json",
-                                                                        "_constants_config.json"))):
-                entries = json.loads(archive.read(config)).get("config", {})
-                unsafe += [f"{config.split('/', 1)[-1]}: {k}" for k, v in entries.items()
-                           if v.get("use_pickle") or not str(v.get("path_name", "")).startswith(("weight_", "tensor_"))]
-    except (zipfile.BadZipFile, OSError, ValueError, AttributeError) as exc:
-        raise UnsafeModelFile(f"{name} is not a torch.export archive ({_first_line(exc)})") from None
-    if unsafe:
-        raise UnsafeModelFile(f"{name} holds a part that would be unpickled or run as code when loaded "
-                              f"({unsafe[0]}); it was not written by ttkd's export: refusing to load it")
-    previous = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
-    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"  # torch.export.load falls back to the full unpickler
-    try:
-        return torch.export.load(path).module()
-    except pickle.UnpicklingError as exc:  # from the forced weights-only load
-        found = refused_global(exc)
-        raise UnsafeModelFile(f"{name} holds a pickled object{f' ({found})' if found else ''} that only the "
-                              f"full unpickler would load, running code: refusing to load it") from None
-    except Exception as exc:  # a damaged archive
-        raise UnsafeModelFile(f"{name} is damaged ({type(exc).__name__}: {_first_line(exc)})") from None
-    finally:
-        if previous is None:
-            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
-        else:
-            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = previous
+        session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise UnsafeModelFile(f"{name} is not an ONNX network onnxruntime can run ({_first_line(exc)[:200]})") from None
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    if not (len(inputs) == len(outputs) == 1 and inputs[0].type == "tensor(float)"
+            and list(inputs[0].shape[1:]) == list(image_shape) and list(outputs[0].shape[1:]) == [num_classes]):
+        found = [(i.name, i.type, i.shape) for i in inputs] + [(o.name, o.type, o.shape) for o in outputs]
+        raise UnsafeModelFile(f"{name} does not take {'x'.join(map(str, image_shape))} images and answer "
+                              f"{num_classes} classes (it declares {str(found)[:200]})")
+    feed = inputs[0].name
+    return lambda x: session.run(None, {feed: np.ascontiguousarray(x, dtype=np.float32)})[0]
 
 
 set_model(ImageClassifier())

@@ -30,7 +30,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from tqdm import tqdm
 
-from ttkd import cost, distributed, kd, models, registry, tracking
+from ttkd import cost, distributed, kd, models, registry, serving, tracking
 from ttkd import data as datasets
 from ttkd.config import PARAMS, RunConfig, check_resume
 from ttkd.engine import (
@@ -233,10 +233,12 @@ FOLLOWER_STOPS = (Interrupted, NonFiniteLoss)  # stops every process agrees on: 
 def run_stage(stage: str, *, arch: str, train: TrainConfig, partner: str | None, method: str,
               method_params: dict, dataset: str, data_dir: str | None, stream: bool | None,
               register_as: str, tags: dict[str, str] | None = None, parent_run_id: str | None = None,
-              resume_from: tuple[str, dict] | None = None, partner_data: str = "same") -> StageResult:
+              resume_from: tuple[str, dict] | None = None, partner_data: str = "same",
+              trust_unverified: bool = False) -> StageResult:
     """Run ``stage`` (a name in ``STAGES``): train ``arch`` with ``method`` beside the
     frozen ``partner`` reference (trained on this stage's data set unless ``partner_data``
-    is ``any``), log everything to an MLflow run and register the result as ``register_as``.
+    is ``any``; its files verified against the registry's digests unless ``trust_unverified``),
+    log everything to an MLflow run and register the result as ``register_as``.
     ``tags`` go on the run and on the registered version; the run is a child of
     ``parent_run_id`` (or of the active run) if given. ``resume_from`` = (run id,
     checkpoint) continues that run. In a process group this is the leader's part; the
@@ -258,7 +260,9 @@ def run_stage(stage: str, *, arch: str, train: TrainConfig, partner: str | None,
     if partner is not None:
         partner_ref = registry.resolve(partner)  # pinned to one version for every process
         with tempfile.TemporaryDirectory() as tmp:
-            found = tracking.load_partner(partner_ref, data, spec.partner, tmp, partner_data)
+            found = tracking.load_partner(partner_ref, data, spec.partner, tmp, partner_data, trust_unverified)
+        if found.unverified:
+            print(f"warning: {found.unverified}", file=sys.stderr, flush=True)
         if found.unchecked:
             print(f"warning: {found.unchecked}", file=sys.stderr, flush=True)
         if found.foreign:
@@ -282,7 +286,7 @@ def run_stage(stage: str, *, arch: str, train: TrainConfig, partner: str | None,
     kwargs = {"arch": arch, "dataset": dataset, "data_dir": data_dir, "stream": stream,
               "register_as": register_as, "train": dataclasses.asdict(used), "method": method,
               "method_params": method_params, "partner": partner_ref.uri if partner_ref else None,
-              "partner_data": partner_data, "tags": tags or {}}
+              "partner_data": partner_data, "trust_unverified": trust_unverified, "tags": tags or {}}
     if world is not None:
         distributed.lead(setup)
 
@@ -299,13 +303,16 @@ def run_stage(stage: str, *, arch: str, train: TrainConfig, partner: str | None,
                 run_tags[TAG_PARTNER] = partner_ref.uri
             if found is not None and found.foreign:
                 run_tags[TAG_PARTNER_DATA] = "foreign"
-            mlflow.set_tags(run_tags)
+            if found is not None and found.unverified:
+                run_tags[tracking.TAG_TRUSTED] = partner_ref.uri
+            mlflow.set_tags(run_tags | {tracking.TAG_STAGE_ARGS: json.dumps(kwargs, sort_keys=True)})
             tracking.log_params({
                 "dataset": dataset, "data_dir": data_dir or "", "stream": STREAM_WORDS[stream],
                 "streamed": data.streamed, "arch": arch,
                 "register_as": register_as, **dataclasses.asdict(train),
                 **({"method": method} if stage == "distill" else {}), **method_params,
-                **({spec.partner: partner, "partner_data": partner_data} if partner else {}),
+                **({spec.partner: partner, "partner_data": partner_data, "trust_unverified": trust_unverified}
+                   if partner else {}),
                 "num_params": models.num_parameters(model), "device_used": str(device),
                 "world_size": distributed.size(),
             })
@@ -339,7 +346,7 @@ def run_stage(stage: str, *, arch: str, train: TrainConfig, partner: str | None,
                 best[0] = max(best[0], s.val_acc)
                 state = {"format": tracking.CHECKPOINT_FORMAT,
                          "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                         "engine": engine, "stage": stage, "kwargs": kwargs,
+                         "engine": engine, "stage": stage,
                          "arch": arch, "num_classes": data.num_classes,
                          "image_shape": list(data.image_shape), "epoch": s.epoch,
                          "val_acc": s.val_acc, "best_val_acc": best[0],
@@ -382,10 +389,11 @@ def run_stage(stage: str, *, arch: str, train: TrainConfig, partner: str | None,
 
         measured = {}  # what the served network costs, measured on it before it is logged
 
-        def measure(net: torch.nn.Module, path: Path) -> None:  # (and, trained on a GPU, the network there)
+        def measure(path: Path) -> None:  # (and, trained on a GPU, the network there)
             start = time.perf_counter()
             on_cuda = (copy.deepcopy(model).eval().to(device), device) if device.type == "cuda" else None
-            measured["cost"] = cost.measure(net, data.image_shape, path.stat().st_size,
+            served = serving.load_network(str(path), data.image_shape, data.num_classes, threads=tracking.COST_THREADS)
+            measured["cost"] = cost.measure(model, served, data.image_shape, path.stat().st_size,
                                             threads=tracking.COST_THREADS, on_cuda=on_cuda)
             measured["seconds"] = time.perf_counter() - start
         info, digests = tracking.log_model(model, data, arch, on_export=measure)
@@ -398,6 +406,8 @@ def run_stage(stage: str, *, arch: str, train: TrainConfig, partner: str | None,
             version_tags[TAG_PARTNER] = partner_ref.uri
         if found is not None and found.foreign:
             version_tags[TAG_PARTNER_DATA] = "foreign"
+        if found is not None and found.unverified:
+            version_tags[tracking.TAG_TRUSTED] = partner_ref.uri
         ref = registry.register(info.model_uri, register_as, version_tags)
         mlflow.set_tag("ttkd.registered_model", ref.uri)
         print(f"registered {ref.uri} (val_acc {last['val_acc']:.2f}%, run {run.info.run_id})",
@@ -526,12 +536,16 @@ def resume(stage: str, reference: str, cfg: RunConfig | None = None,
     if os.environ.get("MLFLOW_RUN_ID") and mlflow.active_run() is None:
         # started by `mlflow run`: point its run at the real one
         client.set_tag(os.environ["MLFLOW_RUN_ID"], "ttkd.resumes_run", run_id)
-    kw = dict(ckpt["kwargs"])
+    try:  # the run's own record, in the tracking store: never what its checkpoint file says
+        kw = json.loads(run.data.tags[tracking.TAG_STAGE_ARGS])
+    except (KeyError, ValueError):
+        raise TTKDError(f"run {run_id} has no record of its stage's arguments (started by an older ttkd); "
+                        f"start the stage again") from None
     return run_stage(stage, arch=kw["arch"], train=train_config(kw["train"]), partner=kw["partner"],
                      method=kw["method"], method_params=kw["method_params"], dataset=kw["dataset"],
                      data_dir=kw["data_dir"], stream=kw["stream"], register_as=kw["register_as"],
                      tags=(kw.get("tags") or {}) | (tags or {}), resume_from=(run_id, ckpt),
-                     partner_data=kw.get("partner_data", "same"))
+                     partner_data=kw.get("partner_data", "same"), trust_unverified=kw.get("trust_unverified", False))
 
 
 def unfinished_run(stage: str, reference: str):

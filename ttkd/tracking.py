@@ -9,6 +9,7 @@ import hashlib
 import importlib.metadata
 import json
 import os
+import re
 import shutil
 import tempfile
 import urllib.parse
@@ -18,23 +19,27 @@ from collections.abc import Callable
 from pathlib import Path
 
 import mlflow
-import safetensors.torch
 import torch
 from mlflow.exceptions import MlflowException
-from mlflow.models import ModelSignature
+from mlflow.models import Model, ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, DataType, Schema
 from mlflow.types.schema import Array
 from torch import nn
 
-from ttkd import models, serving
+from ttkd import modelfile, models, serving
 from ttkd.data import ImageData
 from ttkd.engine import EpochStats
 from ttkd.errors import TTKDError
 from ttkd.registry import ModelRef, first_line, prepare_store, retry_locked
 
-CHECKPOINT_FORMAT = 2  # 2: method state in the engine state, named loss parts
-TAG_DIGESTS = "ttkd.model_sha256"  # on a run and its version: {file in the model's folder: SHA-256}
+CHECKPOINT_FORMAT = 3  # 3: no stage arguments inside (they are the run's tag TAG_STAGE_ARGS)
+# on a run and its version: {every file in the model's folder: SHA-256}; the tag of the
+# same name without "files" (an older ttkd's, three files only) is not taken as a record
+TAG_DIGESTS = "ttkd.files_sha256"
+TAG_CHECKPOINTS = "ttkd.checkpoint_sha256"  # on a run: {file: [SHA-256 of the newest, of the one before]}
+TAG_STAGE_ARGS = "ttkd.stage_args"  # on a run: what resuming it needs (JSON), from the run, not its checkpoint
+TAG_TRUSTED = "ttkd.trust_unverified"  # on a run that used a model without a digest record, knowingly
 # a stage's own lines, not MLflow's download bars, are what its terminal shows
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
@@ -110,6 +115,12 @@ def save_checkpoint(path: Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
+def refused_global(exc: BaseException) -> str | None:
+    """The Python object (``posix.system``) torch's weights-only unpickler refused to load, if it says."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+    return found[1] if found else None
+
+
 class DamagedCheckpoint(TTKDError):
     """A checkpoint that does not load with the weights-only unpickler."""
 
@@ -121,7 +132,7 @@ def load_checkpoint(path: Path, whose: str = "", fix: str = "start the stage aga
     try:
         return torch.load(path, weights_only=True, map_location="cpu")
     except Exception as exc:  # truncated zip, wrong format, disallowed types...
-        found = serving.refused_global(exc)
+        found = refused_global(exc)
         reason = f"it holds a pickled {found}, which only the full unpickler would load" if found else first_line(exc)
         raise DamagedCheckpoint(f"checkpoint {path.name}{f' of {whose}' if whose else ''} is damaged or not a "
                                 f"ttkd checkpoint ({reason}); {fix}") from None
@@ -129,7 +140,14 @@ def load_checkpoint(path: Path, whose: str = "", fix: str = "start the stage aga
 
 def log_checkpoint(path: Path, artifact_dir: str = "checkpoints") -> None:
     """Log a checkpoint file so that the run's copy is whole or absent: on a local artifact
-    store, a temporary file renamed into place; elsewhere, MLflow's upload of one object."""
+    store, a temporary file renamed into place; elsewhere, MLflow's upload of one object.
+    Its SHA-256 goes on the run first (beside the previous one, which the store holds until
+    the new file is in place), so that what is read back can be checked."""
+    run = mlflow.active_run()
+    recorded = _checkpoint_digests(run.info.run_id)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    recorded[path.name] = [digest] + recorded.get(path.name, [])[:1]
+    mlflow.set_tag(TAG_CHECKPOINTS, json.dumps(recorded, sort_keys=True))
     uri = urllib.parse.urlparse(mlflow.get_artifact_uri(artifact_dir))
     if uri.scheme in ("", "file"):
         dest = Path(urllib.request.url2pathname(uri.path))
@@ -141,18 +159,36 @@ def log_checkpoint(path: Path, artifact_dir: str = "checkpoints") -> None:
         mlflow.log_artifact(str(path), artifact_dir)
 
 
+def _checkpoint_digests(run_id: str) -> dict[str, list[str]]:
+    try:
+        recorded = json.loads(MlflowClient().get_run(run_id).data.tags.get(TAG_CHECKPOINTS, "{}"))
+    except (MlflowException, ValueError):
+        return {}
+    return recorded if isinstance(recorded, dict) else {}
+
+
 def download_checkpoint(run_id: str, dst: str, role: str = "", model: str = "") -> dict | None:
-    """The run's ``checkpoints/last.pt``, loaded weights-only; None if it has none. With
-    ``role`` and ``model``, it holds the weights of that frozen partner (a model reference)."""
+    """The run's ``checkpoints/last.pt``, checked against the SHA-256 its run recorded and
+    loaded weights-only; None if it has none. With ``role`` and ``model``, it holds the
+    weights of that frozen partner (a model reference), registered by an older ttkd that
+    recorded no digest: then an unrecorded checkpoint is read as it is (the user passed
+    trust_unverified=true to come here)."""
     try:
         path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="checkpoints/last.pt",
                                                    dst_path=dst)
     except (MlflowException, OSError):
         return None
-    if role:
-        return load_checkpoint(Path(path), f"{role} {model} (run {run_id})", "register that model again from a "
-                               f"run whose checkpoint is whole, or use another {role}")
-    return load_checkpoint(Path(path), f"run {run_id}")
+    whose = f"{role} {model} (run {run_id})" if role else f"run {run_id}"
+    fix = (f"register that model again from a run whose checkpoint is whole, or use another {role}" if role
+           else "start the stage again")
+    recorded = _checkpoint_digests(run_id).get("last.pt")
+    if recorded is None and not role:
+        raise DamagedCheckpoint(f"checkpoint last.pt of {whose} has no SHA-256 on its run (written by an older "
+                                f"ttkd), so it cannot be checked; {fix}")
+    if recorded is not None and hashlib.sha256(Path(path).read_bytes()).hexdigest() not in recorded:
+        raise DamagedCheckpoint(f"checkpoint last.pt of {whose} is damaged or was changed after its run wrote it "
+                                f"(its SHA-256 is not the one the run recorded); {fix}")
+    return load_checkpoint(Path(path), whose, fix)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,58 +199,67 @@ class Partner:
     arch: str
     foreign: str | None     # how its training data differs from this stage's (allowed by partner_data=any)
     unchecked: str | None   # what could not be compared (a partner registered by an older ttkd)
+    unverified: str | None = None  # why its files could not be checked (used as trust_unverified=true asks)
 
 
-def load_partner(ref: ModelRef, data: ImageData, role: str, tmp: str, partner_data: str = "same") -> Partner:
-    """The frozen partner ``ref`` as ttkd's own class, after checking that it was trained
-    for the task of ``data``: the same image shape and class count always; the same data
-    set, class names in order and training images (the digest MLflow recorded) unless
-    ``partner_data`` is ``any``. The weights are the registered version's own
-    ``weights.safetensors`` (a format that holds tensors only), after checking the model's
-    files against the SHA-256 digests recorded when it was registered; a model registered
-    by an older ttkd is rebuilt from its run's last checkpoint, loaded weights-only. The
-    exported program is not used: it yields classes only, not the features that
-    feature-based methods read."""
-    try:
-        info = mlflow.models.get_model_info(ref.uri)
-    except (MlflowException, OSError) as exc:
-        raise TTKDError(f"cannot read {role} {ref.uri} ({first_line(exc)})") from None
-    meta, signature = info.metadata or {}, info.signature
-    if "image_shape" in meta:
+def load_partner(ref: ModelRef, data: ImageData, role: str, tmp: str, partner_data: str = "same",
+                 trust_unverified: bool = False) -> Partner:
+    """The frozen partner ``ref`` as ttkd's own class, after checking every file of the
+    model against the SHA-256 digests the registry recorded when it was registered, and
+    then that it was trained for the task of ``data``: the same image shape and class
+    count always; the same data set, class names in order and training images (digest)
+    unless ``partner_data`` is ``any``. The network is built from ttkd's architecture code
+    and the model's ``weights.safetensors`` (``ttkd.modelfile``); the served ONNX network
+    is not used: it yields classes only, not the features that feature-based methods
+    read. A model without a digest record is refused unless ``trust_unverified``; such a
+    model registered by an older ttkd is rebuilt from its run's last checkpoint, loaded
+    weights-only and checked against the digest its run recorded, if any."""
+    who = f"{role} {ref.uri}"
+    local = download_model(ref.uri, who, tmp)
+    unverified = verify_model(ref, local, who, trust_unverified)
+    run_id = ref.run_id or source_run(ref)
+    if Path(local, modelfile.RECORD).is_file() or not unverified:
+        net, record = modelfile.build(local, who)
+        arch, in_shape, num_classes = record.arch, record.image_shape, record.num_classes
+        meta = {"dataset": record.dataset, "classes": list(record.classes), "train_digest": record.train_digest}
+    else:  # registered by an older ttkd, used knowingly: its run's checkpoint and metadata
+        net, arch, meta = _older_partner(local, run_id, who, role, tmp)
         in_shape, num_classes = tuple(meta["image_shape"]), meta["num_classes"]
-    elif signature and signature.inputs and signature.inputs.is_tensor_spec():  # an earlier ttkd's pt2 network
-        in_shape, num_classes = tuple(signature.inputs.inputs[0].shape[1:]), signature.outputs.inputs[0].shape[-1]
-    else:
-        raise TTKDError(f"{role} {ref.uri} does not say what images it takes; use a model that "
-                        f"ttkd registered")
     if in_shape != data.image_shape or num_classes != data.num_classes:
         raise TTKDError(
-            f"{role} {ref.uri} takes {_shape(in_shape)} images and predicts {num_classes} classes, "
+            f"{who} takes {_shape(in_shape)} images and predicts {num_classes} classes, "
             f"but dataset {data.name!r} has {_shape(data.image_shape)} images and "
             f"{data.num_classes} classes; pick a {role} trained on {data.name}")
-    run_id = ref.run_id or info.run_id
-    foreign, unchecked = task_difference(f"{role} {ref.uri}", meta, run_id, data)
+    foreign, unchecked = task_difference(who, meta, run_id, data)
     if foreign and partner_data != "any":
         raise TTKDError(f"{foreign}; pick a {role} trained on {data.name}, or pass partner_data=any "
                         f"to distil across data sets")
-    if meta.get("files") == MODEL_FILES and "arch" in meta:
-        arch, state = meta["arch"], _registered_weights(ref, run_id, role, tmp)
-    else:  # registered by an older ttkd: the weights of its run's last checkpoint
-        state = download_checkpoint(run_id, tmp, role, ref.uri) if run_id else None
-        if state is None or "model" not in state or "arch" not in state:
-            raise TTKDError(f"{role} {ref.uri} has no weights to rebuild it from (no checkpoints/last.pt "
-                            f"in run {run_id}); use a model that a ttkd stage trained and registered")
-        arch, state = state["arch"], state["model"]
-    if arch not in models.names():
-        raise TTKDError(f"{role} {ref.uri} is a {arch!r}, an architecture this ttkd does not know; "
-                        f"known: {', '.join(models.names())}")
-    net = models.build(arch, data.num_classes, data.in_channels, image_size=data.image_shape[-1])
+    return Partner(net.eval(), arch, foreign, unchecked, unverified)
+
+
+def _older_partner(local: str, run_id: str | None, who: str, role: str, tmp: str) -> tuple[nn.Module, str, dict]:
+    """``(network, arch, metadata)`` of a model an older ttkd registered: the metadata of its
+    MLmodel (YAML, read safely), the weights of its run's last checkpoint."""
     try:
-        net.load_state_dict(state)
+        meta = Model.load(local).metadata or {}
+    except (MlflowException, OSError) as exc:
+        raise TTKDError(f"{who} is not a model that ttkd registered ({first_line(exc)})") from None
+    state = download_checkpoint(run_id, tmp, role, who.split(" ", 1)[1]) if run_id else None
+    if "image_shape" not in meta or state is None or "model" not in state or "arch" not in state:
+        raise TTKDError(f"{who} has no weights to rebuild it from (no record of its network, and no "
+                        f"checkpoints/last.pt in run {run_id}); use a model that a ttkd stage trained and registered")
+    arch = state["arch"]
+    if arch not in models.names():
+        raise TTKDError(f"{who} is a {arch!r}, an architecture this ttkd does not know; "
+                        f"known: {', '.join(models.names())}")
+    c, _, size = meta["image_shape"]
+    net = models.build(arch, meta["num_classes"], c, image_size=size)
+    try:
+        net.load_state_dict(state["model"])
     except RuntimeError as exc:
-        raise TTKDError(f"the weights of {role} {ref.uri} do not fit a {arch} "
-                        f"({first_line(exc)}); re-register it with this ttkd") from None
-    return Partner(net.eval(), arch, foreign, unchecked)
+        raise TTKDError(f"the weights of {who} do not fit a {arch} ({first_line(exc)}); "
+                        f"re-register it with this ttkd") from None
+    return net, arch, meta
 
 
 def task_difference(who: str, meta: dict, run_id: str | None, data: ImageData) -> tuple[str | None, str | None]:
@@ -269,49 +314,82 @@ def file_digests(files: dict[str, Path]) -> dict[str, str]:
     return {name: hashlib.sha256(Path(path).read_bytes()).hexdigest() for name, path in files.items()}
 
 
-def verify_model_files(ref: ModelRef, run_id: str | None, local: str, who: str) -> str | None:
-    """Check the files of model ``ref`` (its folder downloaded to ``local``) against the
-    SHA-256 digests recorded when it was registered: the version's tag in the registry,
-    else the tag of the run that logged it. A file that differs or is missing is refused,
-    naming it; a model registered before ttkd recorded digests gets a warning (returned)."""
-    client, recorded = MlflowClient(), None
+# the file MLflow writes into a models:/ download (the registered name and version it came
+# as), not one of the model's files in the store; ttkd never reads it
+DOWNLOAD_NOTE = "registered_model_meta"
+
+
+def folder_digests(folder: str | Path) -> dict[str, str]:
+    """SHA-256 of every file of the model downloaded to ``folder``, by its path there."""
+    root = Path(folder)
+    return file_digests({p.relative_to(root).as_posix(): p for p in sorted(root.rglob("*"))
+                         if p.is_file() and p.relative_to(root).as_posix() != DOWNLOAD_NOTE})
+
+
+def source_run(ref: ModelRef) -> str | None:
+    """The run that logged model ``ref``, as the tracking store knows it (never as the
+    model's own files say): a ``runs:/`` reference's run, a registered version's run, a
+    logged model's source run."""
+    if ref.run_id:
+        return ref.run_id
+    model_id = ref.uri.removeprefix("models:/")
+    if ref.uri.startswith("models:/m-") and "/" not in model_id:
+        try:
+            return MlflowClient().get_logged_model(model_id).source_run_id
+        except MlflowException:
+            return None
+    return None
+
+
+def recorded_digests(ref: ModelRef) -> dict[str, str] | None:
+    """The digests recorded for model ``ref`` in the tracking store: a registered version's
+    tag, else its source run's; None if there is none, or it is empty or malformed."""
+    client = MlflowClient()
     try:
         if ref.version is not None:
-            recorded = client.get_model_version(ref.name, ref.version).tags.get(TAG_DIGESTS)
-        if recorded is None and run_id:
-            recorded = client.get_run(run_id).data.tags.get(TAG_DIGESTS)
-        recorded = json.loads(recorded) if recorded else None
+            text = client.get_model_version(ref.name, ref.version).tags.get(TAG_DIGESTS)
+        else:
+            run_id = source_run(ref)
+            text = client.get_run(run_id).data.tags.get(TAG_DIGESTS) if run_id else None
+        recorded = json.loads(text) if text else None
     except (MlflowException, ValueError):
-        recorded = None
-    if not isinstance(recorded, dict):
-        return f"{who} has no record of its files' SHA-256 (registered by an older ttkd): they could not be checked"
-    for name, digest in sorted(recorded.items()):
-        path = Path(local, name)
-        if not path.is_file() or file_digests({name: path})[name] != digest:
-            what = "missing" if not path.is_file() else "not the one registered (its SHA-256 differs)"
+        return None
+    if not isinstance(recorded, dict) or not recorded or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in recorded.items()):
+        return None
+    return recorded
+
+
+def verify_model(ref: ModelRef, local: str, who: str, trust_unverified: bool = False) -> str | None:
+    """Check every file of model ``ref`` (its folder downloaded to ``local``) against the
+    SHA-256 digests recorded in the tracking store when it was registered, before any of
+    them is read: a file that differs, is missing or was added is refused, naming it. A
+    model without a record is refused too, unless ``trust_unverified``: then the reason is
+    returned, for a warning and a tag."""
+    recorded = recorded_digests(ref)
+    if recorded is None:
+        reason = (f"{who} has no record of its files' SHA-256 in the registry (registered by an older ttkd or "
+                  f"outside ttkd), so nothing shows that its files are the ones registered")
+        if trust_unverified:
+            return reason + "; used as it is, as trust_unverified=true asks"
+        raise TTKDError(f"{reason}; register it again with this ttkd, or pass trust_unverified=true to use it "
+                        f"as it is")
+    found = folder_digests(local)
+    for name in sorted(set(recorded) | set(found)):
+        if found.get(name) != recorded.get(name):
+            what = ("missing" if name not in found else "not one of the files registered" if name not in recorded
+                    else "not the one registered (its SHA-256 differs)")
             raise TTKDError(f"{who}: its file {name} is {what}: someone changed the model's files after it "
                             f"was registered; register it again from a trusted run, or use another version")
     return None
 
 
-def download_model(ref: ModelRef, who: str, dst: str) -> str:
-    """The folder of model ``ref``, downloaded under ``dst``."""
+def download_model(uri: str, who: str, dst: str) -> str:
+    """The folder of model ``uri``, downloaded under ``dst``."""
     try:
-        return mlflow.artifacts.download_artifacts(artifact_uri=ref.uri, dst_path=dst)
+        return mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dst)
     except (MlflowException, OSError) as exc:
         raise TTKDError(f"cannot download the files of {who} ({first_line(exc)})") from None
-
-
-def _registered_weights(ref: ModelRef, run_id: str | None, role: str, tmp: str) -> dict:
-    """The state dict in the model's ``weights.safetensors``, its files checked first."""
-    who = f"{role} {ref.uri}"
-    local = download_model(ref, who, tmp)
-    if verify_model_files(ref, run_id, local, who) is not None:  # written with the files: never missing
-        raise TTKDError(f"{who} has no record of its files' SHA-256; register it again from its run")
-    try:
-        return safetensors.torch.load_file(Path(local, MODEL_FILES["weights"]))
-    except Exception as exc:  # a damaged file: safetensors reads tensors only, whatever it holds
-        raise TTKDError(f"{who}: its weights file is damaged ({first_line(exc)})") from None
 
 
 def _shape(shape) -> str:
@@ -325,50 +403,40 @@ ANSWER = ModelSignature(outputs=Schema([ColSpec(DataType.long, "class"), ColSpec
                                         ColSpec(Array(DataType.double), "probabilities")]))
 
 
-MODEL_FILES = {"network": "artifacts/network.pt2", "weights": "artifacts/weights.safetensors",
-               "code": "serving.py"}  # the model's files ttkd reads or MLflow runs, by path in its folder
-
-
-def log_model(model: nn.Module, data: ImageData, arch: str,
-              on_export: Callable[[nn.Module, Path], None] | None = None):
+def log_model(model: nn.Module, data: ImageData, arch: str, on_export: Callable[[Path], None] | None = None):
     """Log ``model`` (eval mode, on the CPU) as the model a user serves: ``ttkd/serving.py``
-    around the network exported by ``torch.export`` (pickle-free), taking uint8 images and
-    answering classes, with the image shape, normalisation and class names in its
-    configuration and metadata; beside it the weights as ``weights.safetensors``, from
-    which later stages rebuild it as ttkd's ``arch``. ``on_export`` is called with the
-    exported network and its file before it is logged (to measure what is served). Returns
-    ``(model info, SHA-256 of each file in MODEL_FILES)``: the digests go in the registry
-    with the version."""
-    model.eval().cpu()  # BatchNorm must be exported with its running statistics
-    c, h, w = data.image_shape
-    example = torch.zeros(2, c, h, w)  # batch > 1, so that the batch size stays free
-    batch = torch.export.Dim("batch", min=1, max=serving.MAX_BATCH)
-    with torch.no_grad():
-        program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
-    config = {"image_shape": [c, h, w], "num_classes": data.num_classes, "classes": list(data.class_names),
-              "mean": list(data.mean), "std": list(data.std)}
+    around the network as ONNX (``network.onnx``), taking uint8 images and answering
+    classes, with the image shape, normalisation and class names in its configuration and
+    metadata; beside it the weights (``weights.safetensors``) and the record
+    (``network.json``) from which ttkd rebuilds it (``ttkd.modelfile``). ``on_export`` is
+    called with the ONNX file before it is logged (to measure what is served). Returns
+    ``(model info, SHA-256 of every file in the logged model's folder)``, read back from the
+    store after logging: the digests go in the registry with the version."""
+    config = {"image_shape": list(data.image_shape), "num_classes": data.num_classes,
+              "classes": list(data.class_names), "mean": list(data.mean), "std": list(data.std)}
     code = Path(serving.__file__)
     with tempfile.TemporaryDirectory() as tmp:
-        files = {"network": Path(tmp) / "network.pt2", "weights": Path(tmp) / "weights.safetensors"}
-        torch.export.save(program, files["network"])
+        files = modelfile.write(model, arch, data, training_digest(data), Path(tmp))
         if on_export is not None:
-            on_export(program.module(), files["network"])
-        safetensors.torch.save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()},
-                                    files["weights"])
-        digests = file_digests({MODEL_FILES[k]: p for k, p in files.items()} | {MODEL_FILES["code"]: code})
+            on_export(files["network"])
+        written = file_digests({f"artifacts/{p.name}": p for p in files.values()} | {modelfile.CODE: code})
         info = mlflow.pyfunc.log_model(
             name="model", python_model=str(code),
             artifacts={k: str(p) for k, p in files.items()}, model_config=config,
             signature=ANSWER,  # outputs only: the model checks its inputs itself (serving.pixels)
             input_example=data.val_x[:2].cpu().numpy().transpose(0, 2, 3, 1),  # uint8 (N, H, W, C), as users have
             metadata=config | {"dataset": data.name, "train_digest": training_digest(data), "arch": arch,
-                               "files": MODEL_FILES,
                                "input": "uint8 pixels (N, H, W, C) or (N, C, H, W); answers class, name, "
                                         "probability and probabilities per image"},
             # given, not inferred: inference re-loads the model in a subprocess (seconds)
-            pip_requirements=[f"torch=={importlib.metadata.version('torch')}",
-                              f"pandas=={importlib.metadata.version('pandas')}"],
+            pip_requirements=[f"{p}=={importlib.metadata.version(p)}" for p in ("onnxruntime", "numpy", "pandas")],
         )
+    with tempfile.TemporaryDirectory() as tmp:
+        digests = folder_digests(download_model(info.model_uri, "the model just logged", tmp))
+    changed = sorted(k for k, v in written.items() if digests.get(k) != v)
+    if changed:  # the store does not hold what was written: never register that
+        raise TTKDError(f"the artifact store holds other files than this stage wrote ({', '.join(changed)}); "
+                        f"check who else writes to it")
     return info, digests
 
 
