@@ -119,13 +119,13 @@ class RayNodes:
     """``ray start --head`` and one ``ray start --address`` on 127.0.0.1, each ``ray start
     --block`` in a process group of its own so that a test can kill one node whole."""
 
-    def __init__(self, root: Path, cpus: tuple[int, int]):
-        self.root, self.cpus, self.port = root, cpus, free_port()
+    def __init__(self, root: Path, cpus: tuple[int, int], env: dict[str, str] | None = None):
+        self.root, self.cpus, self.port, self.extra = root, cpus, free_port(), env or {}
         self.address = f"127.0.0.1:{self.port}"
         self.procs: list[subprocess.Popen] = []
 
     def env(self) -> dict[str, str]:
-        return {**os.environ, **RAY_ENV}
+        return {**os.environ, **RAY_ENV, **self.extra}
 
     def _start(self, name: str, *args: str) -> subprocess.Popen:
         ray = str(Path(sys.executable).parent / "ray")
@@ -196,13 +196,13 @@ for n in ray.nodes():
 
 
 @contextlib.contextmanager
-def ray_cluster(cpus: tuple[int, int] = (1, 1)) -> Iterator[RayNodes]:
-    """A head and a worker node; yields them; kills both (never `ray stop`, which would
-    stop every Ray process of this machine)."""
+def ray_cluster(cpus: tuple[int, int] = (1, 1), env: dict[str, str] | None = None) -> Iterator[RayNodes]:
+    """A head and a worker node (``env`` added to their processes' environment); yields
+    them; kills both (never `ray stop`, which would stop every Ray process of this machine)."""
     import tempfile
 
     root = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
-    nodes = RayNodes(root, cpus)
+    nodes = RayNodes(root, cpus, env)
     try:
         nodes.start()
         yield nodes

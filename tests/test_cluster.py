@@ -15,7 +15,7 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from ttkd import config
+from ttkd import config, stages
 from ttkd.errors import TTKDError
 
 from . import servers
@@ -142,9 +142,13 @@ def reference(tmp_path_factory):
     return report_of(out), points
 
 
+EPOCH_DELAY_S = 1.0  # each epoch of a point on the cluster waits this long, so that a point is
+                     # mid-run for seconds (EPOCHS of them), far longer than the tests take to act
+
+
 @pytest.fixture(scope="module")
 def nodes():
-    with servers.ray_cluster((1, 1)) as cluster:
+    with servers.ray_cluster((1, 1), env={stages.TEST_EPOCH_DELAY: str(EPOCH_DELAY_S)}) as cluster:
         yield cluster
 
 
@@ -189,8 +193,6 @@ def test_a_node_killed_mid_sweep_loses_nothing(server, nodes, reference, tmp_pat
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="timing: digits points can finish before the test sees one mid-run to signal; "
-                          "reported as xfailed, not passed, until its points are slow enough", strict=False)
 def test_sigterm_stops_a_cluster_sweep_and_resume_finishes_it_on_the_cluster(server, nodes, reference):
     client = MlflowClient(server)
     if len(nodes.alive()) < 2:  # the worker was killed by the test before: a new one joins

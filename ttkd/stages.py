@@ -58,6 +58,9 @@ TAG_METHOD = "ttkd.method"
 TAG_PRECISION = "ttkd.precision"
 TAG_COMPILE = "ttkd.compile"  # the torch.compile mode of the training step, or "eager"
 TAG_UNRESUMABLE = "ttkd.unresumable"  # why resume=last passes a run by (its checkpoint is damaged)
+# tests only: seconds each epoch waits after its metrics, so that a test on a real cluster sees a
+# run mid-way whatever the machine's speed (set in the environment of the nodes' processes)
+TEST_EPOCH_DELAY = "TTKD_TEST_EPOCH_DELAY_S"
 TAG_PARTNER_DATA = "ttkd.partner_data"  # "foreign": the partner was trained on another data set (partner_data=any)
 
 
@@ -359,6 +362,7 @@ def run_stage(stage: str, *, arch: str, train: TrainConfig, partner: str | None,
                 # metrics after the checkpoint: an epoch with metrics always has its checkpoint
                 tracking.log_epoch(s, partner_acc)
                 print(summary(s, train.epochs), flush=True)
+                time.sleep(float(os.environ.get(TEST_EPOCH_DELAY, "0")))
 
             try:
                 history = fit(model, data, objective, used, partner=partner_net, on_epoch=on_epoch,
