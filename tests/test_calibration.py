@@ -148,3 +148,41 @@ def test_without_a_cpp_compiler_compile_true_trains_eagerly_and_says_so(monkeypa
         history = fit(build("mlp"), DIGITS, CrossEntropy(None), TrainConfig(epochs=1, amp=False, compile=True))
     assert history[-1].val_acc > 50
     assert engine.compiler_available()  # found again
+
+
+def test_figures_measured_under_load_are_dropped_once_an_epoch_trains_far_faster(cache):
+    clock, built = Clock(), []
+    slow = calibration.measure("k", {"float32": clock.path(1.0, built)}, images=64, clock=clock)  # 64 img/s
+    calibration.measure("other", {"float32": clock.path(0.01, built)}, images=64, clock=clock)
+    assert slow.rates["float32"] == pytest.approx(64)
+    assert not calibration.recheck("k", "float32", observed=100)  # within STALE_FACTOR: an epoch's overheads
+    assert not calibration.recheck("k", "bf16", observed=10_000)  # a path never measured: nothing to judge
+    assert calibration.recheck("k", "float32", observed=10_000)
+    assert set(json.loads(cache.read_text())) == {"other"}  # the next stage measures "k" again
+    assert calibration.cached("k").rates == {}
+
+
+def test_the_cache_tells_cpus_apart_by_instruction_sets_and_cores(monkeypatch):
+    signature = engine.device_signature(torch.device("cpu"))
+    assert signature.startswith(engine.device_name(torch.device("cpu")) + " [") and signature.endswith(
+        f"] x{__import__('os').cpu_count()}")
+    flags = open("/proc/cpuinfo").read()
+    assert ("avx512_bf16" in signature) == (" avx512_bf16" in flags)
+    monkeypatch.setattr("os.cpu_count", lambda: 96)
+    assert engine.device_signature(torch.device("cpu")) != signature
+
+
+def test_a_stage_drops_cached_figures_that_its_first_epoch_shows_were_measured_under_load(store, cli, cache,
+                                                                                            monkeypatch):
+    monkeypatch.setattr(engine, "bf16_supported", lambda device: True)  # measured on every CPU, emulated or not
+    args = ("baseline", "--epochs", "1", "--compile", "false")
+    status, _, err = cli(*args)
+    assert status == 0 and "warning: the cached calibration" not in err, err
+    entries = json.loads(cache.read_text())
+    [key] = entries
+    entries[key]["rates"] = dict.fromkeys(entries[key]["rates"], 1.0)  # as if measured while the machine was busy
+    cache.write_text(json.dumps(entries))
+    status, _, err = cli(*args)
+    assert status == 0, err
+    assert "warning: the cached calibration of " in err and "(1 img/s) is far below what epoch 1 trained at" in err
+    assert key not in json.loads(cache.read_text())

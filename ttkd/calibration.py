@@ -70,16 +70,39 @@ def cached(key: str) -> Measured:
 def _write_cache(key: str, measured: Measured) -> None:
     """Store ``measured`` under ``key``: written whole to a temporary file, then renamed, so
     that processes writing at once leave a whole file (the last one's)."""
+    _store(_read_cache() | {key: {"rates": measured.rates, "setup_s": measured.setup_s}})
+
+
+def _store(entries: dict) -> bool:
+    """Replace the cache by ``entries``; False where it cannot be written (a read-only home:
+    the next stage measures again)."""
     path = cache_file()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        entries = _read_cache() | {key: {"rates": measured.rates, "setup_s": measured.setup_s}}
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".calibration-")
         with os.fdopen(fd, "w") as f:
             json.dump(entries, f, indent=1, sort_keys=True)
         os.replace(tmp, path)
     except OSError:
-        pass  # a read-only home: the next stage measures again
+        return False
+    return True
+
+
+STALE_FACTOR = 2.0  # an epoch that trains this many times faster than its cached rate shows the rate was
+                    # measured while something else loaded the machine
+
+
+def recheck(key: str, path: str, observed: float) -> bool:
+    """Drop the figures cached under ``key`` when ``path``'s rate there is less than
+    ``observed`` (images/s a whole epoch trained at, data and evaluation included, so never
+    faster than the step alone) / STALE_FACTOR: they were measured under load, and the next
+    stage measures again. Returns whether they were dropped."""
+    figure = cached(key).rates.get(path)
+    if figure is None or figure * STALE_FACTOR >= observed:
+        return False
+    entries = _read_cache()
+    entries.pop(key, None)
+    return _store(entries)
 
 
 def rate(step: Callable[[], None], images: int, sync: Callable[[], None],

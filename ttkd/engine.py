@@ -255,6 +255,7 @@ class StepChoice:
     compile: str | None = None  # the torch.compile mode the step runs in; None: eager
     compile_reason: str = "compile=false"  # why it is (not) compiled, as the stage prints it
     compile_s: float | None = None         # the compiled path's compile and warm-up time, when measured
+    key: str | None = None     # the calibration cache's key of these figures (None: nothing measured)
 
 
 # bf16 rounds more coarsely, so on a CPU it must be clearly faster to be chosen; on a GPU
@@ -310,9 +311,12 @@ def choose_step(model: nn.Module, data: ImageData, method: nn.Module, config: Tr
 
     key = " ".join([f"model={_describe(model)}", f"partner={_describe(partner)}",
                     f"method={type(method).__name__}", f"batch={n}x{'x'.join(map(str, data.image_shape))}",
-                    f"device={device_name(device)}", f"threads={torch.get_num_threads()}",
+                    f"device={device_signature(device)}", f"threads={torch.get_num_threads()}",
                     f"torch={torch.__version__}"])
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def chosen(*args) -> StepChoice:
+        return StepChoice(*args, key=key if rates else None)
 
     def measure(paths: dict) -> calibration.Measured:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -333,27 +337,27 @@ def choose_step(model: nn.Module, data: ImageData, method: nn.Module, config: Tr
 
     # compile
     if config.compile is False:
-        return StepChoice(bf16, reason, rates)
+        return chosen(bf16, reason, rates)
     if device.type == "cpu" and not compiler_available():
-        return StepChoice(bf16, reason, rates, None, f"compile={_word(config.compile)}: no C++ compiler found "
+        return chosen(bf16, reason, rates, None, f"compile={_word(config.compile)}: no C++ compiler found "
                           f"(torch.compile needs one on a CPU; install g++ or set CXX): trained eagerly")
     if config.compile is not True and config.compile != "auto":  # a mode, already decided
-        return StepChoice(bf16, reason, rates, str(config.compile), f"compile={config.compile}")
+        return chosen(bf16, reason, rates, str(config.compile), f"compile={config.compile}")
     modes = COMPILE_MODES.get(device.type, ("default",))
     if config.compile is True:
-        return StepChoice(bf16, reason, rates, modes[0], "compile=true")
+        return chosen(bf16, reason, rates, modes[0], "compile=true")
     if config.deterministic:
-        return StepChoice(bf16, reason, rates, None, "compile=auto: deterministic=true trains eagerly")
+        return chosen(bf16, reason, rates, None, "compile=auto: deterministic=true trains eagerly")
     if precision not in rates:
         rates |= measure({precision: path(bf16)}).rates
     eager_s = steps * n / rates[precision]
     if eager_s < MIN_COMPILE_STAGE_S:
-        return StepChoice(bf16, reason, rates, None, f"compile=auto: a stage of about "
+        return chosen(bf16, reason, rates, None, f"compile=auto: a stage of about "
                           f"{eager_s:.{1 if eager_s < 10 else 0}f} s cannot repay compiling")
     try:
         compiled = measure({f"{precision}+{mode}": path(bf16, mode) for mode in modes})
     except Exception as exc:  # a compiler error: say it, train eagerly
-        return StepChoice(bf16, reason, rates, None, f"compile=auto: compiling failed ({type(exc).__name__}: "
+        return chosen(bf16, reason, rates, None, f"compile=auto: compiling failed ({type(exc).__name__}: "
                           f"{str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ''}): trained eagerly")
     rates |= compiled.rates
     total = {mode: compiled.setup_s[f"{precision}+{mode}"] + steps * n / rates[f"{precision}+{mode}"]
@@ -363,8 +367,8 @@ def choose_step(model: nn.Module, data: ImageData, method: nn.Module, config: Tr
     how = (f"{rates[f'{precision}+{best}']:,.0f} img/s compiled ({best}) after {setup:.0f} s of compiling: "
            f"about {total[best]:.0f} s for the stage against {eager_s:.0f} s eager")
     if total[best] < eager_s:
-        return StepChoice(bf16, reason, rates, best, f"compile=auto: {how}", setup)
-    return StepChoice(bf16, reason, rates, None, f"compile=auto: {how}; trained eagerly", setup)
+        return chosen(bf16, reason, rates, best, f"compile=auto: {how}", setup)
+    return chosen(bf16, reason, rates, None, f"compile=auto: {how}; trained eagerly", setup)
 
 
 def _word(value) -> str:
@@ -405,7 +409,7 @@ def _describe(net: nn.Module | None) -> str:
 
 
 def device_name(device: torch.device) -> str:
-    """The GPU's or CPU's model name (as the calibration cache tells machines apart)."""
+    """The GPU's or CPU's model name."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     try:
@@ -415,6 +419,28 @@ def device_name(device: torch.device) -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+# the CPU's instruction sets that decide how fast torch's kernels run (one model name, such as
+# "AMD EPYC", covers several generations that differ in these)
+SPEED_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "asimd", "sve", "bf16")
+
+
+def device_signature(device: torch.device) -> str:
+    """What decides a device's speed, as the calibration cache tells machines apart: a GPU's
+    name; a CPU's model name, its speed-deciding instruction sets and its core count (a home
+    folder shared by a cluster's nodes shares the cache)."""
+    if device.type == "cuda":
+        return device_name(device)
+    flags: set[str] = set()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith(("flags", "Features")):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    return f"{device_name(device)} [{'+'.join(f for f in SPEED_FLAGS if f in flags) or 'none'}] x{os.cpu_count()}"
 
 
 def no_progress(batches: Iterable, total: int, label: str) -> Iterable:

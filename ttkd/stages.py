@@ -30,7 +30,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from tqdm import tqdm
 
-from ttkd import cost, distributed, kd, models, registry, serving, tracking
+from ttkd import calibration, cost, distributed, kd, models, registry, serving, tracking
 from ttkd import data as datasets
 from ttkd.config import PARAMS, RunConfig, check_resume
 from ttkd.engine import (
@@ -346,6 +346,13 @@ def run_stage(stage: str, *, arch: str, train: TrainConfig, partner: str | None,
         best = [ckpt["best_val_acc"] if ckpt else -1.0]
         with tempfile.TemporaryDirectory() as tmp, stop_on_signals() as stop:
             def on_epoch(s: EpochStats, engine: dict) -> None:
+                if ckpt is None and s.epoch == 1 and choice.key:  # the figures that chose the step, checked
+                    chosen = ("bf16" if choice.bf16 else "float32") + (f"+{choice.compile}" if choice.compile else "")
+                    if calibration.recheck(choice.key, chosen, s.throughput):
+                        print(f"warning: the cached calibration of {chosen} ({choice.rates[chosen]:,.0f} img/s) is "
+                              f"far below what epoch 1 trained at ({s.throughput:,.0f} img/s): it was measured "
+                              f"while the machine was busy; dropped, the next stage measures again",
+                              file=sys.stderr, flush=True)
                 best[0] = max(best[0], s.val_acc)
                 state = {"format": tracking.CHECKPOINT_FORMAT,
                          "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
