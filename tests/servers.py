@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
+import secrets
 import shutil
 import signal
 import socket
@@ -108,7 +109,8 @@ def mlflow_server(backend: str, artifacts: Path) -> Iterator[str]:
 # ---- a real Ray cluster of two nodes on this machine ----------------------------------------
 
 RAY_ENV = {
-    "RAY_AUTH_MODE": "disabled",          # loopback only; a real cluster follows Ray's token setup
+    "RAY_AUTH_MODE": "token",             # Ray's token authentication, as docs/how-to/cluster.md starts nodes
+    "RAY_AUTH_TOKEN": secrets.token_urlsafe(32),  # fresh for each test session
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_health_check_period_ms": "1000",  # a killed node is declared dead in seconds, not half a minute
     "RAY_health_check_failure_threshold": "3",
@@ -135,11 +137,12 @@ class RayNodes:
         self.procs.append(proc)
         return proc
 
-    def start(self) -> None:
+    def start(self, workers: int = 1) -> None:
         self.head = self._start("head", "--head", f"--port={self.port}", f"--num-cpus={self.cpus[0]}",
                                 "--include-dashboard=false")
         self._wait(1)
-        self.add_worker()
+        for _ in range(workers):
+            self.add_worker()
 
     def add_worker(self) -> None:
         """A worker node joins (again, after a test killed the first)."""
@@ -196,15 +199,17 @@ for n in ray.nodes():
 
 
 @contextlib.contextmanager
-def ray_cluster(cpus: tuple[int, int] = (1, 1), env: dict[str, str] | None = None) -> Iterator[RayNodes]:
-    """A head and a worker node (``env`` added to their processes' environment); yields
-    them; kills both (never `ray stop`, which would stop every Ray process of this machine)."""
+def ray_cluster(cpus: tuple[int, int] = (1, 1), env: dict[str, str] | None = None,
+                workers: int = 1) -> Iterator[RayNodes]:
+    """A head and ``workers`` worker nodes (``env`` added to their processes' environment);
+    yields them; kills them all (never `ray stop`, which would stop every Ray process of this
+    machine)."""
     import tempfile
 
     root = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
     nodes = RayNodes(root, cpus, env)
     try:
-        nodes.start()
+        nodes.start(workers)
         yield nodes
     finally:
         nodes.stop()

@@ -152,6 +152,38 @@ def nodes():
         yield cluster
 
 
+def test_the_test_cluster_and_cluster_local_refuse_a_process_without_their_token(nodes, monkeypatch):
+    import ray
+
+    from ttkd.studies import scheduler
+
+    assert not scheduler.accepts_unauthenticated(nodes.address)  # (the sweeps below join with the token)
+    for key in scheduler.AUTH_ENV:
+        monkeypatch.delenv(key, raising=False)
+    with scheduler.RayCluster(scheduler.Placement("local")):
+        address = ray.get_runtime_context().gcs_address
+        assert os.environ["RAY_AUTH_MODE"] == "token" and len(os.environ["RAY_AUTH_TOKEN"]) >= 32
+        assert not scheduler.accepts_unauthenticated(address)
+    assert not any(key in os.environ for key in scheduler.AUTH_ENV)  # this process's settings, as they were
+
+
+def test_a_cluster_that_runs_jobs_without_a_token_is_refused_unless_cluster_auth_none(monkeypatch):
+    import ray
+
+    from ttkd.studies import scheduler
+
+    with servers.ray_cluster((1, 1), env={"RAY_AUTH_MODE": "disabled"}, workers=0) as open_cluster:
+        monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+        with pytest.raises(TTKDError) as exc:
+            scheduler.RayCluster(scheduler.Placement(open_cluster.address)).__enter__()
+        assert str(exc.value).startswith(f"the Ray cluster at {open_cluster.address} (")
+        assert "runs jobs for anyone who reaches its ports, without Ray's token authentication" in str(exc.value)
+        assert str(exc.value).endswith("or pass cluster_auth=none to use it as it is")
+        assert not ray.is_initialized()
+        with scheduler.RayCluster(scheduler.Placement(open_cluster.address, auth="none")):
+            assert len(ray.nodes()) == 1
+
+
 @pytest.mark.slow
 def test_a_node_killed_mid_sweep_loses_nothing(server, nodes, reference, tmp_path):
     client = MlflowClient(server)

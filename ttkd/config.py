@@ -125,6 +125,9 @@ PARAMS: dict[str, Param] = {p.name: p for p in [
           "printed), ray://HOST:10001 (Ray client), or local (a Ray instance on this machine alone); needs "
           "pip install -e '.[cluster]' and, except for local, a tracking server (MLFLOW_TRACKING_URI=http://...)",
           "local, auto, HOST:PORT or ray://HOST:PORT", _cluster_address),
+    Param("cluster_auth", "str", "token", "token: refuse a cluster address that accepts jobs without Ray's token "
+          "authentication (cluster=local always runs with a fresh token); none: hand points to such a cluster "
+          "anyway, for a network only you can reach", "token or none", _choice(lambda: ["token", "none"])),
     Param("cpus_per_point", "float", 1.0, "CPUs each point's Ray task declares (with cluster=)",
           "a number > 0", lambda v: v > 0),
     Param("gpus_per_point", "float", 0.0, "GPUs each point's Ray task declares (with cluster=); a fraction "
@@ -212,7 +215,7 @@ METHOD_PARAMS = tuple(n for n in PARAMS if n not in ("alpha", "temperature")
 TRAIN = ("epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay", "schedule",
          "milestones", "gamma", "seed", "device", "amp", "compile", "deterministic")
 LAUNCH = ("nproc", "nnodes", "node_rank", "rdzv_endpoint", "rdzv_timeout")  # where, not what: not in presets
-CLUSTER = ("cluster", "cpus_per_point", "gpus_per_point")
+CLUSTER = ("cluster", "cluster_auth", "cpus_per_point", "gpus_per_point")
 FREE_ON_RESUME = ("resume", "experiment", "jobs", "threads") + CLUSTER + LAUNCH  # how it goes on, not what it computes
 COMMON = ("dataset", "data_dir", "stream") + TRAIN + ("register_as", "experiment") + LAUNCH
 STUDY = ("student_arch", "teacher_arch", "temperature", "alpha", "kd_temperature") + METHOD_PARAMS
@@ -510,7 +513,7 @@ def sweep_size(seeds, weights, methods) -> int:
 def _check_cluster(values: dict, given: set[str], several: bool) -> None:
     """cluster= replaces this machine's pool (jobs) and cannot be one run on many processes (nproc)."""
     if not values["cluster"]:
-        stray = sorted(given & {"cpus_per_point", "gpus_per_point"})
+        stray = sorted(given & {"cluster_auth", "cpus_per_point", "gpus_per_point"})
         if stray:
             raise TTKDError(f"{', '.join(stray)} place{'s' if len(stray) == 1 else ''} points on a Ray cluster, "
                             f"and no cluster is given; add cluster=local|auto|HOST:PORT, or drop "

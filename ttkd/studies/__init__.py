@@ -131,8 +131,8 @@ def sweep(*, student_arch: str, teacher_arch: str, student_train: TrainConfig,
           temperature: float = 4.0, method_params: dict[str, dict] | None = None,
           dataset: str = "digits", data_dir: str | None = None, stream: bool | None = None,
           register_as: str | None = None, jobs: int = 2, threads: int = 0, cluster: str = "",
-          cpus_per_point: float = 1.0, gpus_per_point: float = 0.0, resume_run: str | None = None,
-          print_line: Callable[[str], None] = print) -> str:
+          cpus_per_point: float = 1.0, gpus_per_point: float = 0.0, cluster_auth: str = "token",
+          resume_run: str | None = None, print_line: Callable[[str], None] = print) -> str:
     """Seeds x teacher weights x KD methods (module ``ttkd.studies.grid``), one child run
     per point under one parent run; returns the report's markdown.
 
@@ -146,7 +146,8 @@ def sweep(*, student_arch: str, teacher_arch: str, student_train: TrainConfig,
     (0: this process's threads / jobs). With ``cluster`` (``local``, ``auto``, ``HOST:PORT``
     or ``ray://HOST:PORT``) every point is a Ray task of ``cpus_per_point`` CPUs and
     ``gpus_per_point`` GPUs (``threads`` 0: ``cpus_per_point`` threads) on that cluster
-    instead. ``print_line`` gets one line per finished point.
+    instead; ``cluster_auth`` ``none`` accepts a cluster that runs jobs without Ray's token
+    authentication. ``print_line`` gets one line per finished point.
     """
     prefix = register_as or dataset
     weights = tuple(sorted(set(weights) | {0.0}))
@@ -163,7 +164,7 @@ def sweep(*, student_arch: str, teacher_arch: str, student_train: TrainConfig,
             "method_params": method_params, "dataset": dataset, "data_dir": data_dir,
             "stream": stream, "register_as": prefix, "jobs": jobs, "threads": threads,
             "cluster": cluster, "cpus_per_point": cpus_per_point, "gpus_per_point": gpus_per_point,
-            "student_train": dataclasses.asdict(student_train),
+            "cluster_auth": cluster_auth, "student_train": dataclasses.asdict(student_train),
             "teacher_train": dataclasses.asdict(teacher_train)}
     params = ({k: (",".join(map(str, v)) if isinstance(v, list) else v) for k, v in args.items()
                if not k.endswith("_train") and k != "method_params"}
@@ -197,7 +198,7 @@ def sweep(*, student_arch: str, teacher_arch: str, student_train: TrainConfig,
         else:
             print_line(f"[{i:>{width}}/{n}] {o.point.key}: FAILED: {o.error}")
 
-    scheduler = (RayCluster(Placement(cluster, cpus_per_point, gpus_per_point, threads)) if cluster
+    scheduler = (RayCluster(Placement(cluster, cpus_per_point, gpus_per_point, threads, cluster_auth)) if cluster
                  else LocalPool(jobs, threads))
     return _run_grid("sweep", f"sweep {dataset}", plan, args, params, student_train, teacher_train,
                      resume_run, finish, scheduler, verbose=False, on_outcome=on_outcome, method=",".join(methods))

@@ -21,8 +21,11 @@ import importlib.metadata
 import logging
 import multiprocessing
 import os
+import secrets
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import urllib.parse
 from collections.abc import Iterator
@@ -175,6 +178,7 @@ class Placement:
     cpus_per_point: float = 1.0
     gpus_per_point: float = 0.0
     threads: int = 0          # torch threads per point (0: cpus_per_point, at least 1)
+    auth: str = "token"       # token: refuse a cluster that runs jobs without Ray's token; none: accept it
 
     @property
     def torch_threads(self) -> int:
@@ -225,6 +229,7 @@ class RayCluster:
             self._check_resources(ray)
         except TTKDError:
             ray.shutdown()
+            self._restore_auth()
             raise
         options = dict(num_cpus=self.placement.cpus_per_point, num_gpus=self.placement.gpus_per_point,
                        max_retries=self.MAX_RETRIES, retry_exceptions=False)
@@ -241,7 +246,18 @@ class RayCluster:
                 with contextlib.suppress(Exception):
                     ray.cancel(ref, force=True)
         ray.shutdown()
+        self._restore_auth()
         return False
+
+    def _restore_auth(self) -> None:
+        if not hasattr(self, "_auth_env"):
+            return
+        for key, value in self._auth_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        _reload_auth()
 
     def free(self) -> bool:
         return True  # Ray queues the point until a node has its resources
@@ -278,10 +294,22 @@ class RayCluster:
     def _connect(self, ray) -> None:
         cluster = self.placement.cluster
         quiet = dict(log_to_driver=False, logging_level=logging.ERROR)  # the sweep prints a line per point
-        if cluster == "local":
-            ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, **quiet)
+        if cluster == "local":  # a Ray instance of this sweep's own, answering only its token
+            self._auth_env = {k: os.environ.get(k) for k in AUTH_ENV}
+            os.environ.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_urlsafe(32)})
+            _reload_auth()
+            try:
+                ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, **quiet)
+            except BaseException:
+                self._restore_auth()
+                raise
             return
         address = _answering(cluster)
+        if self.placement.auth != "none" and accepts_unauthenticated(cluster):
+            raise TTKDError(f"the Ray cluster at {cluster} ({address}) runs jobs for anyone who reaches its ports, "
+                            f"without Ray's token authentication; start every node with RAY_AUTH_MODE=token and "
+                            f"one RAY_AUTH_TOKEN, and set both here (docs/how-to/cluster.md), or pass "
+                            f"cluster_auth=none to use it as it is")
         failure: list[BaseException] = []
 
         def connect() -> None:
@@ -307,6 +335,48 @@ class RayCluster:
             raise TTKDError(f"no node of the cluster has cpus_per_point={p.cpus_per_point:g} and "
                             f"gpus_per_point={p.gpus_per_point:g} free for one point; its {len(have)} "
                             f"node{'s have' if len(have) != 1 else ' has'}: {shown}")
+
+
+AUTH_ENV = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")  # Ray's token authentication, read when a process joins
+_PROBE = """
+import logging, sys, ray
+ray.init(address=sys.argv[1], log_to_driver=False, logging_level=logging.ERROR)
+ray.nodes()
+print("joined")
+"""
+
+
+def _reload_auth() -> None:
+    """Make this process's Ray see the authentication settings its environment has now: Ray
+    reads them once and caches them (its own ``ray.init`` reloads them the same way)."""
+    from ray._private.authentication.authentication_token_setup import AuthenticationTokenLoader
+    from ray._raylet import Config
+
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
+def accepts_unauthenticated(cluster: str) -> bool:
+    """Whether the Ray cluster at ``cluster`` lets a process join with no token: a process
+    with Ray's authentication off (and no token in its environment) tries. A cluster that
+    wants a token says so at once, where Ray's client would retry until it gives up."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
+    env["RAY_AUTH_MODE"] = "disabled"
+    probe = subprocess.Popen([sys.executable, "-c", _PROBE, cluster], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    deadline = threading.Timer(CONNECT_TIMEOUT_S, probe.kill)
+    deadline.start()
+    try:
+        for line in probe.stdout:
+            if line.strip() == "joined":
+                return True
+            if "Unauthenticated" in line or "InvalidAuthToken" in line:
+                return False
+        return False
+    finally:
+        deadline.cancel()
+        probe.kill()
+        probe.wait()
 
 
 def _answering(cluster: str) -> str:
