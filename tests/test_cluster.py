@@ -142,7 +142,7 @@ def reference(tmp_path_factory):
     return report_of(out), points
 
 
-EPOCH_DELAY_S = 1.0  # each epoch of a point on the cluster waits this long, so that a point is
+EPOCH_DELAY_S = 0.5  # each epoch of a point on the cluster waits this long, so that a point is
                      # mid-run for seconds (EPOCHS of them), far longer than the tests take to act
 
 

@@ -225,10 +225,10 @@ def sympy_payload(proof: Path) -> bytes:
 
 
 def zip_bomb() -> bytes:
-    """A small zip that unpacks to 1 GiB of zeros."""
+    """A small zip (256 KiB) that unpacks to 256 MiB of zeros."""
     out = io.BytesIO()
     with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as z, z.open("data.pkl", "w", force_zip64=True) as part:
-        for _ in range(1024):
+        for _ in range(256):
             part.write(bytes(1 << 20))
     return out.getvalue()
 

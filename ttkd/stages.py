@@ -344,6 +344,7 @@ def run_stage(stage: str, *, arch: str, train: TrainConfig, partner: str | None,
             if ckpt["epoch"] not in logged:
                 tracking.log_epoch(EpochStats(**last), partner_acc)
         best = [ckpt["best_val_acc"] if ckpt else -1.0]
+        written = tracking.checkpoint_digests(run.info.run_id) if ckpt else {}  # the run's checkpoints' SHA-256
         with tempfile.TemporaryDirectory() as tmp, stop_on_signals() as stop:
             def on_epoch(s: EpochStats, engine: dict) -> None:
                 if ckpt is None and s.epoch == 1 and choice.key:  # the figures that chose the step, checked
@@ -361,11 +362,10 @@ def run_stage(stage: str, *, arch: str, train: TrainConfig, partner: str | None,
                          "image_shape": list(data.image_shape), "epoch": s.epoch,
                          "val_acc": s.val_acc, "best_val_acc": best[0],
                          "stats": dataclasses.asdict(s)}
-                tracking.save_checkpoint(Path(tmp) / "last.pt", state)
-                tracking.log_checkpoint(Path(tmp) / "last.pt")
-                if s.val_acc == best[0]:
-                    tracking.save_checkpoint(Path(tmp) / "best.pt", state)
-                    tracking.log_checkpoint(Path(tmp) / "best.pt")
+                files = [Path(tmp) / "last.pt"] + ([Path(tmp) / "best.pt"] if s.val_acc == best[0] else [])
+                for file in files:
+                    tracking.save_checkpoint(file, state)
+                tracking.log_checkpoints(files, written)
                 # metrics after the checkpoint: an epoch with metrics always has its checkpoint
                 tracking.log_epoch(s, partner_acc)
                 print(summary(s, train.epochs), flush=True)

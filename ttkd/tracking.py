@@ -138,28 +138,29 @@ def load_checkpoint(path: Path, whose: str = "", fix: str = "start the stage aga
                                 f"ttkd checkpoint ({reason}); {fix}") from None
 
 
-def log_checkpoint(path: Path, artifact_dir: str = "checkpoints") -> None:
-    """Log a checkpoint file so that the run's copy is whole or absent: on a local artifact
-    store, a temporary file renamed into place; elsewhere, MLflow's upload of one object.
-    Its SHA-256 goes on the run first (beside the previous one, which the store holds until
-    the new file is in place), so that what is read back can be checked."""
-    run = mlflow.active_run()
-    recorded = _checkpoint_digests(run.info.run_id)
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    recorded[path.name] = [digest] + recorded.get(path.name, [])[:1]
+def log_checkpoints(paths: list[Path], recorded: dict[str, list[str]], artifact_dir: str = "checkpoints") -> None:
+    """Log checkpoint files so that the run's copy of each is whole or absent: on a local
+    artifact store, a temporary file renamed into place; elsewhere, MLflow's upload of one
+    object. Their SHA-256 go on the run first, in one tag, each beside the previous one
+    (which the store holds until the new file is in place), so that what is read back can be
+    checked; ``recorded`` (the run's tag as this process last wrote it) is updated."""
+    for path in paths:
+        recorded[path.name] = [hashlib.sha256(path.read_bytes()).hexdigest()] + recorded.get(path.name, [])[:1]
     mlflow.set_tag(TAG_CHECKPOINTS, json.dumps(recorded, sort_keys=True))
     uri = urllib.parse.urlparse(mlflow.get_artifact_uri(artifact_dir))
-    if uri.scheme in ("", "file"):
-        dest = Path(urllib.request.url2pathname(uri.path))
-        dest.mkdir(parents=True, exist_ok=True)
-        partial = dest / f".{path.name}.partial"
-        shutil.copyfile(path, partial)
-        os.replace(partial, dest / path.name)
-    else:
-        mlflow.log_artifact(str(path), artifact_dir)
+    for path in paths:
+        if uri.scheme in ("", "file"):
+            dest = Path(urllib.request.url2pathname(uri.path))
+            dest.mkdir(parents=True, exist_ok=True)
+            partial = dest / f".{path.name}.partial"
+            shutil.copyfile(path, partial)
+            os.replace(partial, dest / path.name)
+        else:
+            mlflow.log_artifact(str(path), artifact_dir)
 
 
-def _checkpoint_digests(run_id: str) -> dict[str, list[str]]:
+def checkpoint_digests(run_id: str) -> dict[str, list[str]]:
+    """The SHA-256 of run ``run_id``'s checkpoints, as its tag records them (empty: none)."""
     try:
         recorded = json.loads(MlflowClient().get_run(run_id).data.tags.get(TAG_CHECKPOINTS, "{}"))
     except (MlflowException, ValueError):
@@ -181,7 +182,7 @@ def download_checkpoint(run_id: str, dst: str, role: str = "", model: str = "") 
     whose = f"{role} {model} (run {run_id})" if role else f"run {run_id}"
     fix = (f"register that model again from a run whose checkpoint is whole, or use another {role}" if role
            else "start the stage again")
-    recorded = _checkpoint_digests(run_id).get("last.pt")
+    recorded = checkpoint_digests(run_id).get("last.pt")
     if recorded is None and not role:
         raise DamagedCheckpoint(f"checkpoint last.pt of {whose} has no SHA-256 on its run (written by an older "
                                 f"ttkd), so it cannot be checked; {fix}")
