@@ -186,3 +186,18 @@ def test_a_stage_drops_cached_figures_that_its_first_epoch_shows_were_measured_u
     assert status == 0, err
     assert "warning: the cached calibration of " in err and "(1 img/s) is far below what epoch 1 trained at" in err
     assert key not in json.loads(cache.read_text())
+
+
+def test_a_long_stage_gets_a_longer_look_within_the_cap(cache):
+    clock = Clock()
+    timed = {}
+    for key, stage_images in (("short", 64 * 200), ("medium", 64 * 10**6), ("long", 64 * 10**9)):
+        start = clock.now
+        measured = calibration.measure(key, {"float32": clock.path(0.01, [])}, 64, clock=clock,
+                                       stage_images=stage_images)
+        timed[key] = clock.now - start - 0.01  # less the untimed first call
+        assert measured.rates["float32"] == pytest.approx(6400)
+    assert timed["short"] == pytest.approx(calibration.ROUNDS * calibration.MIN_SECONDS, abs=0.02)  # a 2 s stage
+    # a 2.8-hour stage: 0.2% of it, 20 s; a 2,800-hour one: the cap
+    assert timed["medium"] == pytest.approx(calibration.MEASURE_SHARE * 10**6 / 100, abs=0.3)
+    assert timed["long"] == pytest.approx(calibration.MAX_MEASURE_S, abs=0.3)

@@ -152,6 +152,7 @@ def nodes():
         yield cluster
 
 
+@pytest.mark.slow  # starts the two-node cluster
 def test_the_test_cluster_and_cluster_local_refuse_a_process_without_their_token(nodes, monkeypatch):
     import ray
 
@@ -167,6 +168,7 @@ def test_the_test_cluster_and_cluster_local_refuse_a_process_without_their_token
     assert not any(key in os.environ for key in scheduler.AUTH_ENV)  # this process's settings, as they were
 
 
+@pytest.mark.slow  # starts a cluster of its own
 def test_a_cluster_that_runs_jobs_without_a_token_is_refused_unless_cluster_auth_none(monkeypatch):
     import ray
 

@@ -28,6 +28,10 @@ ROUNDS = 2             # alternating rounds per path: a slow spell of the machin
 MIN_STEPS = 2          # timed steps per round, at least...
 MIN_SECONDS = 0.25     # ...and until this long has passed (seconds per round)...
 MAX_STEPS = 30         # ...but no more steps than this
+# a long stage is worth a longer look: after ROUNDS, more alternating rounds until the timing has
+# taken this share of the stage's expected time, within MAX_MEASURE_S (a 17-hour CIFAR stage: 30 s)
+MEASURE_SHARE = 0.002
+MAX_MEASURE_S = 30.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,12 +125,15 @@ def rate(step: Callable[[], None], images: int, sync: Callable[[], None],
 
 
 def measure(key: str, paths: dict[str, Callable[[], Callable[[], None]]], images: int,
-            sync: Callable[[], None] = lambda: None, clock: Callable[[], float] = time.perf_counter) -> Measured:
+            sync: Callable[[], None] = lambda: None, clock: Callable[[], float] = time.perf_counter,
+            stage_images: float = 0) -> Measured:
     """The figures of ``paths`` (name -> function that builds that path's step): those the
     cache has under ``key``, the others measured now and added to it. Each path's step is
     built and run once (first calls pay for compiling, kernel selection and allocations:
     that time less one step is the path's ``setup_s``), then timed in ``ROUNDS``
-    alternating rounds; a path's rate is its best round."""
+    alternating rounds, and more while the timing has taken less than MEASURE_SHARE of the
+    stage's expected time (``stage_images`` at the best rate found), within MAX_MEASURE_S;
+    a path's rate is its best round."""
     known = cached(key)
     todo = [name for name in paths if name not in known.rates]
     if not todo:
@@ -139,9 +146,12 @@ def measure(key: str, paths: dict[str, Callable[[], Callable[[], None]]], images
         sync()
         first[name] = clock() - started
     rates = dict.fromkeys(todo, 0.0)
-    for _ in range(ROUNDS):
+    started, rounds = clock(), 0
+    while rounds < ROUNDS or clock() - started < min(MAX_MEASURE_S,
+                                                      MEASURE_SHARE * stage_images / max(rates.values())):
         for name in todo:
             rates[name] = max(rates[name], rate(steps[name], images, sync, clock))
+        rounds += 1
     setup = {name: max(0.0, first[name] - images / rates[name]) for name in todo}
     merged = Measured(known.rates | rates, known.setup_s | setup)
     _write_cache(key, merged)

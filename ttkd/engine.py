@@ -320,7 +320,7 @@ def choose_step(model: nn.Module, data: ImageData, method: nn.Module, config: Tr
 
     def measure(paths: dict) -> calibration.Measured:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            return calibration.measure(key, paths, n, sync)
+            return calibration.measure(key, paths, n, sync, stage_images=steps * n)
 
     # precision
     rates: dict[str, float] = {}
