@@ -13,6 +13,7 @@ import torch
 from mlflow import MlflowClient
 
 from ttkd import stages
+from ttkd.errors import TTKDError
 from ttkd.kd.logits import CrossEntropy, TrainedTeacher
 
 REPO = Path(__file__).resolve().parents[1]
@@ -271,3 +272,30 @@ def test_a_failed_study_resumes_reusing_its_finished_stages(store, cli, monkeypa
     assert MlflowClient().get_model_version("st-student", "1")  # reused, not retrained
     assert [v.version for v in MlflowClient().search_model_versions("name = 'st-student'")] == [1]
     assert mlflow.get_run(parent.info.run_id).info.status == "FINISHED"
+
+
+def test_a_run_whose_process_died_after_registering_is_resumed_without_registering_twice(store, cli):
+    """The attempt that registered died before it tagged its run: the next attempt finds the
+    first one's claim and its version, and registers nothing."""
+    from ttkd import registry
+
+    status, _, err = cli("baseline", "--epochs", "2", "--amp", "false", "--compile", "false", "--register_as", "once")
+    assert status == 0, err
+    client = MlflowClient()
+    run = mlflow.search_runs(output_format="list")[0]
+    first = run.data.params[registry.CLAIM]
+    client.delete_tag(run.info.run_id, "ttkd.registered_model")
+    client.set_terminated(run.info.run_id, "KILLED")
+    status, out, err = cli("baseline", "--resume", run.info.run_id)
+    assert status == 0, err
+    assert [str(v.version) for v in client.search_model_versions("name = 'once'")] == ["1"]
+    assert "registered models:/once/1" in out
+    again = client.get_run(run.info.run_id)
+    assert again.data.tags["ttkd.registered_model"] == "models:/once/1" and again.info.status == "FINISHED"
+    assert again.data.params[registry.CLAIM] == first  # the first attempt's claim stands
+    # a claim by another attempt that has registered nothing (yet): this one registers nothing either
+    other = client.create_run(run.info.experiment_id).info.run_id
+    client.log_param(other, registry.CLAIM, "another attempt")
+    with pytest.raises(TTKDError, match="claimed for registration by another attempt of it, which has registered"):
+        registry.register_once(other, "this attempt", "models:/nothing", "none", {})
+    assert client.search_registered_models("name = 'none'") == []

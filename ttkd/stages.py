@@ -21,6 +21,7 @@ import signal
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -299,6 +300,7 @@ def run_stage(stage: str, *, arch: str, train: TrainConfig, partner: str | None,
         run = mlflow.start_run(nested=mlflow.active_run() is not None, run_name=f"{stage} {arch}",
                                parent_run_id=parent_run_id)
     status = "FAILED"
+    attempt = uuid.uuid4().hex  # this try at the run: a retry elsewhere registers nothing twice
     try:
         if ckpt is None:
             run_tags = {TAG_STAGE: stage, TAG_METHOD: method} | (tags or {})
@@ -419,7 +421,7 @@ def run_stage(stage: str, *, arch: str, train: TrainConfig, partner: str | None,
             version_tags[TAG_PARTNER_DATA] = "foreign"
         if found is not None and found.unverified:
             version_tags[tracking.TAG_TRUSTED] = partner_ref.uri
-        ref = registry.register(info.model_uri, register_as, version_tags)
+        ref = registry.register_once(run.info.run_id, attempt, info.model_uri, register_as, version_tags)
         mlflow.set_tag("ttkd.registered_model", ref.uri)
         print(f"registered {ref.uri} (val_acc {last['val_acc']:.2f}%, run {run.info.run_id})",
               flush=True)
