@@ -398,3 +398,16 @@ def test_a_partner_registered_by_an_older_ttkd_is_used_only_when_trusted_knowing
     refusal = err.strip()
     assert f"checkpoint last.pt of teacher models:/old/1 (run {run_id}) is damaged or was changed" in refusal
     assert refusal.endswith("; register that model again from a run whose checkpoint is whole, or use another teacher")
+
+
+def test_serve_refuses_a_network_file_that_is_not_onnx_in_one_line_with_the_digest_forged(attack):
+    from ttkd import predict, registry
+
+    victim, _, proof = attack
+    (victim / "artifacts/network.onnx").write_bytes(pickled_payload(proof))
+    MlflowClient().set_model_version_tag("victim", "1", tracking.TAG_DIGESTS,
+                                         json.dumps(tracking.folder_digests(victim)))
+    with tempfile.TemporaryDirectory() as tmp, pytest.raises(TTKDError) as exc:
+        predict.scoring_app(registry.resolve("victim"), tmp)
+    assert str(exc.value).startswith("model models:/victim/1: network.onnx is not an ONNX network onnxruntime can run")
+    assert "\n" not in str(exc.value) and not proof.exists()

@@ -151,12 +151,15 @@ def scoring_app(ref: ModelRef, tmp: str, trust_unverified: bool = False):
     and its ONNX file loaded once before (so that a bad file is one line now, not an answer
     later). A request without a Content-Type gets a one-line 415 instead of MLflow's 500."""
     from fastapi.responses import JSONResponse
+    from mlflow.exceptions import MlflowException
     from mlflow.pyfunc import load_model, scoring_server
 
     opened = open_model(ref, tmp, trust_unverified)  # checks every file, builds the network
-    serving.load_network(str(Path(opened.folder, modelfile.NETWORK)), opened.record.image_shape,
-                         opened.record.num_classes)
-    app = scoring_server.init(load_model(opened.folder))  # the checked copy, never downloaded again
+    try:  # the checked copy, never downloaded again; its serving.py loads the ONNX file once, here
+        model = load_model(opened.folder)
+    except MlflowException as exc:  # serving.UnsafeModelFile among them
+        raise TTKDError(f"model {ref.uri}: {first_line(exc)}") from None
+    app = scoring_server.init(model)
 
     @app.middleware("http")
     async def content_type_needed(request, call_next):
