@@ -415,9 +415,9 @@ def log_model(model: nn.Module, data: ImageData, arch: str, on_export: Callable[
     store after logging: the digests go in the registry with the version."""
     config = {"image_shape": list(data.image_shape), "num_classes": data.num_classes,
               "classes": list(data.class_names), "mean": list(data.mean), "std": list(data.std)}
-    code = Path(serving.__file__)
+    code, train_digest = Path(serving.__file__), training_digest(data)
     with tempfile.TemporaryDirectory() as tmp:
-        files = modelfile.write(model, arch, data, training_digest(data), Path(tmp))
+        files = modelfile.write(model, arch, data, train_digest, Path(tmp))
         if on_export is not None:
             on_export(files["network"])
         written = file_digests({f"artifacts/{p.name}": p for p in files.values()} | {modelfile.CODE: code})
@@ -426,7 +426,7 @@ def log_model(model: nn.Module, data: ImageData, arch: str, on_export: Callable[
             artifacts={k: str(p) for k, p in files.items()}, model_config=config,
             signature=ANSWER,  # outputs only: the model checks its inputs itself (serving.pixels)
             input_example=data.val_x[:2].cpu().numpy().transpose(0, 2, 3, 1),  # uint8 (N, H, W, C), as users have
-            metadata=config | {"dataset": data.name, "train_digest": training_digest(data), "arch": arch,
+            metadata=config | {"dataset": data.name, "train_digest": train_digest, "arch": arch,
                                "input": "uint8 pixels (N, H, W, C) or (N, C, H, W); answers class, name, "
                                         "probability and probabilities per image"},
             # given, not inferred: inference re-loads the model in a subprocess (seconds)
