@@ -440,7 +440,8 @@ def run_stage(stage: str, *, arch: str, train: TrainConfig, partner: str | None,
               flush=True)
         status = "FINISHED"
     finally:
-        if fence is not None and fence.current():
+        # a group that lost a process ends at once (torchrun stops the rest within seconds)
+        if fence is not None and (world is not None and status != "FINISHED" or fence.current()):
             mlflow.end_run(status)
         else:  # a newer attempt owns the run (or this one could not claim it): its state is not ours
             tracking.leave_run()
