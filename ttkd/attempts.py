@@ -70,15 +70,17 @@ class Attempt:
         """The newest claim on the holder: its token and the run it names."""
         return _newest(MlflowClient().get_run(self.holder).data.params, self.prefix)
 
+    def _stands(self, found: tuple[Token, str] | None) -> bool:
+        return found is None or (found[0] <= self.token and found[1] == self.run_id)
+
     def current(self) -> bool:
         """Whether this attempt is still the newest of its run (and its run its point's)."""
-        found = self.newest()
-        return found is None or (found[0] <= self.token and found[1] == self.run_id)
+        return self._stands(self.newest())
 
     def check(self) -> None:
         """Raise :class:`Superseded` unless this attempt may still write."""
         found = self.newest()
-        if found is not None and (found[0] > self.token or found[1] != self.run_id):
+        if not self._stands(found):
             token, run_id = found
             what = f"run {run_id}" if run_id != self.run_id else "the same run"
             of = f" of point {self.point!r}" if self.point else ""
@@ -178,8 +180,9 @@ def _claim(run_id: str, key: str, value: str) -> bool:
         retry_locked(lambda: client.log_param(run_id, key, value))
         return True
     except MlflowException:
-        if client.get_run(run_id).data.params.get(key) == value:
+        held = client.get_run(run_id).data.params
+        if held.get(key) == value:
             return True  # a retried request that had landed
-        if key not in client.get_run(run_id).data.params:
+        if key not in held:
             raise
         return False
