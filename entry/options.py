@@ -71,6 +71,7 @@ def launched(name: str, cfg: config.RunConfig, body: Callable[[], None]) -> None
 
     if distributed.under_torchrun():
         if distributed.init(cuda=device == "cuda").leads:
+            _keep_signals()  # torchrun's SIGTERM, once another process died, must not cut the leader's last words
             try:
                 lead()
             finally:
@@ -101,14 +102,22 @@ def _without(argv: list[str], names: tuple[str, ...]) -> list[str]:
     return kept
 
 
+def _keep_signals() -> None:
+    """In a process of a group, a SIGINT or SIGTERM outside training is kept for the next
+    step of training instead of ending the process at once. When one process dies, torchrun
+    sends the others SIGTERM within a tenth of a second; the leader, already failing on the
+    lost contact, must still end its run and say which run to resume."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, stages.note_signal)
+    stages.note_signal.installed = True
+
+
 def _follow() -> None:
     """A follower's whole life: train the stages the leader sends. A SIGINT or SIGTERM
     that comes between two steps of training is kept for the next step, when every
     process stops together. It says nothing when the leader stops or is stopped: the
     leader (or the launcher) says why."""
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, stages.note_signal)
-    stages.note_signal.installed = True
+    _keep_signals()
     try:
         distributed.follow(stages.follow_stage, expected=stages.FOLLOWER_STOPS)
     except (RuntimeError, KeyboardInterrupt) as exc:
