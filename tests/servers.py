@@ -114,6 +114,12 @@ RAY_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_health_check_period_ms": "1000",  # a killed node is declared dead in seconds, not half a minute
     "RAY_health_check_failure_threshold": "3",
+    "RAY_health_check_timeout_ms": "2000",  # a node that stops answering (frozen) too: 10 s a check otherwise
+    # a task's owner learns in seconds, not 7 minutes (Ray: 300 s + 120 s), that a frozen node's
+    # connection is gone; every process of the cluster and the sweep must agree on the interval,
+    # since Ray's servers turn away pings more frequent than their own setting
+    "RAY_grpc_client_keepalive_time_ms": "2000",
+    "RAY_grpc_client_keepalive_timeout_ms": "5000",
 }
 
 
@@ -121,19 +127,22 @@ class RayNodes:
     """``ray start --head`` and one ``ray start --address`` on 127.0.0.1, each ``ray start
     --block`` in a process group of its own so that a test can kill one node whole."""
 
-    def __init__(self, root: Path, cpus: tuple[int, int], env: dict[str, str] | None = None):
+    def __init__(self, root: Path, cpus: tuple[int, int], env: dict[str, str] | None = None,
+                 worker_env: dict[str, str] | None = None):
         self.root, self.cpus, self.port, self.extra = root, cpus, free_port(), env or {}
+        self.worker_extra = worker_env or {}  # the first worker node's own
         self.address = f"127.0.0.1:{self.port}"
         self.procs: list[subprocess.Popen] = []
 
     def env(self) -> dict[str, str]:
         return {**os.environ, **RAY_ENV, **self.extra}
 
-    def _start(self, name: str, *args: str) -> subprocess.Popen:
+    def _start(self, name: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
         ray = str(Path(sys.executable).parent / "ray")
         log = open(self.root / f"{name}.log", "a")
         proc = subprocess.Popen([ray, "start", "--block", "--disable-usage-stats", f"--temp-dir={self.root}", *args],
-                                env=self.env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                                env=self.env() | (env or {}), stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
         self.procs.append(proc)
         return proc
 
@@ -142,11 +151,11 @@ class RayNodes:
                                 "--include-dashboard=false")
         self._wait(1)
         for _ in range(workers):
-            self.add_worker()
+            self.add_worker(self.worker_extra)
 
-    def add_worker(self) -> None:
-        """A worker node joins (again, after a test killed the first)."""
-        self.worker = self._start("worker", f"--address={self.address}", f"--num-cpus={self.cpus[1]}")
+    def add_worker(self, env: dict[str, str] | None = None) -> None:
+        """A worker node joins (again, after a test killed the first), ``env`` added to its environment."""
+        self.worker = self._start("worker", f"--address={self.address}", f"--num-cpus={self.cpus[1]}", env=env)
         self._wait(2)
 
     def alive(self) -> list[dict]:
@@ -200,14 +209,15 @@ for n in ray.nodes():
 
 @contextlib.contextmanager
 def ray_cluster(cpus: tuple[int, int] = (1, 1), env: dict[str, str] | None = None,
-                workers: int = 1) -> Iterator[RayNodes]:
-    """A head and ``workers`` worker nodes (``env`` added to their processes' environment);
+                workers: int = 1, worker_env: dict[str, str] | None = None) -> Iterator[RayNodes]:
+    """A head and ``workers`` worker nodes (``env`` added to their processes' environment,
+    and ``worker_env`` to the worker nodes');
     yields them; kills them all (never `ray stop`, which would stop every Ray process of this
     machine)."""
     import tempfile
 
     root = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
-    nodes = RayNodes(root, cpus, env)
+    nodes = RayNodes(root, cpus, env, worker_env)
     try:
         nodes.start(workers)
         yield nodes

@@ -4,6 +4,7 @@ on this machine's pool."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import signal
@@ -147,8 +148,11 @@ EPOCH_DELAY_S = 0.5  # each epoch of a point on the cluster waits this long, so 
 
 
 @pytest.fixture(scope="module")
-def nodes():
-    with servers.ray_cluster((1, 1), env={stages.TEST_EPOCH_DELAY: str(EPOCH_DELAY_S)}) as cluster:
+def nodes(tmp_path_factory):
+    freeze = tmp_path_factory.mktemp("partition") / "freeze"  # made by a test: the worker's point stops itself
+    with servers.ray_cluster((1, 1), env={stages.TEST_EPOCH_DELAY: str(EPOCH_DELAY_S)},
+                             worker_env={stages.TEST_FREEZE_FILE: str(freeze)}) as cluster:
+        cluster.freeze = freeze
         yield cluster
 
 
@@ -186,40 +190,81 @@ def test_a_cluster_that_runs_jobs_without_a_token_is_refused_unless_cluster_auth
             assert len(ray.nodes()) == 1
 
 
+def snapshot(client: MlflowClient, run_id: str) -> dict:
+    """All a run holds and what the registry holds: what a cut-off attempt must leave alone."""
+    run = client.get_run(run_id)
+    return {"info": (run.info.status, run.info.end_time), "params": run.data.params, "tags": run.data.tags,
+            "metrics": {k: [(m.step, m.value) for m in client.get_metric_history(run_id, k)] for k in run.data.metrics},
+            "files": sorted((f.path, f.file_size) for f in client.list_artifacts(run_id, "checkpoints")),
+            "versions": sorted((v.name, v.version, v.run_id) for v in client.search_model_versions())}
+
+
 @pytest.mark.slow
-def test_a_node_killed_mid_sweep_loses_nothing(server, nodes, reference, tmp_path):
+def test_a_node_cut_off_mid_sweep_writes_nothing_once_its_point_is_retried_and_loses_nothing(
+        server, nodes, reference):
+    """A partition, then the node's loss: the worker node's point freezes itself right after an
+    epoch's writes, the rest of the node is frozen until the head declares it dead and the sweep
+    finishes with the point retried on the head; thawed, the old attempt must stop at its next write."""
+    import psutil
+
     client = MlflowClient(server)
-    experiment = "cluster-kill"
     head = next(n["id"] for n in nodes.alive() if n["head"] == "1")
-    proc = start_sweep(server, *small("cl"), "--cluster", nodes.address, "--experiment", experiment)
+    proc = subprocess.Popen([sys.executable, "-m", "entry.sweep", *small("cl"), "--cluster", nodes.address,
+                             "--experiment", "cluster-cut"], env=sweep_env(server),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def on_worker() -> list:
         found = sweeps(client)
         runs = children(client, found[0].info.run_id) if found else []
         return [r for r in runs if r.data.tags.get("ttkd.node", head) != head]
 
+    def frozen() -> list:
+        found = []
+        for p in psutil.Process(nodes.worker.pid).children(recursive=True):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                if p.status() == psutil.STATUS_STOPPED:
+                    found.append(p)
+        return found
+
     deadline = time.time() + 400
-    while time.time() < deadline and proc.poll() is None:  # a point on the worker mid-run, and one finished
-        runs = on_worker()
-        if any(r.info.status == "FINISHED" for r in runs) and any(mid_run(client, r) for r in runs):
+    while time.time() < deadline and proc.poll() is None:
+        if any(r.info.status == "FINISHED" for r in on_worker()):  # the worker has trained a point
+            nodes.freeze.touch()  # its next epoch to end freezes its process after the epoch's writes
             break
         time.sleep(0.3)
-    nodes.kill(nodes.worker)
-    victims = [r for r in on_worker() if r.info.status == "RUNNING"]  # their node is gone: they stay RUNNING
-    assert any(len(client.get_metric_history(r.info.run_id, "val_acc")) >= 1 for r in victims), \
-        proc.communicate(timeout=60)
-    out, err = proc.communicate(timeout=600)
-    assert proc.returncode == 0, err
+    while time.time() < deadline and proc.poll() is None and not frozen():
+        time.sleep(0.1)
+    assert len(frozen()) == 1, proc.communicate(timeout=60)
+    task = frozen()[0]
+    for node_proc in [psutil.Process(nodes.worker.pid), *psutil.Process(nodes.worker.pid).children(recursive=True)]:
+        node_proc.suspend()  # the whole node is cut off: raylet, its `ray start`, every worker
+    try:
+        victims = [r for r in on_worker() if r.info.status == "RUNNING"]
+        assert len(victims) == 1 and client.get_metric_history(victims[0].info.run_id, "val_acc")
+        out, err = proc.communicate(timeout=600)  # the head declares the node dead; Ray retries the point
+        assert proc.returncode == 0, err
+        victim = victims[0].info.run_id
+        before = snapshot(client, victim)
+        assert before["tags"]["ttkd.node"] == head and "ttkd.resumed_after_epoch" in before["tags"]
+
+        task.resume()  # the cut-off attempt goes on: its next write is where it must stop
+        logs = []
+        deadline = time.time() + 120
+        while time.time() < deadline and not any("ttkd: attempt" in f.read_text() for f in logs):
+            time.sleep(0.5)
+            logs = list((nodes.root / "session_latest" / "logs").glob(f"worker-*-{task.pid}.err"))
+        said = [line for f in logs for line in f.read_text().splitlines() if line.startswith("ttkd: ")]
+        assert said == [f"ttkd: attempt 1.0 at run {victim} of point '{before['tags']['ttkd.point']}' was "
+                        f"superseded by attempt 1.1 (the same run), a retry elsewhere; it writes nothing more"]
+        assert snapshot(client, victim) == before
+    finally:
+        nodes.kill(nodes.worker)
 
     parent = sweeps(client)[0]
     runs = children(client, parent.info.run_id)
     assert {r.info.status for r in runs} == {"FINISHED"} and parent.info.status == "FINISHED"
     assert len({r.data.tags["ttkd.node"] for r in runs}) == 2  # both nodes trained points
     assert sorted(r.data.tags["ttkd.point"] for r in runs) == sorted(reference[1])  # one run per point
-    for victim in victims:  # continued from its checkpoint on the head, in the same run (or, stopped
-        run = client.get_run(victim.info.run_id)  # before its first checkpoint, trained again in a new one)
-        assert run.data.tags["ttkd.node"] == head
-        assert "ttkd.resumed_after_epoch" in run.data.tags or not client.get_metric_history(run.info.run_id, "val_acc")
     models = {m.name: len(client.search_model_versions(f"name = '{m.name}'")) for m in client.search_registered_models()}
     assert models == {"cl-student": 2, "cl-teacher": 4, "cl-student-kd": 4}  # every model registered once
     assert {r.data.tags["ttkd.point"]: r.data.metrics["val_acc"] for r in runs} == reference[1]

@@ -277,13 +277,13 @@ def test_a_failed_study_resumes_reusing_its_finished_stages(store, cli, monkeypa
 def test_a_run_whose_process_died_after_registering_is_resumed_without_registering_twice(store, cli):
     """The attempt that registered died before it tagged its run: the next attempt finds the
     first one's claim and its version, and registers nothing."""
-    from ttkd import registry
+    from ttkd import attempts
 
     status, _, err = cli("baseline", "--epochs", "2", "--amp", "false", "--compile", "false", "--register_as", "once")
     assert status == 0, err
     client = MlflowClient()
     run = mlflow.search_runs(output_format="list")[0]
-    first = run.data.params[registry.CLAIM]
+    first = run.data.params[attempts.REGISTRATION]
     client.delete_tag(run.info.run_id, "ttkd.registered_model")
     client.set_terminated(run.info.run_id, "KILLED")
     status, out, err = cli("baseline", "--resume", run.info.run_id)
@@ -292,10 +292,14 @@ def test_a_run_whose_process_died_after_registering_is_resumed_without_registeri
     assert "registered models:/once/1" in out
     again = client.get_run(run.info.run_id)
     assert again.data.tags["ttkd.registered_model"] == "models:/once/1" and again.info.status == "FINISHED"
-    assert again.data.params[registry.CLAIM] == first  # the first attempt's claim stands
+    assert again.data.params[attempts.REGISTRATION] == first  # the first attempt's claim stands
+    assert first.startswith(f"{run.info.run_id} 1.0") and "ttkd.attempt.2.0" in again.data.params  # resumed: 2.0
     # a claim by another attempt that has registered nothing (yet): this one registers nothing either
     other = client.create_run(run.info.experiment_id).info.run_id
-    client.log_param(other, registry.CLAIM, "another attempt")
-    with pytest.raises(TTKDError, match="claimed for registration by another attempt of it, which has registered"):
-        registry.register_once(other, "this attempt", "models:/nothing", "none", {})
+    client.log_param(other, attempts.PREFIX + "1.0", f"{other} 0123abcd")  # attempt 1.0 claimed, then died
+    client.log_param(other, attempts.REGISTRATION, f"{other} 1.0")
+    this = attempts.begin(other)  # 2.0
+    with pytest.raises(TTKDError, match=f"claimed for registration by attempt 1.0 of run {other}, which has "
+                                        "registered nothing; if it is dead, start the stage again"):
+        attempts.register_once(this, "models:/nothing", "none", {})
     assert client.search_registered_models("name = 'none'") == []

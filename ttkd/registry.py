@@ -228,29 +228,13 @@ def register(model_uri: str, name: str, tags: dict[str, str]) -> ModelRef:
                     run_id=mv.run_id)
 
 
-CLAIM = "ttkd.registration"  # a run's parameter: the attempt that registers its model (the store keeps it once)
-
-
-def register_once(run_id: str, attempt: str, model_uri: str, name: str, tags: dict[str, str]) -> ModelRef:
-    """Register run ``run_id``'s model (``model_uri``) as a version of ``name``, at most once
-    per run whatever the timing: ``attempt`` (this try at the run) first claims the
-    registration as a parameter of the run, which the tracking store keeps once and never
-    lets change (its key is unique per run), so of two attempts only one can claim it. An
-    attempt that finds another's claim registers nothing and returns the version that
-    attempt registered (the other died after registering), or refuses if there is none."""
-    client = MlflowClient()
-    try:
-        retry_locked(lambda: client.log_param(run_id, CLAIM, attempt))
-    except MlflowException:
-        if client.get_run(run_id).data.params.get(CLAIM, attempt) == attempt:
-            raise  # not a claim of another attempt
-        found = sorted(client.search_model_versions(f"run_id = '{run_id}'"), key=lambda v: int(v.version))
-        if found:
-            return ModelRef(uri=f"models:/{found[-1].name}/{found[-1].version}", name=found[-1].name,
-                            version=str(found[-1].version), run_id=run_id)
-        raise TTKDError(f"run {run_id}'s model was claimed for registration by another attempt of it, which has "
-                        f"registered nothing yet; if that attempt died, start the stage again") from None
-    return register(model_uri, name, tags)
+def versions_of_run(run_id: str) -> list[ModelRef]:
+    """The versions registered from run ``run_id``'s model, oldest first."""
+    if not re.fullmatch(r"[0-9a-zA-Z_-]+", run_id):
+        return []
+    found = sorted(MlflowClient().search_model_versions(f"run_id = '{run_id}'"), key=lambda v: int(v.version))
+    return [ModelRef(uri=f"models:/{v.name}/{v.version}", name=v.name, version=str(v.version), run_id=run_id)
+            for v in found]
 
 
 @dataclasses.dataclass(frozen=True)

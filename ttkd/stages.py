@@ -21,7 +21,6 @@ import signal
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,9 +28,10 @@ import mlflow
 import torch
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from tqdm import tqdm
 
-from ttkd import calibration, cost, distributed, kd, models, registry, serving, tracking
+from ttkd import attempts, calibration, cost, distributed, kd, models, registry, serving, tracking
 from ttkd import data as datasets
 from ttkd.config import PARAMS, RunConfig, check_resume
 from ttkd.engine import (
@@ -62,6 +62,9 @@ TAG_UNRESUMABLE = "ttkd.unresumable"  # why resume=last passes a run by (its che
 # tests only: seconds each epoch waits after its metrics, so that a test on a real cluster sees a
 # run mid-way whatever the machine's speed (set in the environment of the nodes' processes)
 TEST_EPOCH_DELAY = "TTKD_TEST_EPOCH_DELAY_S"
+# tests only: once the file this names exists, the next epoch to finish removes it and stops its
+# own process (SIGSTOP) right after its writes: a node cut off at a known point of its work
+TEST_FREEZE_FILE = "TTKD_TEST_FREEZE_FILE"
 TAG_PARTNER_DATA = "ttkd.partner_data"  # "foreign": the partner was trained on another data set (partner_data=any)
 
 
@@ -238,15 +241,17 @@ def run_stage(stage: str, *, arch: str, train: TrainConfig, partner: str | None,
               method_params: dict, dataset: str, data_dir: str | None, stream: bool | None,
               register_as: str, tags: dict[str, str] | None = None, parent_run_id: str | None = None,
               resume_from: tuple[str, dict] | None = None, partner_data: str = "same",
-              trust_unverified: bool = False) -> StageResult:
+              trust_unverified: bool = False, attempt: attempts.Token | None = None) -> StageResult:
     """Run ``stage`` (a name in ``STAGES``): train ``arch`` with ``method`` beside the
     frozen ``partner`` reference (trained on this stage's data set unless ``partner_data``
     is ``any``; its files verified against the registry's digests unless ``trust_unverified``),
     log everything to an MLflow run and register the result as ``register_as``.
     ``tags`` go on the run and on the registered version; the run is a child of
     ``parent_run_id`` (or of the active run) if given. ``resume_from`` = (run id,
-    checkpoint) continues that run. In a process group this is the leader's part; the
-    followers train alongside in :func:`follow_stage`."""
+    checkpoint) continues that run. ``attempt`` is this try's token (``ttkd.attempts``;
+    given by a sweep, else the run's next): a newer attempt at the run stops this one
+    before its next write. In a process group this is the leader's part; the followers
+    train alongside in :func:`follow_stage`."""
     spec = STAGES[stage]
     world = distributed.world()
     # Everything a user can get wrong is checked here, before a run is opened.
@@ -300,8 +305,10 @@ def run_stage(stage: str, *, arch: str, train: TrainConfig, partner: str | None,
         run = mlflow.start_run(nested=mlflow.active_run() is not None, run_name=f"{stage} {arch}",
                                parent_run_id=parent_run_id)
     status = "FAILED"
-    attempt = uuid.uuid4().hex  # this try at the run: a retry elsewhere registers nothing twice
+    fence = None
     try:
+        fence = attempts.begin(run.info.run_id, parent_id=parent_run_id or run.data.tags.get(MLFLOW_PARENT_RUN_ID),
+                               point=(tags or {}).get(attempts.POINT_TAG), token=attempt, fresh=ckpt is None)
         if ckpt is None:
             run_tags = {TAG_STAGE: stage, TAG_METHOD: method} | (tags or {})
             if partner_ref is not None:
@@ -349,6 +356,7 @@ def run_stage(stage: str, *, arch: str, train: TrainConfig, partner: str | None,
         written = tracking.checkpoint_digests(run.info.run_id) if ckpt else {}  # the run's checkpoints' SHA-256
         with tempfile.TemporaryDirectory() as tmp, stop_on_signals() as stop:
             def on_epoch(s: EpochStats, engine: dict) -> None:
+                fence.check()  # a newer attempt at this run (a retry elsewhere) writes from now on
                 if ckpt is None and s.epoch == 1 and choice.key:  # the figures that chose the step, checked
                     chosen = ("bf16" if choice.bf16 else "float32") + (f"+{choice.compile}" if choice.compile else "")
                     if calibration.recheck(choice.key, chosen, s.throughput):
@@ -372,6 +380,10 @@ def run_stage(stage: str, *, arch: str, train: TrainConfig, partner: str | None,
                 tracking.log_epoch(s, partner_acc)
                 print(summary(s, train.epochs), flush=True)
                 time.sleep(float(os.environ.get(TEST_EPOCH_DELAY, "0")))
+                freeze = os.environ.get(TEST_FREEZE_FILE)
+                if freeze and os.path.exists(freeze):
+                    os.remove(freeze)
+                    os.kill(os.getpid(), signal.SIGSTOP)
 
             try:
                 history = fit(model, data, objective, used, partner=partner_net, on_epoch=on_epoch,
@@ -409,6 +421,7 @@ def run_stage(stage: str, *, arch: str, train: TrainConfig, partner: str | None,
             measured["cost"] = cost.measure(model, served, data.image_shape, path.stat().st_size,
                                             threads=tracking.COST_THREADS, on_cuda=on_cuda)
             measured["seconds"] = time.perf_counter() - start
+        fence.check()
         info, digests = tracking.log_model(model, data, arch, on_export=measure)
         mlflow.log_metrics(measured["cost"].metrics() | {"cost_measure_s": measured["seconds"]})
         mlflow.set_tag(tracking.TAG_DIGESTS, json.dumps(digests, sort_keys=True))
@@ -421,13 +434,17 @@ def run_stage(stage: str, *, arch: str, train: TrainConfig, partner: str | None,
             version_tags[TAG_PARTNER_DATA] = "foreign"
         if found is not None and found.unverified:
             version_tags[tracking.TAG_TRUSTED] = partner_ref.uri
-        ref = registry.register_once(run.info.run_id, attempt, info.model_uri, register_as, version_tags)
+        ref = attempts.register_once(fence, info.model_uri, register_as, version_tags)
         mlflow.set_tag("ttkd.registered_model", ref.uri)
         print(f"registered {ref.uri} (val_acc {last['val_acc']:.2f}%, run {run.info.run_id})",
               flush=True)
         status = "FINISHED"
     finally:
-        mlflow.end_run(status)
+        # a group that lost a process ends at once (torchrun stops the rest within seconds)
+        if fence is not None and (world is not None and status != "FINISHED" or fence.current()):
+            mlflow.end_run(status)
+        else:  # a newer attempt owns the run (or this one could not claim it): its state is not ours
+            tracking.leave_run()
     return StageResult(run.info.run_id, ref, last["val_acc"], last["agreement"], partner_ref, partner_acc)
 
 
@@ -524,10 +541,11 @@ note_signal.installed = False  # set where note_signal is the process's handler
 
 
 def resume(stage: str, reference: str, cfg: RunConfig | None = None,
-           tags: dict[str, str] | None = None) -> StageResult:
+           tags: dict[str, str] | None = None, attempt: attempts.Token | None = None) -> StageResult:
     """Continue an unfinished ``stage`` run (its id, or ``last`` for the newest one) from
     its last checkpoint, in the same MLflow run; the values ``cfg`` was given must be the
-    run's own. ``tags`` (where it trains now) are added to the run's and its version's."""
+    run's own. ``tags`` (where it trains now) are added to the run's and its version's;
+    ``attempt``: as in :func:`run_stage`."""
     registry.prepare_store()
     client = MlflowClient()
     run = unfinished_run(stage, reference)
@@ -558,7 +576,8 @@ def resume(stage: str, reference: str, cfg: RunConfig | None = None,
                      method=kw["method"], method_params=kw["method_params"], dataset=kw["dataset"],
                      data_dir=kw["data_dir"], stream=kw["stream"], register_as=kw["register_as"],
                      tags=(kw.get("tags") or {}) | (tags or {}), resume_from=(run_id, ckpt),
-                     partner_data=kw.get("partner_data", "same"), trust_unverified=kw.get("trust_unverified", False))
+                     partner_data=kw.get("partner_data", "same"), trust_unverified=kw.get("trust_unverified", False),
+                     attempt=attempt)
 
 
 def unfinished_run(stage: str, reference: str):

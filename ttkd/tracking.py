@@ -91,6 +91,17 @@ def use_experiment(name: str) -> str:
     return experiment.experiment_id
 
 
+def leave_run() -> None:
+    """Leave the active run as it is, its status untouched: a newer attempt at it owns it
+    (``mlflow.end_run`` would always write a status)."""
+    from mlflow.tracking import fluent
+
+    stack = fluent._active_run_stack.get()  # private: MLflow has no public way to leave a run open
+    if stack:
+        os.environ.pop("MLFLOW_RUN_ID", None)
+        stack.pop()
+
+
 def log_params(params: dict) -> None:
     """Log ``params`` on the active run, except keys it already has: ``mlflow run`` logs
     its parameters as given (an empty string as ``''``), and MLflow refuses to change a

@@ -20,8 +20,8 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from ttkd import attempts, kd, models, registry, tracking
 from ttkd import data as datasets
-from ttkd import kd, models, registry, tracking
 from ttkd.config import RunConfig, check_resume
 from ttkd.engine import TrainConfig, resolve_device
 from ttkd.errors import TTKDError
@@ -242,7 +242,9 @@ def _run_grid(kind: str, run_name: str, plan: Plan, args: dict, params: dict, st
                               for k, v in dataclasses.asdict(train).items() if k not in per_seed})
                 mlflow.log_dict(args, f"{kind}.json")  # what resuming rebuilds the grid from
             try:
-                outcomes, signum = run(plan, parent_id, found, scheduler, verbose=verbose, on_outcome=on_outcome)
+                generation = attempts.next_generation(parent_id)
+                outcomes, signum = run(plan, parent_id, found, scheduler, generation=generation, verbose=verbose,
+                                       on_outcome=on_outcome)
             except WorkerDied as exc:
                 raise TTKDError(f"a worker process died while training {exc}; run {parent_id} is marked FAILED: "
                                 f"resume={parent_id} continues it") from None

@@ -24,14 +24,14 @@ from typing import TYPE_CHECKING
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from ttkd import distributed, registry, stages
+from ttkd import attempts, distributed, registry, stages
 from ttkd.engine import TrainConfig
 from ttkd.stages import TAG_PARTNER, StageInterrupted, StageResult
 
 if TYPE_CHECKING:
     from ttkd.studies.scheduler import Scheduler
 
-TAG_POINT = "ttkd.point"
+TAG_POINT = attempts.POINT_TAG
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,9 +104,9 @@ class Plan:
     tags: Callable[[Point], dict] = lambda p: {}  # more tags for a point's run and version
 
     def task(self, point: Point, done: dict[Point, Outcome], parent_run_id: str,
-             resume_run: str | None = None) -> Task:
+             resume_run: str | None = None, generation: int = 1) -> Task:
         """The stage call that trains ``point``, its partner pinned to the version that
-        the point it needs registered."""
+        the point it needs registered; its attempt is of the grid's ``generation``."""
         train = {"student": self.student_train, "teacher": self.teacher_train}
         role = "teacher" if point.role == "teacher" else "student"
         config = dataclasses.replace(train[role], seed=point.seed)
@@ -120,7 +120,7 @@ class Plan:
         if point.role == "kd":
             kw |= dict(method=point.method, method_params=self.method_params[point.method])
         stage = {"student": "baseline", "teacher": "teach", "kd": "distill"}[point.role]
-        return Task(point, stage, kw, resume_run)
+        return Task(point, stage, kw, resume_run, (generation, 0))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,6 +131,7 @@ class Task:
     stage: str
     kwargs: dict
     resume_run: str | None = None   # an unfinished run of this point to continue
+    attempt: attempts.Token | None = None  # (the grid's generation, Ray's retry): ttkd.attempts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,6 +142,7 @@ class Outcome:
     result: StageResult | None = None
     error: str | None = None
     interrupted: int = 0        # the signal that stopped it, if one did
+    superseded: bool = False    # a newer attempt at the point took over (ttkd.attempts)
     seconds: float = 0.0
     reused: bool = False
 
@@ -158,18 +160,20 @@ def run_task(task: Task, verbose: bool = False, extra_tags: dict[str, str] | Non
                 quiet.enter_context(contextlib.redirect_stderr(sink))
             if task.resume_run:
                 try:
-                    result = stages.resume(task.stage, task.resume_run, tags=extra_tags)
+                    result = stages.resume(task.stage, task.resume_run, tags=extra_tags, attempt=task.attempt)
                 except stages.NoCheckpoint:  # stopped in its first epoch: start it again
                     client = MlflowClient()
                     if client.get_run(task.resume_run).info.status == "RUNNING":  # its process died
                         client.set_terminated(task.resume_run, "KILLED")
-                    result = getattr(stages, task.stage)(**task.kwargs)
+                    result = getattr(stages, task.stage)(**task.kwargs, attempt=task.attempt)
             else:
-                result = getattr(stages, task.stage)(**task.kwargs)
+                result = getattr(stages, task.stage)(**task.kwargs, attempt=task.attempt)
         return Outcome(task.point, result, seconds=time.perf_counter() - start)
     except StageInterrupted as exc:
         return Outcome(task.point, error=str(exc), interrupted=exc.exit_code - 128,
                        seconds=time.perf_counter() - start)
+    except attempts.Superseded as exc:
+        return Outcome(task.point, error=str(exc), superseded=True, seconds=time.perf_counter() - start)
     except distributed.Lost:  # the other processes are gone: the grid cannot go on
         raise
     except Exception as exc:
@@ -199,10 +203,15 @@ def latest_attempt(task: Task) -> str | Outcome | None:
     only failed to close, its outcome (the run is closed now); None: no earlier attempt."""
     if task.resume_run:
         return task.resume_run
-    runs = mlflow.search_runs(search_all_experiments=True, output_format="list", max_results=1,
-                              filter_string=f"tags.`mlflow.parentRunId` = '{task.kwargs['parent_run_id']}' "
-                                            f"and tags.`{TAG_POINT}` = '{task.point.key}'",
-                              order_by=["attributes.start_time DESC"])
+    claimed = attempts.point_run(task.kwargs["parent_run_id"], task.point.key)
+    if claimed is not None:  # the run the newest attempt at this point trains in
+        run = MlflowClient().get_run(claimed)
+        runs = [run] if run.info.lifecycle_stage == "active" else []
+    else:  # (a run started before attempts were claimed)
+        runs = mlflow.search_runs(search_all_experiments=True, output_format="list", max_results=1,
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{task.kwargs['parent_run_id']}' "
+                                                f"and tags.`{TAG_POINT}` = '{task.point.key}'",
+                                  order_by=["attributes.start_time DESC"])
     if not runs:
         return None
     run = runs[0]
@@ -215,12 +224,15 @@ def latest_attempt(task: Task) -> str | Outcome | None:
 
 
 def run(plan: Plan, parent_run_id: str, found: dict[Point, StageResult | str], scheduler: Scheduler, *,
-        verbose: bool = False, on_outcome: Callable[[Outcome, int, int], None] = lambda o, i, n: None
+        generation: int = 1, verbose: bool = False,
+        on_outcome: Callable[[Outcome, int, int], None] = lambda o, i, n: None
         ) -> tuple[dict[Point, Outcome], int | None]:
     """Train every point of ``plan``'s grid as a child run of ``parent_run_id`` on
     ``scheduler`` (entered: connected, its resources checked).
 
-    ``found`` holds what an earlier attempt left: a point's :class:`StageResult` (reused
+    ``generation``: this start's (or resume's) count on the parent run, which makes its
+    points' attempts newer than any earlier one's (``ttkd.attempts``). ``found`` holds
+    what an earlier attempt left: a point's :class:`StageResult` (reused
     as it is) or the id of its unfinished run (continued from its checkpoint). A point
     starts once the point it needs has registered its model; one whose partner failed
     is skipped. SIGINT or SIGTERM stops every running point after its current step (its
@@ -247,7 +259,7 @@ def run(plan: Plan, parent_run_id: str, found: dict[Point, StageResult | str], s
                     on_outcome(done[point], len(done), len(points))
                     continue
                 resume = found.get(point) if isinstance(found.get(point), str) else None
-                scheduler.submit(plan.task(point, done, parent_run_id, resume), verbose)
+                scheduler.submit(plan.task(point, done, parent_run_id, resume, generation), verbose)
             if not scheduler.running:
                 break
             for outcome in scheduler.wait():

@@ -414,7 +414,9 @@ def train_on_node(task: Task, threads: int, tracking_uri: str, env: dict, versio
     """A point's Ray task, in a worker process of some node: the sweep's store and
     experiment, ``threads`` torch threads, the node's id and host name as tags; a run
     of this point that an earlier attempt left unfinished (its node died) is continued
-    from its checkpoint instead of started again."""
+    from its checkpoint instead of started again. Ray's attempt number for the task makes
+    this attempt newer than the ones before it (``ttkd.attempts``): an earlier attempt
+    still alive behind a partition writes nothing more once this one has begun."""
     import ray
 
     node = ray.get_runtime_context().get_node_id()
@@ -438,11 +440,16 @@ def train_on_node(task: Task, threads: int, tracking_uri: str, env: dict, versio
     stages.stop_on_signals.pending = None
     before = signal.signal(signal.SIGINT, stages.note_signal)
     try:
-        task = dataclasses.replace(task, kwargs=task.kwargs | {"tags": task.kwargs.get("tags", {}) | where})
+        retry = ray._private.worker.global_worker.core_worker.get_current_task_attempt_number()
+        task = dataclasses.replace(task, kwargs=task.kwargs | {"tags": task.kwargs.get("tags", {}) | where},
+                                   attempt=(task.attempt or (1, 0))[0:1] + (retry,))
         earlier = latest_attempt(task)
         if isinstance(earlier, Outcome):
             return earlier
-        return run_task(dataclasses.replace(task, resume_run=earlier), extra_tags=where)
+        outcome = run_task(dataclasses.replace(task, resume_run=earlier), extra_tags=where)
+        if outcome.superseded:  # cut off from the cluster while Ray retried the point elsewhere
+            print(f"ttkd: {outcome.error}", file=sys.stderr, flush=True)
+        return outcome
     finally:
         signal.signal(signal.SIGINT, before)
         stages.stop_on_signals.pending = None
