@@ -268,7 +268,7 @@ def test_a_signal_or_a_kill_9_to_one_process_stops_all_and_resume_finishes(store
     os.kill(_worker(proc.pid, 1), signal.SIGKILL)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 1, err
-    assert "was killed by SIGKILL" in err and f"resume={run.info.run_id}" in err
+    assert "was killed by SIGKILL" in err and f"resume={run.info.run_id}" in err, out + err
     assert runs(store)[0].info.status == "FAILED" and versions(store, "digits-cnn") == []
 
     # resumed again, on one process: another world size works
