@@ -126,11 +126,36 @@ def _follow() -> None:
         sys.exit(130 if isinstance(exc, KeyboardInterrupt) else 1)
 
 
+class Terminal(logging.Handler):
+    """ttkd's log as a terminal shows it: a line on stdout for each message, ``warning: …``
+    on stderr for each warning. The streams are looked up at each line, so output redirected
+    after the handler was installed (a sweep's quiet worker, a test's capture) follows."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            warn = record.levelno >= logging.WARNING
+            stream = sys.stderr if warn else sys.stdout
+            stream.write(("warning: " if warn else "") + record.getMessage() + "\n")
+            stream.flush()
+        except Exception:
+            self.handleError(record)
+
+
+def show_log() -> None:
+    """The library reports through ``logging`` (logger ``ttkd``); an entry point shows it."""
+    logger = logging.getLogger("ttkd")
+    if not any(isinstance(h, Terminal) for h in logger.handlers):
+        logger.addHandler(Terminal())
+    logger.setLevel(logging.INFO)
+    logger.propagate = False  # once, here, whatever the root logger does
+
+
 def run(command: click.Command, args: list[str] | None = None) -> None:
     """Run ``command``; a user error becomes one line on stderr and exit status 2 (bad
     command-line syntax) or 1 (anything else the user can fix). TTKD_DEBUG=1 shows tracebacks."""
     global _argv
     _argv = list(sys.argv[1:] if args is None else args)
+    show_log()
     status = 0
     try:
         command.main(args, standalone_mode=False, prog_name=command.name)

@@ -364,3 +364,26 @@ def test_seed_presets_start_and_chain_through_the_registry(store, cli, tmp_path,
     assert run.data.params["lr"] == "0.1" and run.data.params["epochs"] == "1"
     assert run.data.params["milestones"] == "(80, 120)" and run.data.params["temperature"] == "4.0"
     assert run.data.params["num_params"] == str(models.num_parameters(models.build("preresnet20", 10, 3)))
+
+
+def test_the_library_logs_and_only_an_entry_point_shows_it_as_lines_and_warnings(capsys, monkeypatch):
+    import contextlib
+    import io
+    import logging
+
+    from entry.options import show_log
+
+    logger = logging.getLogger("ttkd")
+    for name, value in (("handlers", []), ("level", logging.NOTSET), ("propagate", True)):
+        monkeypatch.setattr(logger, name, value)  # as a program importing ttkd finds it
+    stage_log = logging.getLogger("ttkd.stages")
+    stage_log.info("epoch 1/2 val_acc 50.00%")
+    assert capsys.readouterr() == ("", "")  # the library alone prints nothing
+    show_log()
+    show_log()  # (every entry point calls it; one handler)
+    stage_log.info("epoch 1/2 val_acc 50.00%")
+    stage_log.warning("the cached calibration was dropped")
+    assert capsys.readouterr() == ("epoch 1/2 val_acc 50.00%\n", "warning: the cached calibration was dropped\n")
+    with contextlib.redirect_stdout(io.StringIO()) as quiet:  # a sweep's quiet worker redirects its output
+        stage_log.info("registered models:/x/1")
+    assert quiet.getvalue() == "registered models:/x/1\n" and capsys.readouterr() == ("", "")

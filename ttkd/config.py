@@ -423,10 +423,7 @@ def resolve(stage: str, given: dict[str, Any], preset: str | None = None) -> Run
             raise TTKDError(f"jobs={values['jobs']} with nproc={values['nproc']}: a sweep trained by "
                             f"several processes runs its points one at a time; drop jobs")
         values["jobs"] = 1
-    if values.get("method") == "crd" or "crd" in values.get("methods", ()):
-        if several:
-            raise TTKDError("crd keeps a memory bank per process, which several processes would split; "
-                            "run crd with nproc=1")
+    check_processes(values.get("methods", (values.get("method"),)), several)
     if stage == "sweep":
         count = sweep_size(values["seeds"], set(values["weights"]) | {0.0}, values["methods"])
         if count > MAX_MODELS and not values["force"]:
@@ -525,8 +522,20 @@ def _check_cluster(values: dict, given: set[str], several: bool) -> None:
     if several:
         raise TTKDError(f"cluster={values['cluster']} with nproc={values['nproc']}: each point of a cluster "
                         f"sweep is one process; drop nproc (or run the sweep without cluster=)")
+    check_ray()
+
+
+def check_ray() -> None:
+    """Ray, the optional extra that ``cluster=`` needs, is installed."""
     if importlib.util.find_spec("ray") is None:
         raise TTKDError("cluster= needs Ray, an optional extra: pip install -e '.[cluster]'")
+
+
+def check_processes(methods, several: bool) -> None:
+    """Refuse a method that cannot train as ``several`` processes of one stage."""
+    if several and "crd" in methods:
+        raise TTKDError("crd keeps a memory bank per process, which several processes would split; "
+                        "run crd with nproc=1")
 
 
 def _check_method_params(stage: str, methods: tuple[str, ...], given: set[str]) -> None:

@@ -16,6 +16,7 @@ import copy
 import dataclasses
 import datetime
 import json
+import logging
 import os
 import signal
 import sys
@@ -33,7 +34,7 @@ from tqdm import tqdm
 
 from ttkd import attempts, calibration, cost, distributed, kd, models, registry, serving, tracking
 from ttkd import data as datasets
-from ttkd.config import PARAMS, RunConfig, check_resume
+from ttkd.config import PARAMS, RunConfig, check_processes, check_resume
 from ttkd.engine import (
     EpochStats,
     Interrupted,
@@ -52,6 +53,8 @@ from ttkd.engine import (
 )
 from ttkd.errors import TTKDError
 from ttkd.registry import ModelRef
+
+log = logging.getLogger(__name__)  # shown by the entry points (entry/options.py)
 
 TAG_STAGE = "ttkd.stage"
 TAG_PARTNER = registry.TAG_PARTNER
@@ -259,9 +262,7 @@ def run_stage(stage: str, *, arch: str, train: TrainConfig, partner: str | None,
     registry.prepare_store()
     device = stage_device(train.device)
     kd.get(method, spec.role)
-    if world is not None and method == "crd":
-        raise TTKDError("crd keeps a memory bank per process, which several processes would split; "
-                        "run crd with nproc=1")
+    check_processes((method,), several=world is not None)
     setup = Setup(stage, arch, train, method, method_params, dataset, data_dir, stream,
                   ckpt=resume_from[1] if resume_from else None)
     data = datasets.load(dataset, data_dir, stream)
@@ -271,11 +272,11 @@ def run_stage(stage: str, *, arch: str, train: TrainConfig, partner: str | None,
         with tempfile.TemporaryDirectory() as tmp:
             found = tracking.load_partner(partner_ref, data, spec.partner, tmp, partner_data, trust_unverified)
         if found.unverified:
-            print(f"warning: {found.unverified}", file=sys.stderr, flush=True)
+            log.warning(found.unverified)
         if found.unchecked:
-            print(f"warning: {found.unchecked}", file=sys.stderr, flush=True)
+            log.warning(found.unchecked)
         if found.foreign:
-            print(f"partner_data=any: {found.foreign}", flush=True)
+            log.info("partner_data=any: %s", found.foreign)
         setup = dataclasses.replace(setup, partner_arch=found.arch, partner_state=found.net.state_dict())
     data, model, partner_net, objective = build(setup, data)
     data = data.to(device)
@@ -288,7 +289,7 @@ def run_stage(stage: str, *, arch: str, train: TrainConfig, partner: str | None,
     else:  # a resumed run keeps the step it started with (its checkpoint has it resolved)
         choice = StepChoice(bool(train.amp), f"as run {resume_from[0]} started", {}, train.compile or None,
                             f"as run {resume_from[0]} started")
-    print(step_line(choice, device), flush=True)
+    log.info(step_line(choice, device))
     used = dataclasses.replace(train, amp=choice.bf16, compile=choice.compile or False)
     setup = dataclasses.replace(setup, train=used)
     # what resuming needs to rebuild this stage exactly: the partner pinned to its version
@@ -338,14 +339,14 @@ def run_stage(stage: str, *, arch: str, train: TrainConfig, partner: str | None,
         else:
             mlflow.set_tags((tags or {}) | {"ttkd.resumed_after_epoch": str(ckpt["epoch"])})
             before = ckpt["engine"].get("world_size", 1)
-            print(f"resuming run {run.info.run_id} after epoch {ckpt['epoch']}"
-                  + (f", with {_processes(distributed.size())} instead of {before}"
-                     if before != distributed.size() else ""), flush=True)
+            log.info(f"resuming run {run.info.run_id} after epoch {ckpt['epoch']}"
+                     + (f", with {_processes(distributed.size())} instead of {before}"
+                        if before != distributed.size() else ""))
 
         partner_acc = None
         if partner_net is not None:
             partner_acc = accuracy(predict(partner_net, data, train.batch_size), data.val_y)
-            print(f"{spec.partner} {partner_ref.uri}: val_acc {partner_acc:.2f}%", flush=True)
+            log.info(f"{spec.partner} {partner_ref.uri}: val_acc {partner_acc:.2f}%")
 
         last = dict(ckpt["stats"]) if ckpt else None
         if ckpt is not None:  # killed between its checkpoint and its metrics: log them now
@@ -360,10 +361,9 @@ def run_stage(stage: str, *, arch: str, train: TrainConfig, partner: str | None,
                 if ckpt is None and s.epoch == 1 and choice.key:  # the figures that chose the step, checked
                     chosen = ("bf16" if choice.bf16 else "float32") + (f"+{choice.compile}" if choice.compile else "")
                     if calibration.recheck(choice.key, chosen, s.throughput):
-                        print(f"warning: the cached calibration of {chosen} ({choice.rates[chosen]:,.0f} img/s) is "
-                              f"far below what epoch 1 trained at ({s.throughput:,.0f} img/s): it was measured "
-                              f"while the machine was busy; dropped, the next stage measures again",
-                              file=sys.stderr, flush=True)
+                        log.warning(f"the cached calibration of {chosen} ({choice.rates[chosen]:,.0f} img/s) is "
+                                    f"far below what epoch 1 trained at ({s.throughput:,.0f} img/s): it was measured "
+                                    f"while the machine was busy; dropped, the next stage measures again")
                 best[0] = max(best[0], s.val_acc)
                 state = {"format": tracking.CHECKPOINT_FORMAT,
                          "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
@@ -378,7 +378,7 @@ def run_stage(stage: str, *, arch: str, train: TrainConfig, partner: str | None,
                 tracking.log_checkpoints(files, written)
                 # metrics after the checkpoint: an epoch with metrics always has its checkpoint
                 tracking.log_epoch(s, partner_acc)
-                print(summary(s, train.epochs), flush=True)
+                log.info(summary(s, train.epochs))
                 time.sleep(float(os.environ.get(TEST_EPOCH_DELAY, "0")))
                 freeze = os.environ.get(TEST_FREEZE_FILE)
                 if freeze and os.path.exists(freeze):
@@ -436,8 +436,7 @@ def run_stage(stage: str, *, arch: str, train: TrainConfig, partner: str | None,
             version_tags[tracking.TAG_TRUSTED] = partner_ref.uri
         ref = attempts.register_once(fence, info.model_uri, register_as, version_tags)
         mlflow.set_tag("ttkd.registered_model", ref.uri)
-        print(f"registered {ref.uri} (val_acc {last['val_acc']:.2f}%, run {run.info.run_id})",
-              flush=True)
+        log.info(f"registered {ref.uri} (val_acc {last['val_acc']:.2f}%, run {run.info.run_id})")
         status = "FINISHED"
     finally:
         # a group that lost a process ends at once (torchrun stops the rest within seconds)
@@ -592,8 +591,8 @@ def unfinished_run(stage: str, reference: str):
             raise TTKDError(f"no unfinished {stage} run to resume in experiment {experiment.name!r}; "
                             f"start one without resume, or give the experiment it ran in (experiment=NAME)")
         started = datetime.datetime.fromtimestamp(runs[0].info.start_time / 1000).strftime("%Y-%m-%d %H:%M")
-        print(f"resume=last: run {runs[0].info.run_id} ({runs[0].info.run_name}, {runs[0].info.status}, "
-              f"started {started}) in experiment {experiment.name!r}", flush=True)
+        log.info(f"resume=last: run {runs[0].info.run_id} ({runs[0].info.run_name}, {runs[0].info.status}, "
+                 f"started {started}) in experiment {experiment.name!r}")
         return runs[0]
     try:
         run = MlflowClient().get_run(reference)

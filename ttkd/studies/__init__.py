@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import signal
 from collections.abc import Callable
@@ -41,6 +42,7 @@ from ttkd.studies.grid import TAG_POINT, Grid, Outcome, Plan, Point, finished_re
 from ttkd.studies.scheduler import LocalPool, Placement, RayCluster, Scheduler, WorkerDied, check_store
 from ttkd.tracking import log_params
 
+log = logging.getLogger(__name__)  # shown by the entry points (entry/options.py)
 STUDY_ROWS = ("student", "kd_normal", "kd_trained", "teacher_normal", "teacher_trained")
 
 
@@ -260,7 +262,7 @@ def _run_grid(kind: str, run_name: str, plan: Plan, args: dict, params: dict, st
                 raise TTKDError(_failure_line(failed, parent_id, len(outcomes)))
             text = finish(outcomes)
             if failed:
-                print(text)
+                log.info(text)
                 raise TTKDError(_failure_line(failed, parent_id, len(outcomes)))
             status = "FINISHED"
         finally:
@@ -308,7 +310,7 @@ def resume_grid(kind: str, reference: str, cfg: RunConfig | None = None, **chang
     except (MlflowException, OSError, ValueError):
         raise TTKDError(f"{kind} run {run_.info.run_id} has no readable {kind}.json; start it again") from None
     trains = {k: train_config(args.pop(k)) for k in ("student_train", "teacher_train")}
-    print(f"resuming {kind} run {run_.info.run_id}", flush=True)
+    log.info(f"resuming {kind} run {run_.info.run_id}")
     if os.environ.get("MLFLOW_RUN_ID"):  # started by `mlflow run`: point its run at the real one,
         MlflowClient().set_tag(os.environ["MLFLOW_RUN_ID"], "ttkd.resumes_run", run_.info.run_id)
         del os.environ["MLFLOW_RUN_ID"]    # which new child runs must not attach to

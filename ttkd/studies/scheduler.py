@@ -35,8 +35,8 @@ from typing import Protocol
 import mlflow
 import torch
 
+from ttkd import config, stages
 from ttkd import data as datasets
-from ttkd import stages
 from ttkd.errors import TTKDError
 from ttkd.studies.grid import Outcome, Point, Task, latest_attempt, run_task
 
@@ -186,10 +186,9 @@ class Placement:
 
 
 def import_ray():
-    try:
-        import ray
-    except ImportError:
-        raise TTKDError("cluster= needs Ray, an optional extra: pip install -e '.[cluster]'") from None
+    config.check_ray()
+    import ray
+
     return ray
 
 
