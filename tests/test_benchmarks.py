@@ -12,6 +12,7 @@ def test_speed_benchmark_reports_every_stage(capsys, monkeypatch):
     from ttkd import calibration
     monkeypatch.setattr(calibration, "MAX_MEASURE_S", 0.0)  # the 240-epoch stage's longer look: not what is tested
     bench.main(["--images", "128", "--batch-size", "32", "--workers", "0", "--dataset", "synthetic-3x16x16-10",
+                "--student", "mlp", "--teacher", "cnn",
                 "--repeat", "1", "--compile", "false"])
     captured = capsys.readouterr()
     rows = [l for l in captured.out.splitlines() if re.match(r"\| (baseline|teach|distill) \|", l)]
@@ -34,7 +35,7 @@ def test_seed_style_dataset_matches_ttkd_normalisation():
 
 
 def test_on_disk_benchmark_times_both_paths(capsys):
-    bench.main(["--on-disk", "--images", "64", "--batch-size", "16", "--repeat", "1",
+    bench.main(["--on-disk", "--images", "64", "--batch-size", "16", "--repeat", "1", "--compile", "false",
                 "--dataset", "synthetic-3x16x16-10"])
     out = capsys.readouterr().out
     found = re.search(r"in memory ([\d,]+) images/s, on disk ([\d,]+) images/s", out)
