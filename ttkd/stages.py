@@ -439,8 +439,7 @@ def run_stage(stage: str, *, arch: str, train: TrainConfig, partner: str | None,
         log.info(f"registered {ref.uri} (val_acc {last['val_acc']:.2f}%, run {run.info.run_id})")
         status = "FINISHED"
     finally:
-        # a group that lost a process ends at once (torchrun stops the rest within seconds)
-        if fence is not None and (world is not None and status != "FINISHED" or fence.current()):
+        if fence is not None and fence.current():
             mlflow.end_run(status)
         else:  # a newer attempt owns the run (or this one could not claim it): its state is not ours
             tracking.leave_run()
