@@ -65,13 +65,14 @@ import torch
 
 from ttkd import data as datasets
 from ttkd import kd, models
+from ttkd.choice import choose_step
 from ttkd.config import PARAMS
 from ttkd.engine import (
     Objective,
+    Step,
     TrainConfig,
     accuracy,
     bf16_supported,
-    choose_step,
     compiled_step,
     device_name,
     fit,
@@ -227,10 +228,11 @@ def measure_ttkd(stage, args, data, device, method="kd", compiled=True):
     choice = ttkd_choice(stage, args, data, device)
     torch.manual_seed(0)
     model, partner, objective = stage_setup(stage, args.student, args.teacher, data, device, method)
-    config = TrainConfig(epochs=2, batch_size=args.batch_size, lr=0.01, amp=choice.bf16,
-                         compile=(choice.compile or False) if compiled else False, device=str(device))
+    config = TrainConfig(epochs=2, batch_size=args.batch_size, lr=0.01, amp=args.amp, compile=args.compile,
+                         device=str(device))
+    step = choice.step if compiled else Step(choice.bf16)
     with PeakMemory(device) as mem:
-        history = fit(model, data, objective, config, partner=partner)
+        history = fit(model, data, objective, config, partner=partner, step=step)
     return history[-1].throughput, mem.mib
 
 
@@ -380,7 +382,7 @@ def study_accuracies(path: str, seed: int, args) -> dict[str, float]:
         if path == "seed-loop":
             acc = seed_style_fit(model, data, objective, config, partner, device)
         else:
-            acc = fit(model, on_device, objective, config, partner=partner)[-1].val_acc
+            acc = fit(model, on_device, objective, config, partner=partner, step=Step(path == "bf16"))[-1].val_acc
         return model.eval(), acc
 
     result = {}
@@ -462,8 +464,9 @@ def method_accuracies(args) -> str:
         seed_everything(seed)
         model = models.build(arch, data.num_classes, data.in_channels, image_size=8).to(device)
         objective = make_method(method, model, partner, data, role, **params)
-        acc = fit(model, on_device, objective, TrainConfig(seed=seed, device=str(device)),
-                  partner=partner)[-1].val_acc
+        config = TrainConfig(seed=seed, device=str(device))
+        step = choose_step(model, on_device, objective, config, partner).step  # as a stage decides it
+        acc = fit(model, on_device, objective, config, partner=partner, step=step)[-1].val_acc
         return model.eval(), acc
 
     for seed in range(args.seeds):

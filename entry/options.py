@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import click
 
-from ttkd import config, distributed, stages, tracking
+from ttkd import config, distributed, signals, stages, tracking
 from ttkd.errors import TTKDError
 
 PARTNER = {"teach": "student", "distill": "teacher"}  # the frozen network each stage needs
@@ -108,8 +108,8 @@ def _keep_signals() -> None:
     sends the others SIGTERM within a tenth of a second; the leader, already failing on the
     lost contact, must still end its run and say which run to resume."""
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, stages.note_signal)
-    stages.note_signal.installed = True
+        signal.signal(sig, signals.note_signal)
+    signals.note_signal.installed = True
 
 
 def _follow() -> None:

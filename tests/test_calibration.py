@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from ttkd import calibration, data, engine, models
-from ttkd.engine import StepChoice, TrainConfig, choose_step, fit, seed_everything
+from ttkd.choice import StepChoice, choose_step, device_signature
+from ttkd.engine import TrainConfig, fit, seed_everything
 from ttkd.kd.logits import KD, CrossEntropy
 
 DIGITS = data.load("digits")
@@ -111,7 +112,7 @@ def test_auto_measures_on_copies_and_trains_as_the_chosen_step_would(monkeypatch
     again = choose_step(student, DIGITS, method, config, teacher)
     assert (again.reason, again.bf16, again.rates) == ("cached", p.bf16, p.rates)
 
-    auto = fit(student, DIGITS, method, config, partner=teacher)[-1]
+    auto = fit(student, DIGITS, method, config, partner=teacher, step=p.step)[-1]
     forced = fit(build("mlp"), DIGITS, KD(None, 0.9, 4.0), TrainConfig(epochs=1, amp=p.bf16, compile=False),
                  partner=teacher)[-1]
     assert auto.train == forced.train and auto.val_acc == forced.val_acc
@@ -145,7 +146,8 @@ def test_without_a_cpp_compiler_compile_true_trains_eagerly_and_says_so(monkeypa
     with inductor.patch({"cpp.cxx": (None, "/nonexistent/g++")}):  # the compiler hidden
         c = choose_step(build("mlp"), DIGITS, CrossEntropy(None), TrainConfig(amp=False, compile=True))
         assert c.compile is None and c.compile_reason.startswith("compile=true: no C++ compiler found")
-        history = fit(build("mlp"), DIGITS, CrossEntropy(None), TrainConfig(epochs=1, amp=False, compile=True))
+        history = fit(build("mlp"), DIGITS, CrossEntropy(None), TrainConfig(epochs=1, amp=False, compile=True),
+                      step=c.step)
     assert history[-1].val_acc > 50
     assert engine.compiler_available()  # found again
 
@@ -163,13 +165,13 @@ def test_figures_measured_under_load_are_dropped_once_an_epoch_trains_far_faster
 
 
 def test_the_cache_tells_cpus_apart_by_instruction_sets_and_cores(monkeypatch):
-    signature = engine.device_signature(torch.device("cpu"))
+    signature = device_signature(torch.device("cpu"))
     assert signature.startswith(engine.device_name(torch.device("cpu")) + " [") and signature.endswith(
         f"] x{__import__('os').cpu_count()}")
     flags = open("/proc/cpuinfo").read()
     assert ("avx512_bf16" in signature) == (" avx512_bf16" in flags)
     monkeypatch.setattr("os.cpu_count", lambda: 96)
-    assert engine.device_signature(torch.device("cpu")) != signature
+    assert device_signature(torch.device("cpu")) != signature
 
 
 def test_a_stage_drops_cached_figures_that_its_first_epoch_shows_were_measured_under_load(store, cli, cache,

@@ -22,7 +22,7 @@ def ce():
 
 
 def test_fit_learns_and_reports_every_metric():
-    history = fit(build("mlp"), DIGITS, ce(), TrainConfig(epochs=3))
+    history = fit(build("mlp"), DIGITS, ce(), TrainConfig(epochs=3, amp=False, compile=False))
     assert [s.epoch for s in history] == [1, 2, 3]
     assert history[-1].train["loss"] < history[0].train["loss"]
     assert history[-1].val_acc > 80
@@ -41,7 +41,7 @@ def test_frozen_partner_gets_no_gradient_and_does_not_change():
             seen.append(b.partner_logits)
             return super().forward(b)
 
-    history = fit(build("mlp"), DIGITS, Spy(None, 0.9, 4.0), TrainConfig(epochs=1), partner=partner)
+    history = fit(build("mlp"), DIGITS, Spy(None, 0.9, 4.0), TrainConfig(epochs=1, amp=False, compile=False), partner=partner)
     assert all(p is not None and not p.requires_grad for p in seen)
     assert all(p.grad is None for p in partner.parameters())
     assert all(torch.equal(before[k], v) for k, v in partner.state_dict().items())
@@ -66,8 +66,8 @@ def test_frozen_partner_is_a_bf16_copy_that_predicts_like_the_original():
 
 
 def test_same_seed_same_result():
-    a = fit(build("mlp"), DIGITS, ce(), TrainConfig(epochs=1, seed=5, amp=False))[-1]
-    b = fit(build("mlp"), DIGITS, ce(), TrainConfig(epochs=1, seed=5, amp=False))[-1]
+    a = fit(build("mlp"), DIGITS, ce(), TrainConfig(epochs=1, seed=5, amp=False, compile=False))[-1]
+    b = fit(build("mlp"), DIGITS, ce(), TrainConfig(epochs=1, seed=5, amp=False, compile=False))[-1]
     assert a.train == b.train and a.val_acc == b.val_acc
 
 
@@ -77,7 +77,7 @@ def test_non_finite_loss_stops_with_the_epoch():
             parts = super().forward(b)
             return parts | {"loss": parts["loss"] * float("nan")}
     with pytest.raises(TTKDError, match="became NaN or infinite at epoch 1, step 1;"):
-        fit(build("mlp"), DIGITS, Broken(None), TrainConfig(epochs=2))
+        fit(build("mlp"), DIGITS, Broken(None), TrainConfig(epochs=2, amp=False, compile=False))
 
 
 def test_non_finite_watch_names_the_first_bad_step_every_25_steps_and_at_the_end():
@@ -99,7 +99,7 @@ def test_non_finite_watch_names_the_first_bad_step_every_25_steps_and_at_the_end
 @pytest.mark.parametrize("amp", [True, False])
 def test_mixed_precision_on_and_off_both_learn(amp):
     model = build("cnn")
-    history = fit(model, DIGITS, ce(), TrainConfig(epochs=2, amp=amp))
+    history = fit(model, DIGITS, ce(), TrainConfig(epochs=2, amp=amp, compile=False))
     assert history[-1].val_acc > 60 and history[-1].train["loss"] < history[0].train["loss"]
     weights = [p for p in model.parameters() if p.dim() == 4]
     assert all(p.is_contiguous() for p in weights)  # back in the usual layout for export
@@ -116,7 +116,7 @@ def test_amp_true_trains_in_bf16_on_every_cpu_and_false_in_float32(monkeypatch, 
         model, seen = build("mlp"), []
         linear = next(m for m in model.modules() if isinstance(m, torch.nn.Linear))
         linear.register_forward_hook(lambda mod, inp, out: seen.append(out.dtype))
-        fit(model, DIGITS, ce(), TrainConfig(epochs=1, amp=amp))
+        fit(model, DIGITS, ce(), TrainConfig(epochs=1, amp=amp, compile=False))
         assert seen and set(seen) == {dtype}
 
 
@@ -151,7 +151,7 @@ def test_a_method_with_parameters_and_buffers_is_trained_and_resumed_exactly():
         return student, kd.build("crd", context, crd_beta=0.8, crd_dim=16, crd_k=64, crd_tau=0.07,
                                  crd_momentum=0.5)
 
-    config = TrainConfig(epochs=2, deterministic=True, amp=False)
+    config = TrainConfig(epochs=2, deterministic=True, amp=False, compile=False)
     states = []
     student, crd = method()
     before = crd.embed_s.weight.detach().clone(), crd.memory_s.clone()
@@ -166,3 +166,13 @@ def test_a_method_with_parameters_and_buffers_is_trained_and_resumed_exactly():
     again = fit(student2, data8, crd2, config, partner=teacher, resume=states[0][0])
     assert again[-1].train == whole[-1].train and again[-1].val_acc == whole[-1].val_acc
     assert torch.equal(crd2.memory_t, crd.memory_t)
+
+
+def test_fit_runs_the_step_it_is_given_and_never_decides():
+    """amp=auto and compile=auto are requests that choose_step answers; fit refuses to guess."""
+    from ttkd.engine import Step
+    from ttkd.errors import TTKDError
+    with pytest.raises(TTKDError, match="decided by choose_step"):
+        fit(build("mlp"), DIGITS, ce(), TrainConfig(epochs=1, compile=False))
+    assert Step.forced(TrainConfig(amp=True, compile=True)) == Step(True, "default")
+    assert Step.forced(TrainConfig(amp=False, compile="reduce-overhead")).describe() == "float32+reduce-overhead"

@@ -387,3 +387,28 @@ def test_the_library_logs_and_only_an_entry_point_shows_it_as_lines_and_warnings
     with contextlib.redirect_stdout(io.StringIO()) as quiet:  # a sweep's quiet worker redirects its output
         stage_log.info("registered models:/x/1")
     assert quiet.getvalue() == "registered models:/x/1\n" and capsys.readouterr() == ("", "")
+
+
+def test_a_callback_sees_each_epoch_after_its_metrics_and_can_stop_the_stage(store):
+    """The hook a search prunes with: called after the stage's own callbacks (the epoch's
+    checkpoint and metrics are written); raising stops training, the run ends FAILED and
+    nothing is registered."""
+    from ttkd import stages
+
+    class Pruned(Exception):
+        pass
+
+    seen = []
+
+    def prune(stats, state):
+        run = mlflow.active_run().info.run_id
+        seen.append((stats.epoch, state["epoch"], tracking.logged_steps(run, "val_acc")))
+        raise Pruned(f"epoch {stats.epoch}")
+
+    with pytest.raises(Pruned, match="epoch 1"):
+        stages.baseline(arch="mlp", train=engine.TrainConfig(epochs=3, amp=False, compile=False),
+                        register_as="pruned", callbacks=[prune])
+    assert seen == [(1, 1, {1})]
+    [run] = mlflow.search_runs(output_format="list", search_all_experiments=True)
+    assert run.info.status == "FAILED" and "ttkd.registered_model" not in run.data.tags
+    assert registry_state() == {}

@@ -5,11 +5,14 @@ Modules, in the order data flows through them:
     data      image classification data sets held in memory as uint8 tensors
     models    one registry from architecture name to constructor; stage maps for KD
     kd        training objectives by name: cross-entropy, the trained-teacher term, KD methods
-    engine    the training loop for every stage; no MLflow, no printing
+    engine    the training loop for every stage: runs the Step it is given; no MLflow, no printing
     calibration  the training paths' speed by a few timed steps, cached (amp and compile auto)
-    tracking  MLflow logging, checkpoints, partners rebuilt from a run's weights
+    choice    the Step (precision, compile) a stage trains with, decided once
+    tracking  the door to MLflow's runs: logging, checkpoints, partners rebuilt from a run's weights
     registry  MLflow model references, registration and promotion
-    stages    baseline / teach / distill, each an MLflow run
+    callbacks what a stage does after each epoch (checkpoint, metrics, console, a caller's hook)
+    signals   SIGINT and SIGTERM as stop requests between training steps
+    stages    baseline / teach / distill, each an MLflow run: prepare, train, publish
     studies   the whole study as child runs of one parent run
 """
 

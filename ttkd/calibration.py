@@ -6,7 +6,7 @@ times them in alternating rounds and caches the figures per ``key`` (the network
 batch shape, the device, the thread count and the torch version), so that the second
 stage of a study or a sweep with the same key measures nothing again, and a path
 measured once (a compiled one costs its compile time) is never measured twice. The engine
-decides from the figures (``ttkd.engine.choose_step``).
+decides from the figures (``ttkd.choice.choose_step``).
 
 The cache is one JSON file, ``calibration.json`` under :func:`cache_dir` (``$TTKD_CACHE_DIR``,
 default ``$XDG_CACHE_HOME/ttkd``, else ``~/.cache/ttkd``); delete it to measure again. It

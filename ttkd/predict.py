@@ -10,12 +10,11 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
-from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from ttkd import cost, modelfile, registry, serving, tracking
 from ttkd.errors import TTKDError
-from ttkd.registry import TAG_PARTNER, ModelRef, first_line
+from ttkd.registry import ModelRef, first_line
 
 
 @dataclasses.dataclass
@@ -131,11 +130,7 @@ def measure_unmeasured(reference: str, students: bool = False,
     and the warnings about versions whose files could not be checked."""
     registry.prepare_store()
     name = reference.strip().removeprefix("models:/").split("/")[0].split("@")[0]
-    client = MlflowClient()
-    versions = client.search_model_versions(f"name = '{name}'", max_results=10000)
-    if students:
-        versions += [s for v in versions for s in client.search_model_versions(
-            f"tags.`{TAG_PARTNER}` = 'models:/{name}/{v.version}'", max_results=10000)]
+    versions = registry.versions(name, students)
     lines, warnings, missing = [], [], set(registry.unmeasured(versions, registry.BUDGETS))  # what budgets need
     for v in (v for v in versions if str(v.version) in missing):
         tags, warning = measure_version(v, trust_unverified)

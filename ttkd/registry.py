@@ -178,6 +178,16 @@ def resolve(reference: str, client: MlflowClient | None = None) -> ModelRef:
                     version=str(mv.version), run_id=mv.run_id)
 
 
+
+def versions(name: str, students: bool = False) -> list:
+    """Every version of model ``name``; with ``students``, then every version distilled from one of them."""
+    client = MlflowClient()
+    found = client.search_model_versions(f"name = '{name}'", max_results=10000)
+    if students:
+        found += [s for v in found for s in client.search_model_versions(
+            f"tags.`{TAG_PARTNER}` = 'models:/{name}/{v.version}'", max_results=10000)]
+    return found
+
 def _registered(client: MlflowClient, name: str) -> None:
     try:
         client.get_registered_model(name)

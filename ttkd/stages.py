@@ -19,32 +19,28 @@ import json
 import logging
 import os
 import signal
-import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Sequence
 from pathlib import Path
 
-import mlflow
 import torch
-from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
-from tqdm import tqdm
 
-from ttkd import attempts, calibration, cost, distributed, kd, models, registry, serving, tracking
+from ttkd import attempts, cost, distributed, kd, models, registry, serving, tracking
+from ttkd import callbacks as callbacks_
 from ttkd import data as datasets
+from ttkd.callbacks import TEST_EPOCH_DELAY, TEST_FREEZE_FILE, Callback  # noqa: F401 (tests set them)
+from ttkd.choice import StepChoice, choose_step
 from ttkd.config import PARAMS, RunConfig, check_processes, check_resume
 from ttkd.engine import (
     EpochStats,
     Interrupted,
     NonFiniteLoss,
-    StepChoice,
+    Step,
     TrainConfig,
     accuracy,
     bf16_supported,
     check_batch,
-    choose_step,
     fit,
     predict,
     resolve_device,
@@ -53,6 +49,7 @@ from ttkd.engine import (
 )
 from ttkd.errors import TTKDError
 from ttkd.registry import ModelRef
+from ttkd.signals import stop_on_signals
 
 log = logging.getLogger(__name__)  # shown by the entry points (entry/options.py)
 
@@ -62,12 +59,6 @@ TAG_METHOD = "ttkd.method"
 TAG_PRECISION = "ttkd.precision"
 TAG_COMPILE = "ttkd.compile"  # the torch.compile mode of the training step, or "eager"
 TAG_UNRESUMABLE = "ttkd.unresumable"  # why resume=last passes a run by (its checkpoint is damaged)
-# tests only: seconds each epoch waits after its metrics, so that a test on a real cluster sees a
-# run mid-way whatever the machine's speed (set in the environment of the nodes' processes)
-TEST_EPOCH_DELAY = "TTKD_TEST_EPOCH_DELAY_S"
-# tests only: once the file this names exists, the next epoch to finish removes it and stops its
-# own process (SIGSTOP) right after its writes: a node cut off at a known point of its work
-TEST_FREEZE_FILE = "TTKD_TEST_FREEZE_FILE"
 TAG_PARTNER_DATA = "ttkd.partner_data"  # "foreign": the partner was trained on another data set (partner_data=any)
 
 
@@ -191,6 +182,7 @@ class Setup:
     partner_arch: str | None = None
     partner_state: dict | None = None  # the pinned partner version's weights
     ckpt: dict | None = None           # the checkpoint a resumed run continues from
+    step: Step = Step()                # how the step runs, chosen once by the leader (prepare)
 
 
 def stage_device(name: str) -> torch.device:
@@ -233,36 +225,50 @@ def follow_stage(setup: Setup) -> None:
     if partner_net is not None:
         partner_net.to(device)
     with stop_on_signals() as stop:
-        fit(model, data, objective, setup.train, partner=partner_net,
+        fit(model, data, objective, setup.train, partner=partner_net, step=setup.step,
             resume=setup.ckpt["engine"] if setup.ckpt else None, stop=stop)
 
 
 FOLLOWER_STOPS = (Interrupted, NonFiniteLoss)  # stops every process agrees on: the stage ends, not the job
 
 
-def run_stage(stage: str, *, arch: str, train: TrainConfig, partner: str | None, method: str,
-              method_params: dict, dataset: str, data_dir: str | None, stream: bool | None,
-              register_as: str, tags: dict[str, str] | None = None, parent_run_id: str | None = None,
-              resume_from: tuple[str, dict] | None = None, partner_data: str = "same",
-              trust_unverified: bool = False, attempt: attempts.Token | None = None) -> StageResult:
-    """Run ``stage`` (a name in ``STAGES``): train ``arch`` with ``method`` beside the
-    frozen ``partner`` reference (trained on this stage's data set unless ``partner_data``
-    is ``any``; its files verified against the registry's digests unless ``trust_unverified``),
-    log everything to an MLflow run and register the result as ``register_as``.
-    ``tags`` go on the run and on the registered version; the run is a child of
-    ``parent_run_id`` (or of the active run) if given. ``resume_from`` = (run id,
-    checkpoint) continues that run. ``attempt`` is this try's token (``ttkd.attempts``;
-    given by a sweep, else the run's next): a newer attempt at the run stops this one
-    before its next write. In a process group this is the leader's part; the followers
-    train alongside in :func:`follow_stage`."""
+@dataclasses.dataclass
+class Prepared:
+    """A stage ready to train (:func:`prepare`'s answer): its inputs checked, its partner
+    fetched and verified, its step chosen, everything on the training device."""
+
+    setup: Setup               # what every process of a group builds alike, the chosen step in it
+    data: datasets.ImageData
+    model: torch.nn.Module
+    partner_net: torch.nn.Module | None
+    objective: torch.nn.Module
+    device: torch.device
+    choice: StepChoice         # the step and why (a resumed run's: the one it started with)
+    register_as: str
+    tags: dict[str, str]
+    partner: ModelRef | None   # the partner pinned to one version
+    partner_asked: str | None  # the partner's reference as given (an alias, a name...)
+    found: tracking.Partner | None
+    record: dict               # what resuming needs to rebuild this stage exactly (TAG_STAGE_ARGS)
+
+    @property
+    def spec(self) -> Stage:
+        return STAGES[self.setup.stage]
+
+
+def prepare(stage: str, *, arch: str, train: TrainConfig, partner: str | None, method: str,
+            method_params: dict, dataset: str, data_dir: str | None, stream: bool | None,
+            register_as: str, tags: dict[str, str] | None = None, resume_from: tuple[str, dict] | None = None,
+            step: Step | None = None, partner_data: str = "same", trust_unverified: bool = False) -> Prepared:
+    """Everything a user can get wrong, checked before a run is opened; the partner fetched
+    and verified; the networks and the objective built; the step (precision, compile)
+    decided here once, or ``step`` as a resumed run started with."""
     spec = STAGES[stage]
-    world = distributed.world()
-    # Everything a user can get wrong is checked here, before a run is opened.
     registry.check_model_name(register_as)
     registry.prepare_store()
     device = stage_device(train.device)
     kd.get(method, spec.role)
-    check_processes((method,), several=world is not None)
+    check_processes((method,), several=distributed.world() is not None)
     setup = Setup(stage, arch, train, method, method_params, dataset, data_dir, stream,
                   ckpt=resume_from[1] if resume_from else None)
     data = datasets.load(dataset, data_dir, stream)
@@ -271,10 +277,9 @@ def run_stage(stage: str, *, arch: str, train: TrainConfig, partner: str | None,
         partner_ref = registry.resolve(partner)  # pinned to one version for every process
         with tempfile.TemporaryDirectory() as tmp:
             found = tracking.load_partner(partner_ref, data, spec.partner, tmp, partner_data, trust_unverified)
-        if found.unverified:
-            log.warning(found.unverified)
-        if found.unchecked:
-            log.warning(found.unchecked)
+        for warning in (found.unverified, found.unchecked):
+            if warning:
+                log.warning(warning)
         if found.foreign:
             log.info("partner_data=any: %s", found.foreign)
         setup = dataclasses.replace(setup, partner_arch=found.arch, partner_state=found.net.state_dict())
@@ -283,167 +288,178 @@ def run_stage(stage: str, *, arch: str, train: TrainConfig, partner: str | None,
     model.to(device)
     if partner_net is not None:
         partner_net.to(device)
-    ckpt = setup.ckpt
-    if ckpt is None:
+    if resume_from is None:
         choice = choose_step(model, data, objective, train, partner_net)
-    else:  # a resumed run keeps the step it started with (its checkpoint has it resolved)
-        choice = StepChoice(bool(train.amp), f"as run {resume_from[0]} started", {}, train.compile or None,
-                            f"as run {resume_from[0]} started")
+    else:  # a resumed run keeps the step it started with
+        step = step or Step.forced(train)
+        how = f"as run {resume_from[0]} started"
+        choice = StepChoice(step.bf16, how, {}, step.compile, how)
     log.info(step_line(choice, device))
-    used = dataclasses.replace(train, amp=choice.bf16, compile=choice.compile or False)
-    setup = dataclasses.replace(setup, train=used)
-    # what resuming needs to rebuild this stage exactly: the partner pinned to its version
-    kwargs = {"arch": arch, "dataset": dataset, "data_dir": data_dir, "stream": stream,
-              "register_as": register_as, "train": dataclasses.asdict(used), "method": method,
-              "method_params": method_params, "partner": partner_ref.uri if partner_ref else None,
-              "partner_data": partner_data, "trust_unverified": trust_unverified, "tags": tags or {}}
-    if world is not None:
-        distributed.lead(setup)
+    setup = dataclasses.replace(setup, step=choice.step)
+    record = {"arch": arch, "dataset": dataset, "data_dir": data_dir, "stream": stream,
+              "register_as": register_as, "train": dataclasses.asdict(train),
+              "step": dataclasses.asdict(choice.step), "method": method, "method_params": method_params,
+              "partner": partner_ref.uri if partner_ref else None, "partner_data": partner_data,
+              "trust_unverified": trust_unverified, "tags": tags or {}}
+    return Prepared(setup, data, model, partner_net, objective, device, choice, register_as, tags or {},
+                    partner_ref, partner, found, record)
 
-    if resume_from:
-        run = mlflow.start_run(run_id=resume_from[0], nested=mlflow.active_run() is not None)
-    else:
-        run = mlflow.start_run(nested=mlflow.active_run() is not None, run_name=f"{stage} {arch}",
-                               parent_run_id=parent_run_id)
-    status = "FAILED"
-    fence = None
+
+def partner_tags(p: Prepared) -> dict[str, str]:
+    """The tags a run and its registered version carry about the partner."""
+    if p.partner is None:
+        return {}
+    return ({TAG_PARTNER: p.partner.uri} | ({TAG_PARTNER_DATA: "foreign"} if p.found.foreign else {})
+            | ({tracking.TAG_TRUSTED: p.partner.uri} if p.found.unverified else {}))
+
+
+def record_start(p: Prepared) -> None:
+    """A new run's tags, parameters, data set and step choice."""
+    s, train = p.setup, p.setup.train
+    tracking.set_tags({TAG_STAGE: s.stage, TAG_METHOD: s.method} | p.tags | partner_tags(p)
+                      | {tracking.TAG_STAGE_ARGS: json.dumps(p.record, sort_keys=True)})
+    tracking.log_params({
+        "dataset": s.dataset, "data_dir": s.data_dir or "", "stream": STREAM_WORDS[s.stream],
+        "streamed": p.data.streamed, "arch": s.arch, "register_as": p.register_as, **dataclasses.asdict(train),
+        **({"method": s.method} if s.stage == "distill" else {}), **s.method_params,
+        **({p.spec.partner: p.partner_asked, "partner_data": p.record["partner_data"],
+            "trust_unverified": p.record["trust_unverified"]} if p.partner else {}),
+        "num_params": models.num_parameters(p.model), "device_used": str(p.device),
+        "world_size": distributed.size(),
+    })
+    tracking.log_dataset(p.data)
+    c = p.choice
+    tracking.set_tags({TAG_PRECISION: "bf16" if c.bf16 else "float32", "ttkd.precision_reason": c.reason,
+                       TAG_COMPILE: c.compile or "eager", "ttkd.compile_reason": c.compile_reason[:5000]})
+    tracking.log_metrics({f"calibration_{name.replace('+', '_compiled_')}_img_s": rate
+                          for name, rate in c.rates.items()}
+                         | ({"calibration_compile_s": c.compile_s} if c.compile_s is not None else {}))
+
+
+def train_stage(p: Prepared, run_id: str, fence: attempts.Attempt, callbacks: Sequence[Callback] = ()
+          ) -> tuple[dict, float, float | None]:
+    """Train ``p`` in run ``run_id`` with the stage's callbacks and then ``callbacks``;
+    returns the last epoch's stats (as a dict), the best val_acc and the partner's val_acc.
+    A stop request ends it with :class:`StageInterrupted`, a lost peer with ``distributed.Lost``."""
+    ckpt, s = p.setup.ckpt, p.setup
+    partner_acc = None
+    if p.partner_net is not None:
+        partner_acc = accuracy(predict(p.partner_net, p.data, s.train.batch_size), p.data.val_y)
+        log.info(f"{p.spec.partner} {p.partner.uri}: val_acc {partner_acc:.2f}%")
+    if ckpt is not None and ckpt["epoch"] not in tracking.logged_steps(run_id, "val_acc"):
+        tracking.log_epoch(EpochStats(**ckpt["stats"]), partner_acc)  # killed between its checkpoint and metrics
+    meta = {"format": tracking.CHECKPOINT_FORMAT, "stage": s.stage, "arch": s.arch,
+            "num_classes": p.data.num_classes, "image_shape": list(p.data.image_shape)}
+    with tempfile.TemporaryDirectory() as tmp, stop_on_signals() as stop:
+        keep = callbacks_.Checkpoints(run_id, p.model, Path(tmp), meta, ckpt["best_val_acc"] if ckpt else -1.0,
+                                      resumed=ckpt is not None)
+        on_epoch = callbacks_.run_all([lambda stats, engine: fence.check(), callbacks_.recheck(p.choice), keep,
+                                       callbacks_.metrics(partner_acc), callbacks_.console(s.train.epochs),
+                                       callbacks_.test_hooks, *callbacks])
+        try:
+            history = fit(p.model, p.data, p.objective, s.train, partner=p.partner_net, step=s.step,
+                          on_epoch=on_epoch, resume=ckpt["engine"] if ckpt else None, stop=stop,
+                          progress=callbacks_.progress_bar)
+        except Interrupted as exc:
+            distributed.done()
+            where = "" if stop.signum else " (sent to another process of this stage)"
+            raise StageInterrupted(
+                f"stopped by {signal.Signals(exc.signum).name}{where} in epoch {exc.epoch}; run {run_id} is "
+                f"marked KILLED and keeps its last finished epoch: continue it with resume={run_id}",
+                exc.signum) from None
+        except NonFiniteLoss:
+            distributed.done()
+            raise
+        except RuntimeError as exc:
+            if distributed.world() is None:
+                raise
+            raise distributed.Lost(
+                f"another process of this stage stopped ({_first_line(exc)}); run {run_id} is marked FAILED "
+                f"and keeps its last finished epoch: continue it with resume={run_id}") from None
+        distributed.done()
+    last = dataclasses.asdict(history[-1]) if history else dict(ckpt["stats"])
+    tracking.log_metrics({"best_val_acc": keep.best})
+    return last, keep.best, partner_acc
+
+
+def publish(p: Prepared, run_id: str, fence: attempts.Attempt) -> ModelRef:
+    """Measure what the trained network costs to run, log it as the run's model and register
+    it once (``attempts.register_once``), with its digests on the run and the version."""
+    measured = {}  # what the served network costs, measured on it before it is logged
+
+    def measure(path: Path) -> None:  # (and, trained on a GPU, the network there)
+        start = time.perf_counter()
+        on_cuda = (copy.deepcopy(p.model).eval().to(p.device), p.device) if p.device.type == "cuda" else None
+        served = serving.load_network(str(path), p.data.image_shape, p.data.num_classes,
+                                      threads=tracking.COST_THREADS)
+        measured["cost"] = cost.measure(p.model, served, p.data.image_shape, path.stat().st_size,
+                                        threads=tracking.COST_THREADS, on_cuda=on_cuda)
+        measured["seconds"] = time.perf_counter() - start
+    fence.check()
+    s = p.setup
+    info, digests = tracking.log_model(p.model, p.data, s.arch, on_export=measure)
+    tracking.log_metrics(measured["cost"].metrics() | {"cost_measure_s": measured["seconds"]})
+    tracking.set_tags({tracking.TAG_DIGESTS: json.dumps(digests, sort_keys=True)})
+    version_tags = {TAG_STAGE: s.stage, TAG_METHOD: s.method, "ttkd.dataset": s.dataset, "ttkd.arch": s.arch,
+                    tracking.TAG_DIGESTS: json.dumps(digests, sort_keys=True),
+                    **tracking.cost_tags(measured["cost"]), **p.tags, **partner_tags(p)}
+    ref = attempts.register_once(fence, info.model_uri, p.register_as, version_tags)
+    tracking.set_tags({"ttkd.registered_model": ref.uri})
+    return ref
+
+
+def run_stage(stage: str, *, arch: str, train: TrainConfig, partner: str | None, method: str,
+              method_params: dict, dataset: str, data_dir: str | None, stream: bool | None,
+              register_as: str, tags: dict[str, str] | None = None, parent_run_id: str | None = None,
+              resume_from: tuple[str, dict] | None = None, step: Step | None = None, partner_data: str = "same",
+              trust_unverified: bool = False, attempt: attempts.Token | None = None,
+              callbacks: Sequence[Callback] = ()) -> StageResult:
+    """Run ``stage`` (a name in ``STAGES``): train ``arch`` with ``method`` beside the
+    frozen ``partner`` reference (trained on this stage's data set unless ``partner_data``
+    is ``any``; its files verified against the registry's digests unless ``trust_unverified``),
+    log everything to an MLflow run and register the result as ``register_as``.
+    ``tags`` go on the run and on the registered version; the run is a child of
+    ``parent_run_id`` (or of the active run) if given. ``resume_from`` = (run id,
+    checkpoint) continues that run in the ``step`` it started with. ``attempt`` is this
+    try's token (``ttkd.attempts``; given by a sweep, else the run's next): a newer attempt
+    at the run stops this one before its next write. ``callbacks`` run after each epoch's
+    own (``ttkd.callbacks``). In a process group this is the leader's part; the followers
+    train alongside in :func:`follow_stage`.
+
+    Three steps: :func:`prepare` (before any run is opened), :func:`train_stage`, :func:`publish`."""
+    p = prepare(stage, arch=arch, train=train, partner=partner, method=method, method_params=method_params,
+                dataset=dataset, data_dir=data_dir, stream=stream, register_as=register_as, tags=tags,
+                resume_from=resume_from, step=step, partner_data=partner_data, trust_unverified=trust_unverified)
+    if distributed.world() is not None:
+        distributed.lead(p.setup)
+    run = tracking.start_run(resume_from[0] if resume_from else None, name=f"{stage} {arch}",
+                             parent_run_id=parent_run_id)
+    run_id, status, fence = run.info.run_id, "FAILED", None
     try:
-        fence = attempts.begin(run.info.run_id, parent_id=parent_run_id or run.data.tags.get(MLFLOW_PARENT_RUN_ID),
-                               point=(tags or {}).get(attempts.POINT_TAG), token=attempt, fresh=ckpt is None)
-        if ckpt is None:
-            run_tags = {TAG_STAGE: stage, TAG_METHOD: method} | (tags or {})
-            if partner_ref is not None:
-                run_tags[TAG_PARTNER] = partner_ref.uri
-            if found is not None and found.foreign:
-                run_tags[TAG_PARTNER_DATA] = "foreign"
-            if found is not None and found.unverified:
-                run_tags[tracking.TAG_TRUSTED] = partner_ref.uri
-            mlflow.set_tags(run_tags | {tracking.TAG_STAGE_ARGS: json.dumps(kwargs, sort_keys=True)})
-            tracking.log_params({
-                "dataset": dataset, "data_dir": data_dir or "", "stream": STREAM_WORDS[stream],
-                "streamed": data.streamed, "arch": arch,
-                "register_as": register_as, **dataclasses.asdict(train),
-                **({"method": method} if stage == "distill" else {}), **method_params,
-                **({spec.partner: partner, "partner_data": partner_data, "trust_unverified": trust_unverified}
-                   if partner else {}),
-                "num_params": models.num_parameters(model), "device_used": str(device),
-                "world_size": distributed.size(),
-            })
-            tracking.log_dataset(data)
-            mlflow.set_tags({TAG_PRECISION: "bf16" if choice.bf16 else "float32",
-                             "ttkd.precision_reason": choice.reason, TAG_COMPILE: choice.compile or "eager",
-                             "ttkd.compile_reason": choice.compile_reason[:5000]})
-            mlflow.log_metrics({f"calibration_{name.replace('+', '_compiled_')}_img_s": rate
-                                for name, rate in choice.rates.items()}
-                               | ({"calibration_compile_s": choice.compile_s} if choice.compile_s is not None else {}))
+        fence = attempts.begin(run_id, parent_id=parent_run_id or run.data.tags.get(tracking.PARENT_TAG),
+                               point=p.tags.get(attempts.POINT_TAG), token=attempt, fresh=resume_from is None)
+        if resume_from is None:
+            record_start(p)
         else:
-            mlflow.set_tags((tags or {}) | {"ttkd.resumed_after_epoch": str(ckpt["epoch"])})
+            ckpt = resume_from[1]
+            tracking.set_tags(p.tags | {"ttkd.resumed_after_epoch": str(ckpt["epoch"])})
             before = ckpt["engine"].get("world_size", 1)
-            log.info(f"resuming run {run.info.run_id} after epoch {ckpt['epoch']}"
+            log.info(f"resuming run {run_id} after epoch {ckpt['epoch']}"
                      + (f", with {_processes(distributed.size())} instead of {before}"
                         if before != distributed.size() else ""))
-
-        partner_acc = None
-        if partner_net is not None:
-            partner_acc = accuracy(predict(partner_net, data, train.batch_size), data.val_y)
-            log.info(f"{spec.partner} {partner_ref.uri}: val_acc {partner_acc:.2f}%")
-
-        last = dict(ckpt["stats"]) if ckpt else None
-        if ckpt is not None:  # killed between its checkpoint and its metrics: log them now
-            logged = {m.step for m in MlflowClient().get_metric_history(run.info.run_id, "val_acc")}
-            if ckpt["epoch"] not in logged:
-                tracking.log_epoch(EpochStats(**last), partner_acc)
-        best = [ckpt["best_val_acc"] if ckpt else -1.0]
-        written = tracking.checkpoint_digests(run.info.run_id) if ckpt else {}  # the run's checkpoints' SHA-256
-        with tempfile.TemporaryDirectory() as tmp, stop_on_signals() as stop:
-            def on_epoch(s: EpochStats, engine: dict) -> None:
-                fence.check()  # a newer attempt at this run (a retry elsewhere) writes from now on
-                if ckpt is None and s.epoch == 1 and choice.key:  # the figures that chose the step, checked
-                    chosen = ("bf16" if choice.bf16 else "float32") + (f"+{choice.compile}" if choice.compile else "")
-                    if calibration.recheck(choice.key, chosen, s.throughput):
-                        log.warning(f"the cached calibration of {chosen} ({choice.rates[chosen]:,.0f} img/s) is "
-                                    f"far below what epoch 1 trained at ({s.throughput:,.0f} img/s): it was measured "
-                                    f"while the machine was busy; dropped, the next stage measures again")
-                best[0] = max(best[0], s.val_acc)
-                state = {"format": tracking.CHECKPOINT_FORMAT,
-                         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                         "engine": engine, "stage": stage,
-                         "arch": arch, "num_classes": data.num_classes,
-                         "image_shape": list(data.image_shape), "epoch": s.epoch,
-                         "val_acc": s.val_acc, "best_val_acc": best[0],
-                         "stats": dataclasses.asdict(s)}
-                files = [Path(tmp) / "last.pt"] + ([Path(tmp) / "best.pt"] if s.val_acc == best[0] else [])
-                for file in files:
-                    tracking.save_checkpoint(file, state)
-                tracking.log_checkpoints(files, written)
-                # metrics after the checkpoint: an epoch with metrics always has its checkpoint
-                tracking.log_epoch(s, partner_acc)
-                log.info(summary(s, train.epochs))
-                time.sleep(float(os.environ.get(TEST_EPOCH_DELAY, "0")))
-                freeze = os.environ.get(TEST_FREEZE_FILE)
-                if freeze and os.path.exists(freeze):
-                    os.remove(freeze)
-                    os.kill(os.getpid(), signal.SIGSTOP)
-
-            try:
-                history = fit(model, data, objective, used, partner=partner_net, on_epoch=on_epoch,
-                              resume=ckpt["engine"] if ckpt else None, stop=stop, progress=progress_bar)
-            except Interrupted as exc:
-                distributed.done()
-                status = "KILLED"
-                name = signal.Signals(exc.signum).name
-                where = "" if stop.signum else " (sent to another process of this stage)"
-                raise StageInterrupted(
-                    f"stopped by {name}{where} in epoch {exc.epoch}; run {run.info.run_id} is marked "
-                    f"KILLED and keeps its last finished epoch: continue it with resume={run.info.run_id}",
-                    exc.signum) from None
-            except NonFiniteLoss:
-                distributed.done()
-                raise
-            except RuntimeError as exc:
-                if world is None:
-                    raise
-                raise distributed.Lost(
-                    f"another process of this stage stopped ({_first_line(exc)}); run {run.info.run_id} "
-                    f"is marked FAILED and keeps its last finished epoch: continue it with "
-                    f"resume={run.info.run_id}") from None
-            distributed.done()
-        if history:
-            last = dataclasses.asdict(history[-1])
-        mlflow.log_metric("best_val_acc", best[0])
-
-        measured = {}  # what the served network costs, measured on it before it is logged
-
-        def measure(path: Path) -> None:  # (and, trained on a GPU, the network there)
-            start = time.perf_counter()
-            on_cuda = (copy.deepcopy(model).eval().to(device), device) if device.type == "cuda" else None
-            served = serving.load_network(str(path), data.image_shape, data.num_classes, threads=tracking.COST_THREADS)
-            measured["cost"] = cost.measure(model, served, data.image_shape, path.stat().st_size,
-                                            threads=tracking.COST_THREADS, on_cuda=on_cuda)
-            measured["seconds"] = time.perf_counter() - start
-        fence.check()
-        info, digests = tracking.log_model(model, data, arch, on_export=measure)
-        mlflow.log_metrics(measured["cost"].metrics() | {"cost_measure_s": measured["seconds"]})
-        mlflow.set_tag(tracking.TAG_DIGESTS, json.dumps(digests, sort_keys=True))
-        version_tags = {TAG_STAGE: stage, TAG_METHOD: method, "ttkd.dataset": dataset, "ttkd.arch": arch,
-                        tracking.TAG_DIGESTS: json.dumps(digests, sort_keys=True),
-                        **tracking.cost_tags(measured["cost"]), **(tags or {})}
-        if partner_ref is not None:
-            version_tags[TAG_PARTNER] = partner_ref.uri
-        if found is not None and found.foreign:
-            version_tags[TAG_PARTNER_DATA] = "foreign"
-        if found is not None and found.unverified:
-            version_tags[tracking.TAG_TRUSTED] = partner_ref.uri
-        ref = attempts.register_once(fence, info.model_uri, register_as, version_tags)
-        mlflow.set_tag("ttkd.registered_model", ref.uri)
-        log.info(f"registered {ref.uri} (val_acc {last['val_acc']:.2f}%, run {run.info.run_id})")
+        last, _, partner_acc = train_stage(p, run_id, fence, callbacks)
+        ref = publish(p, run_id, fence)
+        log.info(f"registered {ref.uri} (val_acc {last['val_acc']:.2f}%, run {run_id})")
         status = "FINISHED"
+    except StageInterrupted:
+        status = "KILLED"
+        raise
     finally:
         if fence is not None and fence.current():
-            mlflow.end_run(status)
+            tracking.end_run(status)
         else:  # a newer attempt owns the run (or this one could not claim it): its state is not ours
             tracking.leave_run()
-    return StageResult(run.info.run_id, ref, last["val_acc"], last["agreement"], partner_ref, partner_acc)
+    return StageResult(run_id, ref, last["val_acc"], last["agreement"], p.partner, partner_acc)
 
 
 def step_line(c: StepChoice, device: torch.device) -> str:
@@ -470,74 +486,6 @@ def _first_line(exc: BaseException) -> str:
 STREAM_WORDS = {None: "auto", True: "true", False: "false"}
 
 
-def summary(s: EpochStats, epochs: int) -> str:
-    """One line per epoch for the terminal."""
-    parts = " ".join(f"{k} {v:.4f}" for k, v in s.train.items() if k != "loss")
-    agree = f"  agreement {s.agreement:.1f}%" if s.agreement is not None else ""
-    return (f"epoch {s.epoch:>3}/{epochs}  loss {s.train['loss']:.4f} ({parts})  "
-            f"val_loss {s.val_loss:.4f}  val_acc {s.val_acc:.2f}%{agree}  "
-            f"lr {s.lr:.4g}  {s.throughput:,.0f} img/s")
-
-
-def progress_bar(batches, total: int, label: str):
-    """A progress bar on a terminal's stderr; nothing when stderr is not a terminal."""
-    return tqdm(batches, total=total, desc=label, leave=False, disable=not sys.stderr.isatty())
-
-
-class stop_on_signals:
-    """While active, SIGINT and SIGTERM ask training to stop after the current step
-    (a second signal stops at once); calling the object returns the signal that came (0: none).
-    ``forward(signum)``, if given, is called with the first one (a sweep passes it on to
-    its workers). A signal taken by an enclosing block, or noted by ``note_signal`` while
-    no block was active, counts for the blocks entered after it: a stage started after
-    the stop request stops at its first step."""
-
-    pending: int | None = None  # the stop request this process has received, if any
-    _depth = 0
-
-    def __init__(self, forward: Callable[[int], None] | None = None):
-        self.signum = None
-        self.forward = forward
-        self._old = {}
-
-    def __call__(self) -> int:
-        return self.signum or 0
-
-    def _handle(self, signum, frame):
-        if self.signum is not None:
-            raise KeyboardInterrupt
-        self.signum = stop_on_signals.pending = signum
-        if self.forward:
-            self.forward(signum)
-
-    def __enter__(self):
-        self.signum = stop_on_signals.pending
-        stop_on_signals._depth += 1
-        try:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old[sig] = signal.signal(sig, self._handle)
-        except ValueError:  # not the main thread: leave signals alone
-            pass
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self._old.items():
-            signal.signal(sig, handler)
-        stop_on_signals._depth -= 1
-        if stop_on_signals._depth == 0 and not note_signal.installed:
-            stop_on_signals.pending = None  # handled: the next command starts afresh
-        return False
-
-
-def note_signal(signum, frame) -> None:
-    """A handler for SIGINT and SIGTERM between stages (a sweep's worker): remember the
-    stop request for the next ``stop_on_signals`` block."""
-    stop_on_signals.pending = signum
-
-
-note_signal.installed = False  # set where note_signal is the process's handler
-
-
 def resume(stage: str, reference: str, cfg: RunConfig | None = None,
            tags: dict[str, str] | None = None, attempt: attempts.Token | None = None) -> StageResult:
     """Continue an unfinished ``stage`` run (its id, or ``last`` for the newest one) from
@@ -545,7 +493,6 @@ def resume(stage: str, reference: str, cfg: RunConfig | None = None,
     run's own. ``tags`` (where it trains now) are added to the run's and its version's;
     ``attempt``: as in :func:`run_stage`."""
     registry.prepare_store()
-    client = MlflowClient()
     run = unfinished_run(stage, reference)
     run_id = run.info.run_id
     if cfg is not None:
@@ -554,7 +501,7 @@ def resume(stage: str, reference: str, cfg: RunConfig | None = None,
         try:
             ckpt = tracking.download_checkpoint(run_id, tmp)
         except tracking.DamagedCheckpoint as exc:  # never again the newest run to resume
-            client.set_tag(run_id, TAG_UNRESUMABLE, "damaged checkpoint")
+            tracking.tag_run(run_id, {TAG_UNRESUMABLE: "damaged checkpoint"})
             raise tracking.DamagedCheckpoint(f"{exc}; resume=last skips this run from now on") from None
     if ckpt is None:
         raise NoCheckpoint(f"run {run_id} has no checkpoint (it stopped in its first epoch); "
@@ -562,9 +509,9 @@ def resume(stage: str, reference: str, cfg: RunConfig | None = None,
     if ckpt.get("format") != tracking.CHECKPOINT_FORMAT or ckpt.get("stage") != stage:
         raise TTKDError(f"the checkpoint of run {run_id} cannot be resumed (made by another version "
                         f"of ttkd or another stage); start the stage again")
-    if os.environ.get("MLFLOW_RUN_ID") and mlflow.active_run() is None:
+    if os.environ.get("MLFLOW_RUN_ID") and tracking.active_run_id() is None:
         # started by `mlflow run`: point its run at the real one
-        client.set_tag(os.environ["MLFLOW_RUN_ID"], "ttkd.resumes_run", run_id)
+        tracking.tag_run(os.environ["MLFLOW_RUN_ID"], {"ttkd.resumes_run": run_id})
     try:  # the run's own record, in the tracking store: never what its checkpoint file says
         kw = json.loads(run.data.tags[tracking.TAG_STAGE_ARGS])
     except (KeyError, ValueError):
@@ -574,6 +521,7 @@ def resume(stage: str, reference: str, cfg: RunConfig | None = None,
                      method=kw["method"], method_params=kw["method_params"], dataset=kw["dataset"],
                      data_dir=kw["data_dir"], stream=kw["stream"], register_as=kw["register_as"],
                      tags=(kw.get("tags") or {}) | (tags or {}), resume_from=(run_id, ckpt),
+                     step=Step(**kw["step"]) if "step" in kw else None,  # older records: train has it
                      partner_data=kw.get("partner_data", "same"), trust_unverified=kw.get("trust_unverified", False),
                      attempt=attempt)
 
@@ -581,22 +529,18 @@ def resume(stage: str, reference: str, cfg: RunConfig | None = None,
 def unfinished_run(stage: str, reference: str):
     """The unfinished ``stage`` run named by ``reference`` (a run id, or ``last``)."""
     if reference == "last":  # in this experiment only: on a shared server, others' runs are elsewhere
-        experiment = mlflow.get_experiment(tracking.use_experiment(""))
-        runs = [r for r in mlflow.search_runs([experiment.experiment_id], output_format="list",
-                                              filter_string=f"tags.`{TAG_STAGE}` = '{stage}'",
-                                              order_by=["attributes.start_time DESC"], max_results=50)
-                if r.info.status != "FINISHED" and TAG_UNRESUMABLE not in r.data.tags]
+        experiment, runs = tracking.newest_runs(TAG_STAGE, stage)
+        runs = [r for r in runs if r.info.status != "FINISHED" and TAG_UNRESUMABLE not in r.data.tags]
         if not runs:
-            raise TTKDError(f"no unfinished {stage} run to resume in experiment {experiment.name!r}; "
+            raise TTKDError(f"no unfinished {stage} run to resume in experiment {experiment!r}; "
                             f"start one without resume, or give the experiment it ran in (experiment=NAME)")
         started = datetime.datetime.fromtimestamp(runs[0].info.start_time / 1000).strftime("%Y-%m-%d %H:%M")
         log.info(f"resume=last: run {runs[0].info.run_id} ({runs[0].info.run_name}, {runs[0].info.status}, "
-                 f"started {started}) in experiment {experiment.name!r}")
+                 f"started {started}) in experiment {experiment!r}")
         return runs[0]
-    try:
-        run = MlflowClient().get_run(reference)
-    except MlflowException:
-        raise TTKDError(f"no run with id {reference!r}; give a run id from mlflow ui, or last") from None
+    run = tracking.get_run(reference)
+    if run is None:
+        raise TTKDError(f"no run with id {reference!r}; give a run id from mlflow ui, or last")
     if run.data.tags.get(TAG_STAGE) != stage:
         raise TTKDError(f"run {run.info.run_id} is a {run.data.tags.get(TAG_STAGE, 'non-ttkd')} run; "
                         f"resume it with its own entry point")

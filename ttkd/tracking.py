@@ -25,6 +25,7 @@ from mlflow.models import Model, ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, DataType, Schema
 from mlflow.types.schema import Array
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from torch import nn
 
 from ttkd import modelfile, models, serving
@@ -89,6 +90,119 @@ def use_experiment(name: str) -> str:
     os.environ.pop("MLFLOW_EXPERIMENT_NAME", None)  # the id below says the same
     os.environ["MLFLOW_EXPERIMENT_ID"] = experiment.experiment_id
     return experiment.experiment_id
+
+
+PARENT_TAG = MLFLOW_PARENT_RUN_ID  # on a child run: its parent's id
+
+
+def start_run(run_id: str | None = None, name: str | None = None, parent_run_id: str | None = None,
+              nested: bool | None = None):
+    """Open run ``run_id`` again (a resumed run), or a new run called ``name``, a child of
+    ``parent_run_id`` or else (``nested``, by default when a run is active) of the active run;
+    returns it."""
+    nested = mlflow.active_run() is not None if nested is None else nested
+    if run_id is not None:
+        return mlflow.start_run(run_id=run_id, nested=nested)
+    return mlflow.start_run(nested=nested, run_name=name, parent_run_id=parent_run_id)
+
+
+def end_run(status: str) -> None:
+    """End the active run as ``status`` (FINISHED, FAILED or KILLED)."""
+    mlflow.end_run(status)
+
+
+def active_run_id() -> str | None:
+    run = mlflow.active_run()
+    return run.info.run_id if run else None
+
+
+def set_tags(tags: dict[str, str]) -> None:
+    """Tag the active run."""
+    mlflow.set_tags(tags)
+
+
+def tag_run(run_id: str, tags: dict[str, str]) -> None:
+    """Tag run ``run_id`` (active or not)."""
+    client = MlflowClient()
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
+
+
+def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
+    """Log ``metrics`` on the active run."""
+    mlflow.log_metrics(metrics, step=step)
+
+
+def log_text(text: str, path: str) -> None:
+    """``text`` as the active run's artifact ``path``."""
+    mlflow.log_text(text, path)
+
+
+def log_dict(value: dict, path: str) -> None:
+    """``value`` as the active run's JSON artifact ``path``."""
+    mlflow.log_dict(value, path)
+
+
+def read_json(run_id: str, path: str):
+    """Run ``run_id``'s JSON artifact ``path``: its value, or None where the run has no such
+    artifact; a file that cannot be read or parsed raises ``ValueError``."""
+    if path not in (a.path for a in MlflowClient().list_artifacts(run_id)):
+        return None
+    try:
+        return json.loads(Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path)).read_text())
+    except (MlflowException, OSError) as exc:
+        raise ValueError(str(exc)) from None
+
+
+def has_artifact(run_id: str, path: str) -> bool:
+    return path in (a.path for a in MlflowClient().list_artifacts(run_id))
+
+
+def terminate(run_id: str, status: str) -> None:
+    """Mark run ``run_id`` (not the active one) ``status``."""
+    MlflowClient().set_terminated(run_id, status)
+
+
+def child_runs(parent_id: str, tags: dict[str, str] | None = None, newest_first: bool = False,
+               limit: int | None = None) -> list:
+    """The runs whose parent is ``parent_id`` (and carrying ``tags``), in every experiment,
+    oldest first unless ``newest_first``."""
+    where = " and ".join([f"tags.`{PARENT_TAG}` = '{parent_id}'"]
+                         + [f"tags.`{k}` = '{v}'" for k, v in (tags or {}).items()])
+    order = ["attributes.start_time " + ("DESC" if newest_first else "ASC")]
+    return mlflow.search_runs(search_all_experiments=True, output_format="list", filter_string=where,
+                              order_by=order, **({"max_results": limit} if limit else {}))
+
+
+def tracking_uri() -> str:
+    return mlflow.get_tracking_uri()
+
+
+def set_tracking_uri(uri: str) -> None:
+    mlflow.set_tracking_uri(uri)
+
+
+def logged_steps(run_id: str, key: str) -> set[int]:
+    """The steps at which run ``run_id`` has metric ``key``."""
+    return {m.step for m in MlflowClient().get_metric_history(run_id, key)}
+
+
+def get_run(run_id: str):
+    """Run ``run_id``, or None if the store has none of that id."""
+    try:
+        return MlflowClient().get_run(run_id)
+    except MlflowException:
+        return None
+
+
+def newest_runs(tag: str, value: str, limit: int = 50) -> tuple[str, list]:
+    """The name of this process's experiment (``use_experiment``) and its newest ``limit``
+    runs tagged ``tag`` = ``value``, newest first."""
+    experiment = mlflow.get_experiment(use_experiment(""))
+    runs = mlflow.search_runs([experiment.experiment_id], output_format="list",
+                              filter_string=f"tags.`{tag}` = '{value}'",
+                              order_by=["attributes.start_time DESC"], max_results=limit)
+    return experiment.name, runs
 
 
 def leave_run() -> None:

@@ -10,16 +10,10 @@ reusing every finished point.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import signal
 from collections.abc import Callable
-from pathlib import Path
-
-import mlflow
-from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
 
 from ttkd import attempts, kd, models, registry, tracking
 from ttkd import data as datasets
@@ -116,9 +110,9 @@ def study(*, student_arch: str, teacher_arch: str, student_train: TrainConfig,
         promotions = [registry.promote(r.model.name) for r in res.values()]
         table = comparison_table(res, weight, method)
         table += "\n" + cost_table(res, {k: tracking.run_cost(r.run_id) for k, r in res.items()}, method)
-        mlflow.log_metrics({f"val_acc_{k}": res[k].val_acc for k in STUDY_ROWS})
-        mlflow.log_text(table, "comparison.md")
-        mlflow.log_dict({k: {"model": r.model.uri, "val_acc": r.val_acc, "agreement": r.agreement}
+        tracking.log_metrics({f"val_acc_{k}": res[k].val_acc for k in STUDY_ROWS})
+        tracking.log_text(table, "comparison.md")
+        tracking.log_dict({k: {"model": r.model.uri, "val_acc": r.val_acc, "agreement": r.agreement}
                          for k, r in res.items()}, "comparison.json")
         return "\n".join(map(str, promotions)) + "\n" + table
 
@@ -177,7 +171,7 @@ def sweep(*, student_arch: str, teacher_arch: str, student_train: TrainConfig,
         report = reports.build(grid, _values(outcomes), _failures(outcomes))
         text = reports.markdown(report)
         tracking.log_report(text, report, reports.figures(report))
-        mlflow.log_metrics(reports.headline_metrics(report))  # to sort and compare sweeps in mlflow ui
+        tracking.log_metrics(reports.headline_metrics(report))  # to sort and compare sweeps in mlflow ui
         lines = []  # the teacher by its students, each student model by its own val_acc
         for name, by in ([(sweep_name(prefix, Point("teacher", 0)), "students")]
                          + [(n, "self") for n in dict.fromkeys(sweep_name(prefix, p) for p in grid.points()
@@ -231,18 +225,18 @@ def _run_grid(kind: str, run_name: str, plan: Plan, args: dict, params: dict, st
     The scheduler is entered (a cluster joined, its resources checked) before the run opens."""
     found = _children(resume_run, plan.grid) if resume_run else {}
     with scheduler:
-        run_ = mlflow.start_run(run_id=resume_run) if resume_run else mlflow.start_run(run_name=run_name)
+        run_ = tracking.start_run(resume_run, name=run_name, nested=False)
         parent_id = run_.info.run_id
         status = "FAILED"
         try:
             if not resume_run:
-                mlflow.set_tags({TAG_STAGE: kind, "ttkd.method": method})
+                tracking.set_tags({TAG_STAGE: kind, "ttkd.method": method})
                 per_seed = ("seed",) if kind == "sweep" else ()  # a sweep's seeds are a parameter of their own
                 roles = (("student", student_train), ("teacher", teacher_train))
                 log_params(params | {"stream": STREAM_WORDS[args["stream"]], "data_dir": args["data_dir"] or ""}
                            | {f"{role}.{k}": v for role, train in roles
                               for k, v in dataclasses.asdict(train).items() if k not in per_seed})
-                mlflow.log_dict(args, f"{kind}.json")  # what resuming rebuilds the grid from
+                tracking.log_dict(args, f"{kind}.json")  # what resuming rebuilds the grid from
             try:
                 generation = attempts.next_generation(parent_id)
                 outcomes, signum = run(plan, parent_id, found, scheduler, generation=generation, verbose=verbose,
@@ -266,7 +260,7 @@ def _run_grid(kind: str, run_name: str, plan: Plan, args: dict, params: dict, st
                 raise TTKDError(_failure_line(failed, parent_id, len(outcomes)))
             status = "FINISHED"
         finally:
-            mlflow.end_run(status)
+            tracking.end_run(status)
         return text
 
 
@@ -300,19 +294,18 @@ def resume_grid(kind: str, reference: str, cfg: RunConfig | None = None, **chang
     run_ = unfinished_run(kind, reference)
     if cfg is not None:
         check_resume(cfg, run_.info.run_id, run_.data.params)
-    names = [a.path for a in MlflowClient().list_artifacts(run_.info.run_id)]
-    if f"{kind}.json" not in names:
-        why = "was made by an older ttkd" if "study.json" in names else f"has no {kind}.json"
-        raise TTKDError(f"{kind} run {run_.info.run_id} {why}; start it again")
     try:
-        path = mlflow.artifacts.download_artifacts(run_id=run_.info.run_id, artifact_path=f"{kind}.json")
-        args = json.loads(Path(path).read_text())
-    except (MlflowException, OSError, ValueError):
+        args = tracking.read_json(run_.info.run_id, f"{kind}.json")
+    except ValueError:
         raise TTKDError(f"{kind} run {run_.info.run_id} has no readable {kind}.json; start it again") from None
+    if args is None:
+        older = tracking.has_artifact(run_.info.run_id, "study.json")
+        why = "was made by an older ttkd" if older else f"has no {kind}.json"
+        raise TTKDError(f"{kind} run {run_.info.run_id} {why}; start it again")
     trains = {k: train_config(args.pop(k)) for k in ("student_train", "teacher_train")}
     log.info(f"resuming {kind} run {run_.info.run_id}")
     if os.environ.get("MLFLOW_RUN_ID"):  # started by `mlflow run`: point its run at the real one,
-        MlflowClient().set_tag(os.environ["MLFLOW_RUN_ID"], "ttkd.resumes_run", run_.info.run_id)
+        tracking.tag_run(os.environ["MLFLOW_RUN_ID"], {"ttkd.resumes_run": run_.info.run_id})
         del os.environ["MLFLOW_RUN_ID"]    # which new child runs must not attach to
     if kind == "main":
         return study(**args, **trains, resume_run=run_.info.run_id)
@@ -325,10 +318,7 @@ def _children(parent_id: str, grid: Grid) -> dict[Point, StageResult | str]:
     or its newest unfinished run's id (to continue)."""
     points = {p.key: p for p in grid.points()}
     found: dict[Point, StageResult | str] = {}
-    runs = mlflow.search_runs(search_all_experiments=True, output_format="list",
-                              filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'",
-                              order_by=["attributes.start_time ASC"])
-    for r in runs:  # oldest first: a point's newest run wins
+    for r in tracking.child_runs(parent_id):  # oldest first: a point's newest run wins
         point, tags = points.get(r.data.tags.get(TAG_POINT, "")), r.data.tags
         if point is None:
             continue

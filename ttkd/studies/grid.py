@@ -21,10 +21,7 @@ import traceback
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-import mlflow
-from mlflow.tracking import MlflowClient
-
-from ttkd import attempts, distributed, registry, stages
+from ttkd import attempts, distributed, registry, signals, stages, tracking
 from ttkd.engine import TrainConfig
 from ttkd.stages import TAG_PARTNER, StageInterrupted, StageResult
 
@@ -162,9 +159,8 @@ def run_task(task: Task, verbose: bool = False, extra_tags: dict[str, str] | Non
                 try:
                     result = stages.resume(task.stage, task.resume_run, tags=extra_tags, attempt=task.attempt)
                 except stages.NoCheckpoint:  # stopped in its first epoch: start it again
-                    client = MlflowClient()
-                    if client.get_run(task.resume_run).info.status == "RUNNING":  # its process died
-                        client.set_terminated(task.resume_run, "KILLED")
+                    if tracking.get_run(task.resume_run).info.status == "RUNNING":  # its process died
+                        tracking.terminate(task.resume_run, "KILLED")
                     result = getattr(stages, task.stage)(**task.kwargs, attempt=task.attempt)
             else:
                 result = getattr(stages, task.stage)(**task.kwargs, attempt=task.attempt)
@@ -205,20 +201,18 @@ def latest_attempt(task: Task) -> str | Outcome | None:
         return task.resume_run
     claimed = attempts.point_run(task.kwargs["parent_run_id"], task.point.key)
     if claimed is not None:  # the run the newest attempt at this point trains in
-        run = MlflowClient().get_run(claimed)
+        run = tracking.get_run(claimed)
         runs = [run] if run.info.lifecycle_stage == "active" else []
     else:  # (a run started before attempts were claimed)
-        runs = mlflow.search_runs(search_all_experiments=True, output_format="list", max_results=1,
-                                  filter_string=f"tags.`mlflow.parentRunId` = '{task.kwargs['parent_run_id']}' "
-                                                f"and tags.`{TAG_POINT}` = '{task.point.key}'",
-                                  order_by=["attributes.start_time DESC"])
+        runs = tracking.child_runs(task.kwargs["parent_run_id"], {TAG_POINT: task.point.key}, newest_first=True,
+                                   limit=1)
     if not runs:
         return None
     run = runs[0]
     result = finished_result(run)
     if result is not None:
         if run.info.status != "FINISHED":
-            MlflowClient().set_terminated(run.info.run_id, "FINISHED")
+            tracking.terminate(run.info.run_id, "FINISHED")
         return Outcome(task.point, result, reused=True)
     return None if run.info.status == "FINISHED" else run.info.run_id
 
@@ -246,7 +240,7 @@ def run(plan: Plan, parent_run_id: str, found: dict[Point, StageResult | str], s
             done[p] = Outcome(p, found[p], reused=True)
             on_outcome(done[p], len(done), len(points))
     pending = [p for p in points if p not in done]
-    with stages.stop_on_signals(scheduler.stop) as stop:
+    with signals.stop_on_signals(scheduler.stop) as stop:
         while pending or scheduler.running:
             for point in list(pending):
                 if stop() or not scheduler.free():

@@ -32,10 +32,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
-import mlflow
 import torch
 
-from ttkd import config, stages
+from ttkd import config, signals, tracking
 from ttkd import data as datasets
 from ttkd.errors import TTKDError
 from ttkd.studies.grid import Outcome, Point, Task, latest_attempt, run_task
@@ -99,7 +98,7 @@ class LocalPool:
         else:
             context = multiprocessing.get_context("spawn")  # no fork of a process holding threads
             self._pool = cf.ProcessPoolExecutor(self.jobs, mp_context=context, initializer=_start_worker,
-                                                initargs=(self.threads, mlflow.get_tracking_uri()))
+                                                initargs=(self.threads, tracking.tracking_uri()))
         return self
 
     def __exit__(self, kind, exc, tb) -> bool:
@@ -159,12 +158,12 @@ def _start_worker(threads: int, tracking_uri: str) -> None:
     for the next point, which then stops at its first step."""
     os.setpgrp()
     os.environ.pop("MLFLOW_RUN_ID", None)
-    mlflow.set_tracking_uri(tracking_uri)
+    tracking.set_tracking_uri(tracking_uri)
     torch.set_num_threads(threads)
     datasets.load_once().__enter__()
-    stages.note_signal.installed = True
+    signals.note_signal.installed = True
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, stages.note_signal)
+        signal.signal(sig, signals.note_signal)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
 
 
@@ -195,7 +194,7 @@ def import_ray():
 def check_store(cluster: str) -> None:
     """A cluster's nodes log to the same tracking server: a store only this machine can
     read (a file or SQLite store, a local artifact folder) is refused before anything starts."""
-    uri = mlflow.get_tracking_uri()
+    uri = tracking.tracking_uri()
     if cluster == "local" or urllib.parse.urlparse(uri).scheme in ("http", "https", "databricks"):
         return
     raise TTKDError(f"cluster={cluster} needs a tracking server every node can reach, and the tracking store "
@@ -262,7 +261,7 @@ class RayCluster:
         return True  # Ray queues the point until a node has its resources
 
     def submit(self, task: Task, verbose: bool) -> None:
-        ref = self._remote.remote(task, self.placement.torch_threads, mlflow.get_tracking_uri(), self._env,
+        ref = self._remote.remote(task, self.placement.torch_threads, tracking.tracking_uri(), self._env,
                                   VERSION)
         self._refs[ref] = task.point
 
@@ -431,13 +430,13 @@ def train_on_node(task: Task, threads: int, tracking_uri: str, env: dict, versio
     os.environ.update(env)
     for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME"):
         os.environ.pop(name, None)
-    mlflow.set_tracking_uri(tracking_uri)
+    tracking.set_tracking_uri(tracking_uri)
     torch.set_num_threads(threads)
     if not _kept:
         _kept.append(datasets.load_once().__enter__())
     # ray.cancel raises SIGINT's handler in this process: noted here, it stops the stage at its next step
-    stages.stop_on_signals.pending = None
-    before = signal.signal(signal.SIGINT, stages.note_signal)
+    signals.stop_on_signals.pending = None
+    before = signal.signal(signal.SIGINT, signals.note_signal)
     try:
         retry = ray._private.worker.global_worker.core_worker.get_current_task_attempt_number()
         task = dataclasses.replace(task, kwargs=task.kwargs | {"tags": task.kwargs.get("tags", {}) | where},
@@ -451,4 +450,4 @@ def train_on_node(task: Task, threads: int, tracking_uri: str, env: dict, versio
         return outcome
     finally:
         signal.signal(signal.SIGINT, before)
-        stages.stop_on_signals.pending = None
+        signals.stop_on_signals.pending = None
