@@ -212,6 +212,9 @@ def test_one_job_and_two_jobs_killed_by_sigterm_then_resumed_give_the_same_sweep
     kd = [c for c in children if c.data.tags["ttkd.point"] == "kd seed=1 w=0.005 method=kd"][0]
     assert (kd.data.tags["ttkd.seed"], kd.data.tags["ttkd.weight"], kd.data.tags["ttkd.method"]) == (
         "1", "0.005", "kd")
+    [log] = [a.path for a in MlflowClient().list_artifacts(kd.info.run_id, "logs")]  # its lines, kept
+    text = open(mlflow.artifacts.download_artifacts(run_id=kd.info.run_id, artifact_path=log)).read()
+    assert "epoch   2/2" in text and f"run {kd.info.run_id})" in text and "registered models:/sw-" in text
 
     # lineage by tags: each teacher version names its student; each KD student its teacher
     client = MlflowClient()
@@ -272,6 +275,10 @@ def test_a_failing_point_is_reported_and_the_others_go_on(store, cli, monkeypatc
     assert "kd seed=0 w=-0.02 method=kd: skipped: teacher seed=0 w=-0.02 did not finish" in out
     assert "| 0.005 (trained) | kd | 1 |" in out  # the other points finished and are reported
     assert sweep_run().info.status == "FAILED"
+    [nasty] = mlflow.search_runs(output_format="list", filter_string="tags.`ttkd.point` = 'teacher seed=0 w=-0.02'")
+    [log] = [a.path for a in MlflowClient().list_artifacts(nasty.info.run_id, "logs")]  # a failed point's lines too
+    assert "precision: " in open(mlflow.artifacts.download_artifacts(run_id=nasty.info.run_id,
+                                                                     artifact_path=log)).read()
 
     monkeypatch.setattr(TrainedTeacher, "forward", real)
     status, out, err = cli("sweep", "--resume", "last")

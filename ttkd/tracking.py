@@ -93,6 +93,12 @@ def use_experiment(name: str) -> str:
 
 
 PARENT_TAG = MLFLOW_PARENT_RUN_ID  # on a child run: its parent's id
+_started: list[str] = []  # the runs this process opened (start_run), oldest first
+
+
+def runs_started() -> list[str]:
+    """The ids of the runs this process opened or reopened, oldest first."""
+    return list(_started)
 
 
 def start_run(run_id: str | None = None, name: str | None = None, parent_run_id: str | None = None,
@@ -102,8 +108,11 @@ def start_run(run_id: str | None = None, name: str | None = None, parent_run_id:
     returns it."""
     nested = mlflow.active_run() is not None if nested is None else nested
     if run_id is not None:
-        return mlflow.start_run(run_id=run_id, nested=nested)
-    return mlflow.start_run(nested=nested, run_name=name, parent_run_id=parent_run_id)
+        run = mlflow.start_run(run_id=run_id, nested=nested)
+    else:
+        run = mlflow.start_run(nested=nested, run_name=name, parent_run_id=parent_run_id)
+    _started.append(run.info.run_id)
+    return run
 
 
 def end_run(status: str) -> None:
@@ -152,6 +161,11 @@ def read_json(run_id: str, path: str):
         return json.loads(Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path)).read_text())
     except (MlflowException, OSError) as exc:
         raise ValueError(str(exc)) from None
+
+
+def log_file(run_id: str, path: Path, folder: str) -> None:
+    """File ``path`` as an artifact of run ``run_id`` (active or not), under ``folder``."""
+    MlflowClient().log_artifact(run_id, str(path), folder)
 
 
 def has_artifact(run_id: str, path: str) -> bool:

@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ttkd import attempts, distributed, registry, signals, stages, tracking
@@ -28,6 +31,7 @@ from ttkd.stages import TAG_PARTNER, StageInterrupted, StageResult
 if TYPE_CHECKING:
     from ttkd.studies.scheduler import Scheduler
 
+log = logging.getLogger(__name__)  # shown by the entry points (entry/options.py)
 TAG_POINT = attempts.POINT_TAG
 
 
@@ -147,23 +151,60 @@ class Outcome:
 def run_task(task: Task, verbose: bool = False, extra_tags: dict[str, str] | None = None) -> Outcome:
     """Train one point; never raises for a failure of the point itself (a NaN, an
     unreachable store): the outcome says what went wrong, and the grid goes on.
-    ``extra_tags`` (where it trains) also go on a continued run."""
+    ``extra_tags`` (where it trains) also go on a continued run. Without ``verbose`` (the
+    grid prints a line per point) what the stage prints goes to a file, kept with the
+    point's run as ``logs/stage-TIME.log`` (an attempt a newer one superseded keeps none)."""
+    if verbose:
+        return _run_task(task, extra_tags)
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / f"stage-{time.strftime('%Y%m%d-%H%M%S')}.log"
+        before = len(tracking.runs_started())
+        with open(path, "w", buffering=1) as sink, contextlib.redirect_stdout(sink), \
+                contextlib.redirect_stderr(sink), _log_to(sink):
+            outcome = _run_task(task, extra_tags)
+        runs = tracking.runs_started()[before:]
+        if runs and not outcome.superseded:
+            try:
+                tracking.log_file(runs[-1], path, "logs")
+            except Exception as exc:  # the log is a convenience: the point's outcome stands
+                log.warning(f"{task.point.key}: its log could not be kept with run {runs[-1]} ({exc})")
+    return outcome
+
+
+@contextlib.contextmanager
+def _log_to(sink):
+    """ttkd's log (logger ``ttkd``) to ``sink`` alone while active, as the terminal shows it:
+    a line per message, ``warning: …`` for warnings; in any process, configured or not."""
+    logger = logging.getLogger("ttkd")
+    handler = logging.StreamHandler(sink)
+    handler.setFormatter(_Plain())
+    before = logger.handlers, logger.level, logger.propagate
+    logger.handlers, logger.propagate = [handler], False
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.handlers, logger.propagate = before[0], before[2]
+        logger.setLevel(before[1])
+
+
+class _Plain(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return ("warning: " if record.levelno >= logging.WARNING else "") + record.getMessage()
+
+
+def _run_task(task: Task, extra_tags: dict[str, str] | None) -> Outcome:
     start = time.perf_counter()
     try:
-        with contextlib.ExitStack() as quiet:
-            if not verbose:  # the grid prints a line per point; the stage's own lines go
-                sink = quiet.enter_context(open(os.devnull, "w"))
-                quiet.enter_context(contextlib.redirect_stdout(sink))
-                quiet.enter_context(contextlib.redirect_stderr(sink))
-            if task.resume_run:
-                try:
-                    result = stages.resume(task.stage, task.resume_run, tags=extra_tags, attempt=task.attempt)
-                except stages.NoCheckpoint:  # stopped in its first epoch: start it again
-                    if tracking.get_run(task.resume_run).info.status == "RUNNING":  # its process died
-                        tracking.terminate(task.resume_run, "KILLED")
-                    result = getattr(stages, task.stage)(**task.kwargs, attempt=task.attempt)
-            else:
+        if task.resume_run:
+            try:
+                result = stages.resume(task.stage, task.resume_run, tags=extra_tags, attempt=task.attempt)
+            except stages.NoCheckpoint:  # stopped in its first epoch: start it again
+                if tracking.get_run(task.resume_run).info.status == "RUNNING":  # its process died
+                    tracking.terminate(task.resume_run, "KILLED")
                 result = getattr(stages, task.stage)(**task.kwargs, attempt=task.attempt)
+        else:
+            result = getattr(stages, task.stage)(**task.kwargs, attempt=task.attempt)
         return Outcome(task.point, result, seconds=time.perf_counter() - start)
     except StageInterrupted as exc:
         return Outcome(task.point, error=str(exc), interrupted=exc.exit_code - 128,
