@@ -65,6 +65,7 @@ import torch
 
 from ttkd import data as datasets
 from ttkd import kd, models
+from ttkd.build import build_method
 from ttkd.choice import choose_step
 from ttkd.config import PARAMS
 from ttkd.engine import (
@@ -81,7 +82,6 @@ from ttkd.engine import (
     resolve_device,
     seed_everything,
 )
-from ttkd.stages import build_method
 
 STAGES = ("baseline", "teach", "distill")
 

@@ -41,7 +41,7 @@ def render() -> str:
     for name, p in config.PARAMS.items():
         where = ", ".join(stages[name]) or "none"
         cell = lambda text: str(text).replace("|", "\\|")  # noqa: E731
-        lines.append(f"| `{name}` | {where} | `{cell(_default(p.default))}` | {cell(p.allowed) or 'any'} | "
+        lines.append(f"| `{name}` | {where} | `{cell(_default(p.default))}` | {cell(p.what()) or 'any'} | "
                      f"{cell(p.help)} |")
     return "\n".join(lines) + "\n"
 

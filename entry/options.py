@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import click
 
-from ttkd import config, distributed, signals, stages, tracking
+from ttkd import build, config, distributed, engine, signals, stages, tracking
 from ttkd.errors import TTKDError
 
 PARTNER = {"teach": "student", "distill": "teacher"}  # the frozen network each stage needs
@@ -62,14 +62,14 @@ def launched(name: str, cfg: config.RunConfig, body: Callable[[], None]) -> None
     """Run ``body`` (entry point ``entry.NAME`` with checked parameters ``cfg``) here, or
     as ``nproc`` processes started by torchrun, this same command in each. In those
     processes, the leader runs ``body`` and the others train beside it."""
-    launch = cfg.launch()
-    device = stages.resolve_device(cfg.values["device"]).type
+    launch = distributed.Launch(**{k: cfg.values[k] for k in config.LAUNCH})
+    device = engine.resolve_device(cfg.values["device"]).type
 
     def lead() -> None:
         tracking.use_experiment(cfg.values["experiment"])
         body()
 
-    if distributed.under_torchrun():
+    if config.under_torchrun():
         if distributed.init(cuda=device == "cuda").leads:
             _keep_signals()  # torchrun's SIGTERM, once another process died, must not cut the leader's last words
             try:
@@ -119,7 +119,7 @@ def _follow() -> None:
     leader (or the launcher) says why."""
     _keep_signals()
     try:
-        distributed.follow(stages.follow_stage, expected=stages.FOLLOWER_STOPS)
+        distributed.follow(build.follow_stage, expected=build.FOLLOWER_STOPS)
     except (RuntimeError, KeyboardInterrupt) as exc:
         if os.environ.get("TTKD_DEBUG"):
             traceback.print_exc()

@@ -176,3 +176,16 @@ def test_resume_compares_only_the_given_values_with_the_runs_own_as_mlflow_logge
     with pytest.raises(TTKDError, match=r"^resume continues run abc with the values it started with, and "
                                         r"these differ: amp=True \(the run has student.amp=False\); dkd_beta"):
         config.check_resume(other, "abc", logged)
+
+
+def test_the_table_imports_nothing_heavier_than_the_standard_library():
+    """config sits below the engine: importing it loads no torch, and no engine, data, kd or models;
+    the registries fill in their names (and the methods their parameters) when a value is checked."""
+    import subprocess
+    import sys
+    code = ("import sys, ttkd.config as c; heavy = sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('torch', 'numpy', 'mlflow') or m in ('ttkd.engine', 'ttkd.data', 'ttkd.kd', 'ttkd.models', "
+            "'ttkd.distributed')); print(heavy); c.resolve('distill', {'method': 'dkd', 'teacher': 't'}); "
+            "print('ttkd.kd' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.splitlines() == ["[]", "True"]

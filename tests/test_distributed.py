@@ -18,7 +18,7 @@ from tests.servers import free_port
 from tests.test_data import make_imagefolder
 from tests.test_resume import history
 from ttkd import data, distributed, engine, kd, models
-from ttkd.stages import build_method
+from ttkd.build import build_method
 
 REPO = Path(__file__).resolve().parents[1]
 # compared across process counts: float32 on every CPU, since bf16 autocast rounds a half

@@ -68,18 +68,21 @@ def test_the_ci_runs_the_readmes_install_study_and_test_commands():
 
 
 def test_the_kd_method_how_to_builds_a_method_that_registers_and_computes_its_maths(monkeypatch):
-    """The guide's code, run as written: its module registers, its loss is CE + β·MSE, its row parses."""
+    """The guide's code, run as written: its module registers with its parameter, its loss is CE + β·MSE."""
     import torch
     import torch.nn.functional as F
 
     from ttkd import config, kd
 
-    module, _, row = re.findall(r"```python\n(.*?)```", (REPO / "docs/how-to/kd-method.md").read_text(), flags=re.S)
+    module, _ = re.findall(r"```python\n(.*?)```", (REPO / "docs/how-to/kd-method.md").read_text(), flags=re.S)
     monkeypatch.setattr(kd, "_REGISTRY", dict(kd._REGISTRY))  # the guide's method stays out of the real registry
+    monkeypatch.setattr(config, "_DECLARED", dict(config._DECLARED))  # and its parameter out of the real table
+    monkeypatch.setattr(config, "_USES", dict(config._USES))
     exec(compile(module, "logit.py", "exec"), {"__name__": "ttkd.kd.logit"})
     assert kd.names()[-1] == "logit" and kd.get("logit").params == ("logit_beta",)
-    param = eval(row.strip().rstrip(","), {"Param": config.Param})
-    assert param.name == "logit_beta" and param.valid(param.default) and not param.valid(-1.0)
+    param = config.PARAMS["logit_beta"]  # declared where it registers: a run parameter of distill, study and sweep
+    assert param.valid(param.default) and not param.valid(-1.0) and list(config.PARAMS)[-1] == "logit_beta"
+    assert all("logit_beta" in config.STAGE_PARAMS[stage] for stage in ("distill", "main", "sweep"))
 
     torch.manual_seed(0)
     b = kd.Batch(logits=torch.randn(4, 3), labels=torch.tensor([0, 1, 2, 0]), epoch=1, partner_logits=torch.randn(4, 3))

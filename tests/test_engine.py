@@ -124,8 +124,8 @@ def test_amp_true_trains_in_bf16_on_every_cpu_and_false_in_float32(monkeypatch, 
 def test_compile_true_compiles_the_whole_step_of_a_feature_method_and_the_partner(monkeypatch):
     """FitNets reads the student's and the teacher's stage maps: the compiled step is the
     objective (network, connector and loss) and the partner's forward, and it trains."""
+    from ttkd.build import build_method
     from ttkd.engine import Objective
-    from ttkd.stages import build_method
     compiled, real = [], torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append(fn) or real(fn, **kw))
     teacher, student = build("cnn").eval(), build("resnet8")
@@ -144,7 +144,7 @@ def test_a_method_with_parameters_and_buffers_is_trained_and_resumed_exactly():
     teacher = build("cnn").eval()
 
     def method():
-        from ttkd.stages import shapes
+        from ttkd.build import shapes
         torch.manual_seed(0)
         student = build("resnet8")
         context = kd.Context(10, data8.train_y, shapes(student, (1, 8, 8)), shapes(teacher, (1, 8, 8)))

@@ -10,6 +10,7 @@ Modules, in the order data flows through them:
     choice    the Step (precision, compile) a stage trains with, decided once
     tracking  the door to MLflow's runs: logging, checkpoints, partners rebuilt from a run's weights
     registry  MLflow model references, registration and promotion
+    build     a stage's networks and objective, built alike in every process of a group
     callbacks what a stage does after each epoch (checkpoint, metrics, console, a caller's hook)
     signals   SIGINT and SIGTERM as stop requests between training steps
     stages    baseline / teach / distill, each an MLflow run: prepare, train, publish

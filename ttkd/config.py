@@ -6,6 +6,11 @@ preset (``experiments/NAME.toml``), the stage's own default, the table's default
 Values from every source go through the same checks, so a bad number in a preset
 is refused as clearly as one typed on the command line; unknown keys are refused.
 
+The table sits below everything that reads it and imports none of it: the registries (data
+sets, architectures, methods) tell it what they accept when they load (``provide``), and each
+KD method declares its own parameters where it registers (``ttkd.kd.register`` calls
+``declare_method``); ``PARAMS``, ``METHOD_PARAMS`` and ``STAGE_PARAMS`` include them.
+
 A study preset (``stage = "main"``) may set training parameters per role in
 ``[student]`` and ``[teacher]`` tables; top-level values apply to both roles, and a
 value given on the command line overrides both. A sweep (``stage = "sweep"``) takes the
@@ -17,21 +22,44 @@ become the sweep's defaults ``weights = 0,WEIGHT`` and ``methods = METHOD``.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import importlib.util
 import math
+import os
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ttkd import data, distributed, kd, models
-from ttkd.engine import TrainConfig
 from ttkd.errors import TTKDError
 
 STAGES = ("baseline", "teach", "distill", "main", "sweep")
 MAX_MODELS = 100  # a sweep that would register more model versions needs force=true
 MAX_SEED = 2**32 - 1  # what numpy's generator takes
 MAX_WEIGHT = 100.0  # |w|: the papers use 0.005 to 0.1; beyond this, w·T²·KL overflows float32 long before
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """How a network trains: the training parameters of the table below, as a stage takes
+    them. ``amp`` and ``compile`` are requests (``auto`` is decided by ``ttkd.choice``)."""
+
+    epochs: int = 30            # passes over the training split
+    batch_size: int = 64        # images per optimiser step
+    optimizer: str = "sgd"      # "sgd" (with momentum) or "adam"
+    lr: float = 0.05            # initial learning rate
+    momentum: float = 0.9       # SGD momentum; unused by adam
+    weight_decay: float = 5e-4  # L2 penalty on every parameter
+    schedule: str = "cosine"    # "cosine" (to 0 at the last epoch), "step" or "constant"
+    milestones: tuple[int, ...] = ()  # "step": lr is multiplied by gamma after these epochs
+    gamma: float = 0.1          # "step": the factor applied at each milestone
+    seed: int = 0               # fixes weight init, data order and augmentation
+    device: str = "auto"        # "auto": cuda if available, else cpu
+    amp: bool | str = "auto"    # bf16 autocast and channels_last: True, False (float32), or "auto":
+                                # bf16 where a short calibration measures it faster (choose_step)
+    compile: bool | str = "auto"  # torch.compile the training step: True, False, a compile mode, or "auto":
+                                  # compiled where a calibration finds it repays its compile time (choose_step)
+    deterministic: bool = False  # deterministic kernels: a resumed run repeats an uninterrupted one
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,12 +70,59 @@ class Param:
                                 # "ints", "floats", "strs", "seeds" (a count or a list)
     default: Any
     help: str
-    allowed: str = ""           # what a valid value is, for the error message
+    allowed: str = ""           # what a valid value is, for the error message; {dataset}, {arch} and
+                                # {method} stand for what those registries accept (see provide)
     valid: Callable[[Any], bool] = lambda v: True
+
+    def what(self) -> str:
+        """What a valid value is, with the registries' names filled in."""
+        if "{" not in self.allowed:
+            return self.allowed
+        return self.allowed.format(**{kind: provided(kind).text for kind in REGISTRIES
+                                      if f"{{{kind}}}" in self.allowed})
+
+
+@dataclasses.dataclass(frozen=True)
+class Provided:
+    """What a registry (data sets, architectures, methods) tells the table: its names, which
+    values it accepts, and how the reference says so."""
+
+    names: Callable[[], list[str]]
+    valid: Callable[[str], bool] | None = None  # default: one of names()
+    describe: Callable[[], str] | None = None   # default: the names, comma-separated
+
+    @property
+    def text(self) -> str:
+        return self.describe() if self.describe else ", ".join(self.names())
+
+    def accepts(self, value: str) -> bool:
+        return self.valid(value) if self.valid else value in self.names()
+
+
+# the registries whose names are parameter values, and the module that fills each when imported;
+# the table reads them when a value is checked, never when it is imported
+REGISTRIES = {"dataset": "ttkd.data", "arch": "ttkd.models", "method": "ttkd.kd"}
+_PROVIDED: dict[str, Provided] = {}
+
+
+def provide(kind: str, what: Provided) -> None:
+    """A registry's answer for ``kind`` (one of ``REGISTRIES``); called by the registry itself."""
+    _PROVIDED[kind] = what
+
+
+def provided(kind: str) -> Provided:
+    """What registry ``kind`` accepts; the registry's module is loaded first if nothing has yet."""
+    if kind not in _PROVIDED:
+        importlib.import_module(REGISTRIES[kind])
+    return _PROVIDED[kind]
 
 
 def _choice(options: Callable[[], list[str]]):
     return lambda v: v in options()
+
+
+def _registered(kind: str):
+    return lambda v: provided(kind).accepts(v)
 
 
 def _cluster_address(v: str) -> bool:
@@ -56,21 +131,18 @@ def _cluster_address(v: str) -> bool:
     return v in ("", "local", "auto") or (bool(host) and port.isdigit())
 
 
-PARAMS: dict[str, Param] = {p.name: p for p in [
-    Param("dataset", "str", "digits", "data set", "one of " + ", ".join(data.names())
-          + f" (synthetic also as synthetic-CxHxW-K, C·H·W at most {data.SYNTHETIC_MAX_PIXELS:,} and K from 2 to "
-          f"{data.SYNTHETIC_MAX_CLASSES:,})", data.known),
+_TABLE: dict[str, Param] = {p.name: p for p in [
+    Param("dataset", "str", "digits", "data set", "{dataset}", _registered("dataset")),
     Param("data_dir", "str", "", "folder with the data set's files (default ./data)"),
     Param("stream", "str", "auto", "image folders (imagefolder, tiny-imagenet): true leaves the images on "
           "disk, decoded batch by batch by DataLoader workers; false decodes them into memory; auto "
           "leaves them on disk when they would fill more than a quarter of the RAM", "auto, true or false",
           _choice(lambda: ["auto", "true", "false"])),
-    Param("arch", "str", "mlp", "network to train", "a registered architecture: " + ", ".join(models.names()),
-          _choice(models.names)),
+    Param("arch", "str", "mlp", "network to train", "a registered architecture: {arch}", _registered("arch")),
     Param("student_arch", "str", "mlp", "the study's student network", "a registered architecture",
-          _choice(models.names)),
+          _registered("arch")),
     Param("teacher_arch", "str", "cnn", "the study's teacher network", "a registered architecture",
-          _choice(models.names)),
+          _registered("arch")),
     Param("epochs", "int", TrainConfig.epochs, "passes over the training split", "an integer >= 1",
           lambda v: v >= 1),
     Param("batch_size", "int", TrainConfig.batch_size, "images per optimiser step", "an integer >= 1",
@@ -112,8 +184,8 @@ PARAMS: dict[str, Param] = {p.name: p for p in [
           "like -0.02,0,0.005,0.02",
           lambda v: len(v) >= 1 and len({f"{w:g}" for w in v}) == len(v) and max(map(abs, v)) <= MAX_WEIGHT),
     Param("methods", "strs", ("kd",), "the sweep's distillation methods",
-          "a comma-separated list of distinct methods among " + ", ".join(kd.names()),
-          lambda v: len(v) >= 1 and len(set(v)) == len(v) and set(v) <= set(kd.names())),
+          "a comma-separated list of distinct methods among {method}",
+          lambda v: len(v) >= 1 and len(set(v)) == len(v) and all(map(_registered("method"), v))),
     Param("jobs", "int", 2, "points of the sweep trained at once, each in its own worker process "
           "(2 jobs of 1 thread beat 1 job of 2 threads by 1.47x on a 2-core CPU)",
           "an integer >= 1", lambda v: v >= 1),
@@ -173,44 +245,41 @@ PARAMS: dict[str, Param] = {p.name: p for p in [
     Param("kd_temperature", "float", 4.0, "T of the study's distill stages", "a number > 0",
           lambda v: v > 0),
     Param("register_as", "str", "", "registered model name (main: prefix of the five names)"),
-    Param("method", "str", "kd", "distillation method", "one of " + ", ".join(kd.names()),
-          _choice(kd.names)),
-    # each method's own hyper-parameters, with the defaults of its paper / reference code
-    Param("dkd_alpha", "float", 1.0, "dkd: weight α of TCKD (target vs. rest)", "a number >= 0",
-          lambda v: v >= 0),
-    Param("dkd_beta", "float", 8.0, "dkd: weight β of NCKD (among non-target classes)", "a number >= 0",
-          lambda v: v >= 0),
-    Param("dkd_warmup", "int", 20, "dkd: epochs over which the KD term ramps up linearly from 0",
-          "an integer >= 0", lambda v: v >= 0),
-    Param("dist_beta", "float", 2.0, "dist: weight β of the inter-class relation", "a number >= 0",
-          lambda v: v >= 0),
-    Param("dist_gamma", "float", 2.0, "dist: weight γ of the intra-class relation", "a number >= 0",
-          lambda v: v >= 0),
-    Param("dist_tau", "float", 4.0, "dist: temperature τ", "a number > 0", lambda v: v > 0),
-    Param("fitnet_beta", "float", 100.0, "fitnet: weight β of the hint (MSE of middle-stage maps)",
-          "a number >= 0", lambda v: v >= 0),
-    Param("at_beta", "float", 1000.0, "at: weight β of the attention-map loss", "a number >= 0",
-          lambda v: v >= 0),
-    Param("at_p", "float", 2.0, "at: power p of the attention map mean_c |F_c|^p", "a number > 0",
-          lambda v: v > 0),
-    Param("rkd_distance", "float", 25.0, "rkd: weight of the distance term", "a number >= 0",
-          lambda v: v >= 0),
-    Param("rkd_angle", "float", 50.0, "rkd: weight of the angle term", "a number >= 0", lambda v: v >= 0),
-    Param("crd_beta", "float", 0.8, "crd: weight β of the contrastive loss", "a number >= 0",
-          lambda v: v >= 0),
-    Param("crd_dim", "int", 128, "crd: width of the projected embeddings", "an integer >= 1",
-          lambda v: v >= 1),
-    Param("crd_k", "int", 16384, "crd: negatives per sample, drawn from the memory bank",
-          "an integer >= 1", lambda v: v >= 1),
-    Param("crd_tau", "float", 0.07, "crd: temperature τ of the contrastive scores", "a number > 0",
-          lambda v: v > 0),
-    Param("crd_momentum", "float", 0.5, "crd: momentum μ of the memory-bank update", "a number in [0, 1)",
-          lambda v: 0 <= v < 1),
+    Param("method", "str", "kd", "distillation method", "one of {method}", _registered("method")),
 ]}
 
-# parameters that only some distillation methods take: those the methods declare, but kd's alpha and temperature
-METHOD_PARAMS = tuple(n for n in PARAMS if n not in ("alpha", "temperature")
-                      and any(n in kd.get(m).params for m in kd.names()))
+_DECLARED: dict[str, Param] = {}        # the methods' own parameters, in the order they were declared
+_USES: dict[str, tuple[str, ...]] = {}  # each method's parameters: its own and the table's it reads
+
+
+def declare_method(method: str, params: tuple[str | Param, ...]) -> tuple[str, ...]:
+    """The parameters of ``method``, as it registers (``ttkd.kd.register``): its own as
+    ``Param`` rows, which join the table after its rows, and the table's by name (alpha,
+    temperature, weight); returns their names."""
+    names = []
+    for p in params:
+        if isinstance(p, Param):
+            if p.name in _TABLE or _DECLARED.get(p.name, p) != p:
+                raise TTKDError(f"method {method} declares parameter {p.name!r}, which another row already has")
+            _DECLARED[p.name] = p
+        elif p not in _TABLE and p not in _DECLARED:
+            raise TTKDError(f"method {method} reads parameter {p!r}, which neither the table nor a method declares")
+        names.append(p if isinstance(p, str) else p.name)
+    _USES[method] = tuple(names)
+    return tuple(names)
+
+
+def params() -> dict[str, Param]:
+    """Every parameter: the table's rows, then the methods' own (``ttkd.kd`` declares them)."""
+    provided("method")
+    return _TABLE | _DECLARED
+
+
+def method_uses(method: str) -> tuple[str, ...]:
+    """The parameters ``method`` reads, as it declared them."""
+    provided("method")
+    return _USES[method]
+
 
 TRAIN = ("epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay", "schedule",
          "milestones", "gamma", "seed", "device", "amp", "compile", "deterministic")
@@ -218,16 +287,37 @@ LAUNCH = ("nproc", "nnodes", "node_rank", "rdzv_endpoint", "rdzv_timeout")  # wh
 CLUSTER = ("cluster", "cluster_auth", "cpus_per_point", "gpus_per_point")
 FREE_ON_RESUME = ("resume", "experiment", "jobs", "threads") + CLUSTER + LAUNCH  # how it goes on, not what it computes
 COMMON = ("dataset", "data_dir", "stream") + TRAIN + ("register_as", "experiment") + LAUNCH
-STUDY = ("student_arch", "teacher_arch", "temperature", "alpha", "kd_temperature") + METHOD_PARAMS
-STAGE_PARAMS: dict[str, tuple[str, ...]] = {
-    "baseline": COMMON + ("arch", "resume"),
-    "teach": COMMON + ("arch", "student", "partner_data", "trust_unverified", "weight", "temperature", "resume"),
-    "distill": COMMON + ("arch", "teacher", "partner_data", "trust_unverified", "method", "alpha",
-                         "temperature") + METHOD_PARAMS + ("resume",),
-    "main": COMMON + STUDY + ("weight", "method", "resume"),
-    "sweep": tuple(n for n in COMMON if n != "seed") + STUDY + ("seeds", "weights", "methods", "jobs",
-                                                                "threads") + CLUSTER + ("force", "resume"),
-}
+
+
+def method_param_names() -> tuple[str, ...]:
+    """The parameters that only some distillation methods take: those the methods declare."""
+    provided("method")
+    return tuple(_DECLARED)
+
+
+def stage_params() -> dict[str, tuple[str, ...]]:
+    """The parameters each entry point takes."""
+    own = method_param_names()
+    study = ("student_arch", "teacher_arch", "temperature", "alpha", "kd_temperature") + own
+    return {
+        "baseline": COMMON + ("arch", "resume"),
+        "teach": COMMON + ("arch", "student", "partner_data", "trust_unverified", "weight", "temperature", "resume"),
+        "distill": COMMON + ("arch", "teacher", "partner_data", "trust_unverified", "method", "alpha",
+                             "temperature") + own + ("resume",),
+        "main": COMMON + study + ("weight", "method", "resume"),
+        "sweep": tuple(n for n in COMMON if n != "seed") + study + ("seeds", "weights", "methods", "jobs",
+                                                                     "threads") + CLUSTER + ("force", "resume"),
+    }
+
+
+def __getattr__(name: str) -> Any:
+    """``PARAMS``, ``METHOD_PARAMS`` and ``STAGE_PARAMS``, complete once the methods have declared theirs."""
+    tables = {"PARAMS": params, "METHOD_PARAMS": method_param_names, "STAGE_PARAMS": stage_params}
+    if name in tables:
+        return tables[name]()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 SWEEP_FROM_STUDY = {"weight": "weights", "method": "methods"}  # a study preset's values in a sweep
 STAGE_DEFAULTS = {"teach": {"arch": "cnn"}}  # where a stage differs from the table
 ROLES = ("student", "teacher")  # the per-role tables of a study preset
@@ -244,10 +334,6 @@ class RunConfig:
     preset: str | None = None
     given: tuple[str, ...] = ()    # set on the command line or by the preset (with resume only)
 
-    def launch(self) -> distributed.Launch:
-        """Where the stage's processes run."""
-        return distributed.Launch(**{k: self.values[k] for k in LAUNCH})
-
     def stage_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``ttkd.stages.<stage>``."""
         kw = {k: v for k, v in self.values.items() if k not in TRAIN + LAUNCH + ("resume", "experiment")}
@@ -256,9 +342,9 @@ class RunConfig:
         kw["register_as"] = kw["register_as"] or None
         if "method" in kw or "methods" in kw:  # a method's own parameters travel as one dict
             distill_t = ("temperature",) if self.stage == "distill" else ()
-            for name in ("alpha", "kd_temperature", *METHOD_PARAMS, *distill_t):
+            for name in ("alpha", "kd_temperature", *method_param_names(), *distill_t):
                 kw.pop(name, None)
-            params = {m: {n: self.values[k] for n, k in zip(kd.get(m).params, method_params(self.stage, m))}
+            params = {m: {n: self.values[k] for n, k in zip(method_uses(m), method_params(self.stage, m))}
                       for m in kw.get("methods", (kw.get("method"),))}
             kw["method_params"] = params[kw["method"]] if "method" in kw else params
         if self.stage == "sweep":
@@ -301,12 +387,12 @@ def parse(param: Param, raw: Any) -> Any:
                 raise ValueError
             value = raw.strip()
     except (TypeError, ValueError, KeyError, TTKDError):
-        raise TTKDError(f"invalid {param.name}: {raw!r}; {param.name} must be {param.allowed or param.kind}") from None
+        raise TTKDError(f"invalid {param.name}: {raw!r}; {param.name} must be {param.what() or param.kind}") from None
     if param.kind == "float" and not math.isfinite(value):  # inf and nan pass every comparison check
-        raise TTKDError(f"invalid {param.name}: {raw!r}; {param.name} must be {param.allowed or 'a number'}, "
+        raise TTKDError(f"invalid {param.name}: {raw!r}; {param.name} must be {param.what() or 'a number'}, "
                         f"and finite")
     if not param.valid(value):
-        raise TTKDError(f"invalid {param.name}: {raw!r}; {param.name} must be {param.allowed}")
+        raise TTKDError(f"invalid {param.name}: {raw!r}; {param.name} must be {param.what()}")
     return value
 
 
@@ -359,7 +445,7 @@ def load_preset(name: str) -> tuple[str, dict]:
     if launch:
         raise TTKDError(f"preset {path} sets {', '.join(launch)}: where a run trains is given on the "
                         f"command line, not in a preset")
-    allowed = set(STAGE_PARAMS[stage]) | (set(ROLES) if study else set())
+    allowed = set(stage_params()[stage]) | (set(ROLES) if study else set())
     unknown = sorted(set(settings) - allowed)
     if unknown:
         raise TTKDError(f"preset {path} sets {', '.join(unknown)}, which stage {stage} does not take; "
@@ -400,10 +486,10 @@ def resolve(stage: str, given: dict[str, Any], preset: str | None = None) -> Run
         raise TTKDError("invalid experiment: ''; give an experiment name, or leave experiment out for the "
                         "default (MLFLOW_EXPERIMENT_NAME, else the one `mlflow run` opened, else Default)")
     # an empty value is "not given", except for a sweep's lists, where it is an empty list
-    cli = {k: v for k, v in given.items() if k in STAGE_PARAMS[stage] and v is not None
-           and (v != "" or PARAMS[k].kind in ("floats", "strs", "seeds"))}
+    cli = {k: v for k, v in given.items() if k in stage_params()[stage] and v is not None
+           and (v != "" or params()[k].kind in ("floats", "strs", "seeds"))}
     def value(name: str, role: str | None = None) -> Any:
-        param = PARAMS[name]
+        param = params()[name]
         if name in cli:
             return parse(param, cli[name])
         if role and name in settings.get(role, {}):
@@ -412,10 +498,10 @@ def resolve(stage: str, given: dict[str, Any], preset: str | None = None) -> Run
             return parse(param, settings[name])
         return STAGE_DEFAULTS.get(stage, {}).get(name, param.default)
 
-    values = {name: value(name) for name in STAGE_PARAMS[stage]}
+    values = {name: value(name) for name in stage_params()[stage]}
     if "method" in values or "methods" in values:
         _check_method_params(stage, values.get("methods", (values.get("method"),)), set(cli) | set(settings))
-    several = values["nproc"] * values["nnodes"] > 1 or distributed.under_torchrun()
+    several = values["nproc"] * values["nnodes"] > 1 or under_torchrun()
     if stage == "sweep":
         _check_cluster(values, set(cli) | set(settings), several)
     if stage == "sweep" and several:
@@ -434,7 +520,7 @@ def resolve(stage: str, given: dict[str, Any], preset: str | None = None) -> Run
         for role in ROLES:  # a role table may name the architecture as `arch`
             key = f"{role}_arch"
             if key not in cli and "arch" in settings.get(role, {}):
-                values[key] = parse(PARAMS[key], settings[role]["arch"])
+                values[key] = parse(params()[key], settings[role]["arch"])
     else:
         train = {"": _train_config({n: values[n] for n in TRAIN})}
     given = ()
@@ -452,7 +538,7 @@ def resume_conflicts(cfg: RunConfig, logged: dict[str, str]) -> list[str]:
     ``teacher.lr``), a sweep's method parameters with each method's (``dkd.dkd_beta``)."""
     conflicts = []
     for name in cfg.given:
-        param = PARAMS[name]
+        param = params()[name]
         if cfg.stage in ("main", "sweep") and name in TRAIN:
             pairs = [(f"{role}.{name}", getattr(cfg.train[role], name)) for role in ROLES]
         else:
@@ -497,7 +583,7 @@ def _show(value: Any) -> str:
 def method_params(stage: str, method: str) -> tuple[str, ...]:
     """The parameters of ``stage`` that ``method`` reads (in main, kd_temperature is the
     distill stages' temperature)."""
-    names = kd.get(method).params
+    names = method_uses(method)
     return tuple("kd_temperature" if stage in ("main", "sweep") and n == "temperature" else n for n in names)
 
 
@@ -525,6 +611,11 @@ def _check_cluster(values: dict, given: set[str], several: bool) -> None:
     check_ray()
 
 
+def under_torchrun() -> bool:
+    """Whether this process is a worker started by torchrun (or ttkd's launcher)."""
+    return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
+
+
 def check_ray() -> None:
     """Ray, the optional extra that ``cluster=`` needs, is installed."""
     if importlib.util.find_spec("ray") is None:
@@ -540,7 +631,7 @@ def check_processes(methods, several: bool) -> None:
 
 def _check_method_params(stage: str, methods: tuple[str, ...], given: set[str]) -> None:
     """Refuse a method parameter that the chosen method(s) would silently ignore."""
-    own = {"alpha", "kd_temperature"} | set(METHOD_PARAMS) | ({"temperature"} if stage == "distill" else set())
+    own = {"alpha", "kd_temperature"} | set(method_param_names()) | ({"temperature"} if stage == "distill" else set())
     used = {n for m in methods for n in method_params(stage, m)}
     stray = sorted((given & own) - used)
     if stray:

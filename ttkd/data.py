@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ttkd import config
 from ttkd.errors import TTKDError
 
 SPLIT_SEED = 0  # the train/validation split of data sets that ship without one never moves
@@ -448,6 +449,9 @@ LOADERS: dict[str, Callable[[str | None], ImageData]] = {
     "imagefolder": load_imagefolder,
     "synthetic": lambda data_dir: load_synthetic(),
 }
+config.provide("dataset", config.Provided(
+    names, known, lambda: "one of " + ", ".join(names()) + f" (synthetic also as synthetic-CxHxW-K, C·H·W at most "
+    f"{SYNTHETIC_MAX_PIXELS:,} and K from 2 to {SYNTHETIC_MAX_CLASSES:,})"))
 
 
 FILE_DATASETS = ("imagefolder", "tiny-imagenet")  # the data sets that can stay on disk

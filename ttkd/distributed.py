@@ -54,11 +54,6 @@ _handoff = None  # the gloo group the leader sends stages through: it may wait f
 _busy = False  # the leader has sent a stage that the followers are still training
 
 
-def under_torchrun() -> bool:
-    """Whether this process is a worker started by torchrun (or ttkd's launcher)."""
-    return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
-
-
 def world() -> World | None:
     """The process group this process belongs to, or None when it trains alone."""
     return _world

@@ -31,30 +31,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ttkd import calibration, distributed
+from ttkd.config import TrainConfig
 from ttkd.data import ImageData, batches
 from ttkd.errors import TTKDError
 from ttkd.kd import Batch
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    epochs: int = 30            # passes over the training split
-    batch_size: int = 64        # images per optimiser step
-    optimizer: str = "sgd"      # "sgd" (with momentum) or "adam"
-    lr: float = 0.05            # initial learning rate
-    momentum: float = 0.9       # SGD momentum; unused by adam
-    weight_decay: float = 5e-4  # L2 penalty on every parameter
-    schedule: str = "cosine"    # "cosine" (to 0 at the last epoch), "step" or "constant"
-    milestones: tuple[int, ...] = ()  # "step": lr is multiplied by gamma after these epochs
-    gamma: float = 0.1          # "step": the factor applied at each milestone
-    seed: int = 0               # fixes weight init, data order and augmentation
-    device: str = "auto"        # "auto": cuda if available, else cpu
-    amp: bool | str = "auto"    # bf16 autocast and channels_last: True, False (float32), or "auto":
-                                # bf16 where a short calibration measures it faster (choose_step)
-    compile: bool | str = "auto"  # torch.compile the training step: True, False, a compile mode, or "auto":
-                                  # compiled where a calibration finds it repays its compile time (choose_step)
-    deterministic: bool = False  # deterministic kernels: a resumed run repeats an uninterrupted one
-
 
 # inductor's compiled graphs beside the calibration cache, shared by the processes this one
 # starts (a sweep's workers, a group's ranks); torch fixes the folder when inductor is first

@@ -23,6 +23,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ttkd import config
+from ttkd.config import Param
 from ttkd.errors import TTKDError
 
 
@@ -65,7 +67,7 @@ class Batch:
 class Spec:
     name: str
     build: Callable[..., nn.Module]  # (context, **params) -> module
-    params: tuple[str, ...]          # its hyper-parameters, as named in ttkd.config
+    params: tuple[str, ...]          # its hyper-parameters' names (the run parameters it reads)
     role: str                        # "distill", "teach" or "baseline"
     features: bool                   # whether it reads stage maps and embeddings
     summary: str
@@ -74,11 +76,16 @@ class Spec:
 _REGISTRY: dict[str, Spec] = {}
 
 
-def register(name: str, *, params: tuple[str, ...] = (), role: str = "distill", features: bool = False):
-    """Class decorator: register a method under ``name``; its first docstring line is its summary."""
+def register(name: str, *, params: tuple[str | Param, ...] = (), role: str = "distill", features: bool = False):
+    """Class decorator: register a method under ``name``; its first docstring line is its summary.
+    ``params``: the keyword arguments it is built with, each a run parameter: its own declared
+    here as a ``Param`` (type, default, meaning, bounds; they join ``ttkd.config``'s table and the
+    parameter reference), the table's shared ones (alpha, temperature, weight) by name."""
+    names = config.declare_method(name, params)
+
     def apply(cls):
         summary = (cls.__doc__ or name).strip().splitlines()[0]
-        _REGISTRY[name] = Spec(name, cls, params, role, features, summary)
+        _REGISTRY[name] = Spec(name, cls, names, role, features, summary)
         cls.features = features  # what the engine reads to decide what to compute
         return cls
     return apply
@@ -113,3 +120,5 @@ def soft_kl(p_logits: torch.Tensor, q_logits: torch.Tensor, temperature: float) 
 
 
 from ttkd.kd import logits, intermediate, crd  # noqa: E402,F401,I001  (they register, in this order)
+
+config.provide("method", config.Provided(names))

@@ -8,10 +8,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ttkd.config import Param
 from ttkd.kd import Batch, Context, register
 
 
-@register("crd", params=("crd_beta", "crd_dim", "crd_k", "crd_tau", "crd_momentum"), features=True)
+@register("crd", params=(
+    Param("crd_beta", "float", 0.8, "crd: weight β of the contrastive loss", "a number >= 0",
+          lambda v: v >= 0),
+    Param("crd_dim", "int", 128, "crd: width of the projected embeddings", "an integer >= 1",
+          lambda v: v >= 1),
+    Param("crd_k", "int", 16384, "crd: negatives per sample, drawn from the memory bank",
+          "an integer >= 1", lambda v: v >= 1),
+    Param("crd_tau", "float", 0.07, "crd: temperature τ of the contrastive scores", "a number > 0",
+          lambda v: v > 0),
+    Param("crd_momentum", "float", 0.5, "crd: momentum μ of the memory-bank update", "a number in [0, 1)",
+          lambda v: 0 <= v < 1),
+), features=True)
 class CRD(nn.Module):
     """CRD (Tian et al., ICLR 2020): loss = CE(z_s, y) + β · (L(s ← t) + L(t ← s)).
 

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ttkd.config import Param
 from ttkd.errors import TTKDError
 from ttkd.kd import Batch, Context, register
 
@@ -30,7 +31,10 @@ def middle(stages: tuple) -> int:
     return len(stages) // 2
 
 
-@register("fitnet", params=("fitnet_beta",), features=True)
+@register("fitnet", params=(
+    Param("fitnet_beta", "float", 100.0, "fitnet: weight β of the hint (MSE of middle-stage maps)",
+          "a number >= 0", lambda v: v >= 0),
+), features=True)
 class FitNet(nn.Module):
     """FitNets hints (Romero et al., ICLR 2015): loss = CE(z_s, y) + β · mean (r(F_s) − F_t)².
 
@@ -55,7 +59,12 @@ class FitNet(nn.Module):
         return {"loss": ce + self.beta * hint, "ce": ce, "hint": hint}
 
 
-@register("at", params=("at_beta", "at_p"), features=True)
+@register("at", params=(
+    Param("at_beta", "float", 1000.0, "at: weight β of the attention-map loss", "a number >= 0",
+          lambda v: v >= 0),
+    Param("at_p", "float", 2.0, "at: power p of the attention map mean_c |F_c|^p", "a number > 0",
+          lambda v: v > 0),
+), features=True)
 class AT(nn.Module):
     """Attention transfer (Zagoruyko & Komodakis, ICLR 2017):
     loss = CE(z_s, y) + β · Σ_j mean (a(F_s^j) − a(F_t^j))²,
@@ -90,7 +99,11 @@ class AT(nn.Module):
         return {"loss": ce + self.beta * at, "ce": ce, "at": at}
 
 
-@register("rkd", params=("rkd_distance", "rkd_angle"), features=True)
+@register("rkd", params=(
+    Param("rkd_distance", "float", 25.0, "rkd: weight of the distance term", "a number >= 0",
+          lambda v: v >= 0),
+    Param("rkd_angle", "float", 50.0, "rkd: weight of the angle term", "a number >= 0", lambda v: v >= 0),
+), features=True)
 class RKD(nn.Module):
     """Relational KD (Park et al., CVPR 2019), on the embeddings e (B, D):
     loss = CE(z_s, y) + w_d · distance + w_a · angle, where

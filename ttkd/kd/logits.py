@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ttkd.config import Param
 from ttkd.kd import Batch, Context, register, soft_kl
 
 
@@ -60,7 +61,15 @@ class KD(nn.Module):
         return {"loss": (1 - self.alpha) * ce + self.alpha * kl, "ce": ce, "kl": kl}
 
 
-@register("dkd", params=("dkd_alpha", "dkd_beta", "dkd_warmup", "temperature"))
+@register("dkd", params=(
+    Param("dkd_alpha", "float", 1.0, "dkd: weight α of TCKD (target vs. rest)", "a number >= 0",
+          lambda v: v >= 0),
+    Param("dkd_beta", "float", 8.0, "dkd: weight β of NCKD (among non-target classes)", "a number >= 0",
+          lambda v: v >= 0),
+    Param("dkd_warmup", "int", 20, "dkd: epochs over which the KD term ramps up linearly from 0",
+          "an integer >= 0", lambda v: v >= 0),
+    "temperature",
+))
 class DKD(nn.Module):
     """Decoupled KD (Zhao et al., CVPR 2022): loss = CE(z_s, y) + r · (α · TCKD + β · NCKD),
     r = min(epoch / warmup, 1).
@@ -108,7 +117,13 @@ def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     return (log_p.exp() * (log_p - log_q)).sum(1).mean()
 
 
-@register("dist", params=("dist_beta", "dist_gamma", "dist_tau"))
+@register("dist", params=(
+    Param("dist_beta", "float", 2.0, "dist: weight β of the inter-class relation", "a number >= 0",
+          lambda v: v >= 0),
+    Param("dist_gamma", "float", 2.0, "dist: weight γ of the intra-class relation", "a number >= 0",
+          lambda v: v >= 0),
+    Param("dist_tau", "float", 4.0, "dist: temperature τ", "a number > 0", lambda v: v > 0),
+))
 class DIST(nn.Module):
     """DIST (Huang et al., NeurIPS 2022): loss = CE(z_s, y) + β · τ² · inter + γ · τ² · intra.
 

@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from ttkd import config
 from ttkd.errors import TTKDError
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
@@ -91,3 +92,5 @@ class Classifier(nn.Module):
 
 
 from ttkd.models import basic, cifar, preact, standard  # noqa: E402,F401  (they register)
+
+config.provide("arch", config.Provided(names))

@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 from ttkd import attempts, kd, models, registry, tracking
 from ttkd import data as datasets
+from ttkd.build import build_method
 from ttkd.config import RunConfig, check_resume
 from ttkd.engine import TrainConfig, resolve_device
 from ttkd.errors import TTKDError
@@ -25,7 +26,6 @@ from ttkd.stages import (
     TAG_STAGE,
     StageInterrupted,
     StageResult,
-    build_method,
     default_method_params,
     teacher_kind,
     train_config,
