@@ -41,7 +41,8 @@ pool and with ``cluster=local``, taking turns, wall time each, Ray's start inclu
 
 Methods: the distill step of every KD method in ``ttkd.kd`` through ``ttkd.engine.fit``,
 in rounds taking turns, as images per second and relative to kd; and, over several
-seeds on digits, the student each method distils from a normal and a trained teacher.
+seeds on digits, the student each method distils from a normal and a trained teacher: the
+digits sweep itself (``ttkd.studies.sweep``, jobs=2), its table read from the sweep's report.
 """
 
 from __future__ import annotations
@@ -454,44 +455,34 @@ def method_accuracies(args) -> str:
     """Over ``args.seeds`` seeds on digits: a ``args.student`` baseline, a normal (w = 0)
     and a trained (w = 0.005) ``args.teacher`` against it, and a student distilled by every
     method from each teacher, all with the stages' default parameters; a markdown table
-    of val_acc mean ± standard deviation."""
-    device = resolve_device(args.device)
-    data = datasets.load("digits")
-    on_device = data.to(device)
-    scores: dict[str, list[float]] = {}
+    of val_acc mean ± standard deviation. It is the digits sweep itself (``ttkd.studies.sweep``:
+    its stages, step choice and report), in a store of its own; the table is read from its
+    report."""
+    from ttkd import config, studies, tracking
 
-    def train(arch, method, role, seed, partner=None, **params):
-        seed_everything(seed)
-        model = models.build(arch, data.num_classes, data.in_channels, image_size=8).to(device)
-        objective = make_method(method, model, partner, data, role, **params)
-        config = TrainConfig(seed=seed, device=str(device))
-        step = choose_step(model, on_device, objective, config, partner).step  # as a stage decides it
-        acc = fit(model, on_device, objective, config, partner=partner, step=step)[-1].val_acc
-        return model.eval(), acc
-
-    for seed in range(args.seeds):
-        student, acc = train(args.student, "ce", "baseline", seed)
-        scores.setdefault("student, no KD", []).append(acc)
-        for kind, w in (("normal", 0.0), ("trained", 0.005)):
-            teacher, acc = train(args.teacher, "teach", "teach", seed, student, weight=w, temperature=4.0)
-            scores.setdefault(f"{kind} teacher", []).append(acc)
-            for method in kd.names():
-                _, acc = train(args.student, method, "distill", seed, teacher)
-                scores.setdefault(f"{method} {kind}", []).append(acc)
-                print(f"seed {seed} {method:>6} from {kind} teacher: {acc:.2f}", file=sys.stderr, flush=True)
+    cfg = config.resolve("sweep", {"seeds": str(args.seeds), "weights": "0,0.005", "methods": ",".join(kd.names()),
+                                   "student_arch": args.student, "teacher_arch": args.teacher,
+                                   "dataset": "digits", "device": args.device})
+    with _scratch_store(), contextlib.redirect_stdout(io.StringIO()):
+        studies.sweep(**cfg.stage_kwargs(), print_line=lambda line: print(line, file=sys.stderr, flush=True))
+        _, [parent] = tracking.newest_runs("ttkd.stage", "sweep", limit=1)
+        report = tracking.read_json(parent.info.run_id, "report.json")
 
     def cell(values):
+        values = list(values)
         return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}" if len(values) > 1 \
             else f"{values[0]:.2f}"
 
+    students = {(s["method"], s["weight"]): s["per_seed"] for s in report["students"]}
+    teachers = {t["weight"]: t["per_seed"] for t in report["teachers"]}
     lines = ["| method | from normal teacher | from trained teacher | trained − normal (pp) |",
              "|---|---:|---:|---:|"]
     for method in kd.names():
-        normal, trained = scores[f"{method} normal"], scores[f"{method} trained"]
-        diff = [t - n for t, n in zip(trained, normal)]
-        lines.append(f"| {method} | {cell(normal)} | {cell(trained)} | {cell(diff)} |")
-    lines.append(f"| (no KD) | {cell(scores['student, no KD'])} | | |")
-    lines.append(f"| (teacher itself) | {cell(scores['normal teacher'])} | {cell(scores['trained teacher'])} | |")
+        normal, trained = students[(method, 0.0)], students[(method, 0.005)]
+        diff = [trained[seed] - normal[seed] for seed in normal if seed in trained]
+        lines.append(f"| {method} | {cell(normal.values())} | {cell(trained.values())} | {cell(diff)} |")
+    lines.append(f"| (no KD) | {cell(report['no_kd']['per_seed'].values())} | | |")
+    lines.append(f"| (teacher itself) | {cell(teachers[0.0].values())} | {cell(teachers[0.005].values())} | |")
     return "\n".join(lines)
 
 

@@ -9,7 +9,7 @@ import click
 import mlflow
 
 from entry.options import command, run
-from ttkd import registry, tracking
+from ttkd import modelstore, registry, tracking
 from ttkd.errors import TTKDError
 from ttkd.predict import classify_folder
 from ttkd.stages import TAG_STAGE
@@ -33,7 +33,7 @@ def main(model, images, batch_size, experiment, trust_unverified):
     if result.warning:
         print(f"warning: {result.warning}", file=sys.stderr, flush=True)
     with mlflow.start_run(run_name=f"predict {ref.name or ref.uri}"):
-        mlflow.set_tags({TAG_STAGE: "predict"} | ({tracking.TAG_TRUSTED: ref.uri} if result.warning else {}))
+        mlflow.set_tags({TAG_STAGE: "predict"} | ({modelstore.TAG_TRUSTED: ref.uri} if result.warning else {}))
         tracking.log_params({"model": ref.uri, "images": images, "predicted": len(result.rows),
                              "skipped": len(result.skipped)})
         mlflow.log_text(_csv(result.rows, ("file", "class", "name", "probability")), "predictions.csv")

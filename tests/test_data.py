@@ -304,9 +304,9 @@ def test_streamed_tiny_imagenet_rotates_like_in_memory(tmp_path):
 
 def test_stream_auto_keeps_folders_on_disk_only_when_they_would_not_fit(tmp_path, monkeypatch):
     make_imagefolder(tmp_path)  # 10 images of 3x12x12 = 4,320 bytes decoded
-    monkeypatch.setattr(data, "physical_memory", lambda: 4 * 4320)
+    monkeypatch.setattr(data.files, "physical_memory", lambda: 4 * 4320)
     assert not data.load("imagefolder", str(tmp_path)).streamed
-    monkeypatch.setattr(data, "physical_memory", lambda: 4 * 4320 - 4)
+    monkeypatch.setattr(data.files, "physical_memory", lambda: 4 * 4320 - 4)
     assert data.load("imagefolder", str(tmp_path)).streamed
 
 

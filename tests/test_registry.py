@@ -2,7 +2,7 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from ttkd import data, models, registry, tracking
+from ttkd import data, models, modelstore, registry
 from ttkd.errors import TTKDError
 
 DIGITS = data.load("digits")
@@ -12,7 +12,7 @@ def make_version(name, val_acc, metric="val_acc"):
     """Log a small untrained model from a run with ``metric`` and register it; -> (run id, ModelRef)."""
     with mlflow.start_run() as run:
         mlflow.log_metric(metric, val_acc)
-        info, _ = tracking.log_model(models.build("mlp", 10, 1, image_size=8), DIGITS, "mlp")
+        info, _ = modelstore.log_model(models.build("mlp", 10, 1, image_size=8), DIGITS, "mlp")
     return run.info.run_id, registry.register(info.model_uri, name, {"ttkd.stage": "baseline"}), info
 
 

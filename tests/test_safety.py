@@ -17,7 +17,7 @@ import yaml
 from mlflow import MlflowClient
 
 from tests.test_data import write_image
-from ttkd import data, models, tracking
+from ttkd import data, models, modelstore, tracking
 from ttkd.errors import TTKDError
 
 
@@ -195,8 +195,8 @@ def test_the_files_ttkd_writes_run_nothing_when_loaded_even_with_the_digest_forg
     (victim / "artifacts/network.pt2").write_bytes(sympy_payload(proof))  # a program nobody loads
     (victim / "artifacts/weights.safetensors").write_bytes(b"\x00" * 64)
     (victim / "artifacts/network.onnx").write_bytes(pickled_payload(proof))
-    forged = tracking.folder_digests(victim)
-    MlflowClient().set_model_version_tag("victim", "1", tracking.TAG_DIGESTS, json.dumps(forged))
+    forged = modelstore.folder_digests(victim)
+    MlflowClient().set_model_version_tag("victim", "1", modelstore.TAG_DIGESTS, json.dumps(forged))
     answers = every_reader(cli, tmp_path / "images")
     assert_refused(answers, "models:/victim/1: its artifacts/weights.safetensors is damaged")
     with pytest.raises(Exception, match="network.onnx is not an ONNX network onnxruntime can run"):
@@ -248,9 +248,9 @@ def test_the_sympy_payload_is_real(tmp_path):
 def test_a_model_without_a_digest_record_is_refused_unless_trusted_knowingly(attack, cli, tmp_path, record):
     client = MlflowClient()
     if record == "missing":
-        client.delete_model_version_tag("victim", "1", tracking.TAG_DIGESTS)
+        client.delete_model_version_tag("victim", "1", modelstore.TAG_DIGESTS)
     else:
-        client.set_model_version_tag("victim", "1", tracking.TAG_DIGESTS, "{}" if record == "{}" else "[]")
+        client.set_model_version_tag("victim", "1", modelstore.TAG_DIGESTS, "{}" if record == "{}" else "[]")
     assert_refused(every_reader(cli, tmp_path / "images"),
                    "models:/victim/1 has no record of its files' SHA-256 in the registry",
                    "pass trust_unverified=true to use it as it is")
@@ -260,7 +260,7 @@ def test_a_model_without_a_digest_record_is_refused_unless_trusted_knowingly(att
         assert status == 0 and ("warning: model" in err or "warning: student" in err or "warning: teacher" in err
                                 or path == "serve"), (path, err)
     trusted = mlflow.search_runs(search_all_experiments=True, output_format="list",
-                                 filter_string=f"tags.`{tracking.TAG_TRUSTED}` = 'models:/victim/1'")
+                                 filter_string=f"tags.`{modelstore.TAG_TRUSTED}` = 'models:/victim/1'")
     assert {r.data.tags["ttkd.stage"] for r in trusted} == {"teach", "distill", "predict"}
 
 
@@ -299,7 +299,7 @@ def test_a_checkpoint_changed_in_the_store_is_refused_and_never_names_what_resum
     state["kwargs"] = {"register_as": "digits-student", "tags": {"ttkd.partner_model": "models:/forged/1"}}
     checkpoint.write_bytes(b"")
     torch.save(state, checkpoint)
-    forged = {"last.pt": [tracking.file_digests({"c": checkpoint})["c"]]}
+    forged = {"last.pt": [modelstore.file_digests({"c": checkpoint})["c"]]}
     MlflowClient().set_tag(run.info.run_id, tracking.TAG_CHECKPOINTS, json.dumps(forged))
     MlflowClient().set_terminated(run.info.run_id, "KILLED")
     status, _, err = cli("baseline", "--resume", run.info.run_id)
@@ -325,7 +325,7 @@ def test_a_partner_trained_on_other_data_is_refused_unless_asked_for(store, cli,
         status, _, err = cli(stage, f"--{role}", "syn", "--epochs", "1")
         assert status == 1 and err.count("\n") == 1
         assert (f"{role} models:/syn/1 was trained on synthetic-1x8x8-10 (classes 0..9, digest ") in err
-        assert f"this stage trains on digits (digest {tracking.training_digest(data.load('digits'))[:8]}); " \
+        assert f"this stage trains on digits (digest {modelstore.training_digest(data.load('digits'))[:8]}); " \
                f"pick a {role} trained on digits, or pass partner_data=any to distil across data sets" in err
     assert len(mlflow.search_runs(["0"])) == 1  # refused before any run opened
     status, out, err = cli("distill", "--teacher", "syn", "--epochs", "1", "--partner_data", "any",
@@ -357,8 +357,8 @@ def test_a_partner_trained_on_other_data_is_refused_unless_asked_for(store, cli,
 def test_the_same_classes_in_another_order_are_named_as_such():
     digits = data.load("digits")
     meta = {"dataset": "digits", "classes": [str(i) for i in (1, 0, *range(2, 10))],
-            "train_digest": tracking.training_digest(digits)}
-    foreign, unchecked = tracking.task_difference("teacher models:/t/1", meta, None, digits)
+            "train_digest": modelstore.training_digest(digits)}
+    foreign, unchecked = modelstore.task_difference("teacher models:/t/1", meta, None, digits)
     assert unchecked is None
     assert foreign.startswith("teacher models:/t/1 was trained on digits (the same classes in another order "
                               "(1, 0, 2, 3, 4, 5, … (10 in all); here 0..9), digest ")
@@ -375,7 +375,7 @@ def test_a_partner_registered_by_an_older_ttkd_is_used_only_when_trusted_knowing
     (folder / "MLmodel").write_text(yaml.safe_dump(mlmodel))
     (folder / "artifacts" / "weights.safetensors").unlink()
     (folder / "artifacts" / "network.json").unlink()
-    MlflowClient().delete_model_version_tag("old", "1", tracking.TAG_DIGESTS)
+    MlflowClient().delete_model_version_tag("old", "1", modelstore.TAG_DIGESTS)
     status, _, err = cli("distill", "--teacher", "old", "--epochs", "1")
     assert status == 1 and err.count("\n") == 1
     assert "teacher models:/old/1 has no record of its files' SHA-256 in the registry" in err
@@ -386,8 +386,8 @@ def test_a_partner_registered_by_an_older_ttkd_is_used_only_when_trusted_knowing
            "it could not be checked" in err
     assert "teacher models:/old/1: val_acc" in out
     [student] = MlflowClient().search_model_versions("name = 'digits-mlp-kd'")
-    assert student.tags[tracking.TAG_TRUSTED] == "models:/old/1"
-    assert mlflow.get_run(student.run_id).data.tags[tracking.TAG_TRUSTED] == "models:/old/1"
+    assert student.tags[modelstore.TAG_TRUSTED] == "models:/old/1"
+    assert mlflow.get_run(student.run_id).data.tags[modelstore.TAG_TRUSTED] == "models:/old/1"
 
     # its run's checkpoint damaged: the message names the model, the run and the whole reason
     run_id = MlflowClient().get_model_version("old", "1").run_id
@@ -405,8 +405,8 @@ def test_serve_refuses_a_network_file_that_is_not_onnx_in_one_line_with_the_dige
 
     victim, _, proof = attack
     (victim / "artifacts/network.onnx").write_bytes(pickled_payload(proof))
-    MlflowClient().set_model_version_tag("victim", "1", tracking.TAG_DIGESTS,
-                                         json.dumps(tracking.folder_digests(victim)))
+    MlflowClient().set_model_version_tag("victim", "1", modelstore.TAG_DIGESTS,
+                                         json.dumps(modelstore.folder_digests(victim)))
     with tempfile.TemporaryDirectory() as tmp, pytest.raises(TTKDError) as exc:
         predict.scoring_app(registry.resolve("victim"), tmp)
     assert str(exc.value).startswith("model models:/victim/1: network.onnx is not an ONNX network onnxruntime can run")

@@ -13,7 +13,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from ttkd import cost, data, engine, models, registry, tracking
+from ttkd import cost, data, engine, models, modelstore, registry, tracking
 
 REPO = Path(__file__).resolve().parents[1]
 EPOCH_METRICS = {"train_loss", "train_ce", "val_acc", "val_loss", "lr", "epoch_time_s", "throughput"}
@@ -214,8 +214,8 @@ def register_foreign(shape, num_classes, name):
                           num_classes, (0.5,) * c, (0.25,) * c)
     with mlflow.start_run():
         mlflow.log_metric("val_acc", 50.0)
-        info, digests = tracking.log_model(models.build("mlp", num_classes, c, image_size=h), fake, "mlp")
-    registry.register(info.model_uri, name, {"ttkd.stage": "baseline", tracking.TAG_DIGESTS: json.dumps(digests)})
+        info, digests = modelstore.log_model(models.build("mlp", num_classes, c, image_size=h), fake, "mlp")
+    registry.register(info.model_uri, name, {"ttkd.stage": "baseline", modelstore.TAG_DIGESTS: json.dumps(digests)})
 
 
 @pytest.fixture(scope="module")

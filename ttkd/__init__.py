@@ -8,7 +8,8 @@ Modules, in the order data flows through them:
     engine    the training loop for every stage: runs the Step it is given; no MLflow, no printing
     calibration  the training paths' speed by a few timed steps, cached (amp and compile auto)
     choice    the Step (precision, compile) a stage trains with, decided once
-    tracking  the door to MLflow's runs: logging, checkpoints, partners rebuilt from a run's weights
+    tracking  the door to MLflow's runs: logging, artifacts, checkpoints and their digests
+    modelstore  a registered model's files: logged, digested, checked; partners rebuilt from them
     registry  MLflow model references, registration and promotion
     build     a stage's networks and objective, built alike in every process of a group
     callbacks what a stage does after each epoch (checkpoint, metrics, console, a caller's hook)

@@ -152,7 +152,7 @@ def build(folder: str | Path, who: str) -> tuple[nn.Module, Record]:
     """The network of the model in ``folder`` (eval mode, on the CPU) and its record: built
     from ttkd's own ``arch`` code, its state checked against the record, the weights file
     checked against both (every name, shape and dtype, before a byte of data is read),
-    then loaded. The digests must have been checked first (``tracking.verify_model``)."""
+    then loaded. The digests must have been checked first (``modelstore.verify_model``)."""
     record = read_record(folder, who)
     net = models.build(record.arch, record.num_classes, record.in_channels, image_size=record.image_shape[-1])
     expected = {k: (tuple(v.shape), _dtype_name(v.dtype)) for k, v in net.state_dict().items()}

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ttkd import cost, modelfile, registry, serving, tracking
+from ttkd import cost, modelfile, modelstore, registry, serving, tracking
 from ttkd.errors import TTKDError
 from ttkd.registry import ModelRef, first_line
 
@@ -43,8 +43,8 @@ def open_model(ref: ModelRef, tmp: str, trust_unverified: bool = False) -> Opene
     and ``weights.safetensors`` (``ttkd.modelfile``), inside this ttkd's
     ``ttkd/serving.py``; nothing in the model's folder runs."""
     who = f"model {ref.uri}"
-    local = tracking.download_model(ref.uri, who, tmp)
-    warning = tracking.verify_model(ref, local, who, trust_unverified)
+    local = modelstore.download_model(ref.uri, who, tmp)
+    warning = modelstore.verify_model(ref, local, who, trust_unverified)
     net, record = modelfile.build(local, who)
 
     def network(x: np.ndarray) -> np.ndarray:

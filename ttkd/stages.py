@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from ttkd import attempts, cost, distributed, kd, models, registry, serving, tracking
+from ttkd import attempts, cost, distributed, kd, models, modelstore, registry, serving, tracking
 from ttkd import callbacks as callbacks_
 from ttkd import data as datasets
 from ttkd.build import STAGES, Setup, Stage, build, stage_device
@@ -143,7 +143,7 @@ class Prepared:
     tags: dict[str, str]
     partner: ModelRef | None   # the partner pinned to one version
     partner_asked: str | None  # the partner's reference as given (an alias, a name...)
-    found: tracking.Partner | None
+    found: modelstore.Partner | None
     record: dict               # what resuming needs to rebuild this stage exactly (TAG_STAGE_ARGS)
 
     @property
@@ -171,7 +171,7 @@ def prepare(stage: str, *, arch: str, train: TrainConfig, partner: str | None, m
     if partner is not None:
         partner_ref = registry.resolve(partner)  # pinned to one version for every process
         with tempfile.TemporaryDirectory() as tmp:
-            found = tracking.load_partner(partner_ref, data, spec.partner, tmp, partner_data, trust_unverified)
+            found = modelstore.load_partner(partner_ref, data, spec.partner, tmp, partner_data, trust_unverified)
         for warning in (found.unverified, found.unchecked):
             if warning:
                 log.warning(warning)
@@ -205,7 +205,7 @@ def partner_tags(p: Prepared) -> dict[str, str]:
     if p.partner is None:
         return {}
     return ({TAG_PARTNER: p.partner.uri} | ({TAG_PARTNER_DATA: "foreign"} if p.found.foreign else {})
-            | ({tracking.TAG_TRUSTED: p.partner.uri} if p.found.unverified else {}))
+            | ({modelstore.TAG_TRUSTED: p.partner.uri} if p.found.unverified else {}))
 
 
 def record_start(p: Prepared) -> None:
@@ -292,11 +292,11 @@ def publish(p: Prepared, run_id: str, fence: attempts.Attempt) -> ModelRef:
         measured["seconds"] = time.perf_counter() - start
     fence.check()
     s = p.setup
-    info, digests = tracking.log_model(p.model, p.data, s.arch, on_export=measure)
+    info, digests = modelstore.log_model(p.model, p.data, s.arch, on_export=measure)
     tracking.log_metrics(measured["cost"].metrics() | {"cost_measure_s": measured["seconds"]})
-    tracking.set_tags({tracking.TAG_DIGESTS: json.dumps(digests, sort_keys=True)})
+    tracking.set_tags({modelstore.TAG_DIGESTS: json.dumps(digests, sort_keys=True)})
     version_tags = {TAG_STAGE: s.stage, TAG_METHOD: s.method, "ttkd.dataset": s.dataset, "ttkd.arch": s.arch,
-                    tracking.TAG_DIGESTS: json.dumps(digests, sort_keys=True),
+                    modelstore.TAG_DIGESTS: json.dumps(digests, sort_keys=True),
                     **tracking.cost_tags(measured["cost"]), **p.tags, **partner_tags(p)}
     ref = attempts.register_once(fence, info.model_uri, p.register_as, version_tags)
     tracking.set_tags({"ttkd.registered_model": ref.uri})
