@@ -1,7 +1,8 @@
 """ttkd: Trained-Teacher knowledge distillation.
 
 Modules, in the order data flows through them:
-    config    every run parameter once: type, default, check; presets
+    config    every run parameter once: type, default, check; its parser
+    presets   how the command line, a preset and the defaults combine
     data      image classification data sets held in memory as uint8 tensors
     models    one registry from architecture name to constructor; stage maps for KD
     kd        training objectives by name: cross-entropy, the trained-teacher term, KD methods
