@@ -458,9 +458,9 @@ def method_accuracies(args) -> str:
     of val_acc mean ± standard deviation. It is the digits sweep itself (``ttkd.studies.sweep``:
     its stages, step choice and report), in a store of its own; the table is read from its
     report."""
-    from ttkd import config, studies, tracking
+    from ttkd import presets, studies, tracking
 
-    cfg = config.resolve("sweep", {"seeds": str(args.seeds), "weights": "0,0.005", "methods": ",".join(kd.names()),
+    cfg = presets.resolve("sweep", {"seeds": str(args.seeds), "weights": "0,0.005", "methods": ",".join(kd.names()),
                                    "student_arch": args.student, "teacher_arch": args.teacher,
                                    "dataset": "digits", "device": args.device})
     with _scratch_store(), contextlib.redirect_stdout(io.StringIO()):
@@ -549,12 +549,12 @@ def packing(args) -> list[tuple[int, int, float, float]]:
 
 def scheduler_overhead(args) -> dict[str, list[float]]:
     """Wall seconds of the same digits sweep on the local pool (jobs=2) and on Ray (cluster=local)."""
-    from ttkd import config, studies
+    from ttkd import presets, studies
 
     times: dict[str, list[float]] = {"local pool, jobs=2": [], "Ray, cluster=local": []}
     for _ in range(args.repeat):
         for label, given in (("local pool, jobs=2", {"jobs": "2"}), ("Ray, cluster=local", {"cluster": "local"})):
-            cfg = config.resolve("sweep", {"seeds": str(args.seeds), "threads": "1", **given})
+            cfg = presets.resolve("sweep", {"seeds": str(args.seeds), "threads": "1", **given})
             with _scratch_store(), contextlib.redirect_stdout(io.StringIO()):
                 start = time.perf_counter()
                 studies.sweep(**cfg.stage_kwargs(), print_line=lambda line: None)

@@ -2,7 +2,7 @@
 
 from entry import baseline, distill, teach
 from entry.options import command, launched, run, stage_options
-from ttkd import config, studies
+from ttkd import config, presets, studies
 from ttkd.errors import TTKDError
 
 ALL_PARAMS = tuple(dict.fromkeys(n for stage in ("baseline", "teach", "distill", "main")
@@ -15,7 +15,7 @@ SINGLE = {"baseline": baseline.main, "teach": teach.main, "distill": distill.mai
 def main(preset, **given):
     """Baseline student, normal and trained teacher, a KD student from each, compared.
     With a preset for a single stage, run that stage instead."""
-    stage = config.preset_stage(preset) or "main"
+    stage = presets.preset_stage(preset) or "main"
     if stage == "sweep":
         raise TTKDError(f"preset {preset!r} is for the sweep; run it with -e sweep")
     taken = set(config.STAGE_PARAMS[stage])
@@ -26,7 +26,7 @@ def main(preset, **given):
     if stage != "main":
         SINGLE[stage].callback(preset=preset, **{k: given[k] for k in taken})
         return
-    cfg = config.resolve("main", given, preset)
+    cfg = presets.resolve("main", given, preset)
     launched("main", cfg, lambda: print(studies.resume_grid("main", cfg.values["resume"], cfg)
                                         if cfg.values["resume"] else studies.study(**cfg.stage_kwargs())))
 

@@ -1,7 +1,7 @@
 """Options shared by the entry points, and the wrapper that turns errors into one line.
 
 Training options are generated from ``ttkd.config.PARAMS``: every option is a string
-(``None`` when not given) and ``ttkd.config.resolve`` parses and checks it, together
+(``None`` when not given) and ``ttkd.presets.resolve`` parses and checks it, together
 with the preset's values, so there is one set of checks for every source.
 """
 
@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import click
 
-from ttkd import build, config, distributed, engine, signals, stages, tracking
+from ttkd import build, config, distributed, engine, presets, signals, stages, tracking
 from ttkd.errors import TTKDError
 
 PARTNER = {"teach": "student", "distill": "teacher"}  # the frozen network each stage needs
@@ -44,7 +44,7 @@ def stage_options(names: tuple[str, ...]):
 
 def start(stage: str, given: dict, preset: str | None) -> None:
     """Check the parameters of a single ``stage`` and run it, or resume it."""
-    cfg = config.resolve(stage, given, preset)
+    cfg = presets.resolve(stage, given, preset)
     partner = PARTNER.get(stage)
     if partner and not cfg.values[partner] and not cfg.values["resume"] and cfg.values["node_rank"] == 0:
         raise TTKDError(f"missing {partner}: the frozen {partner}, as NAME, NAME@ALIAS, "
@@ -58,7 +58,7 @@ def start(stage: str, given: dict, preset: str | None) -> None:
     launched(stage, cfg, body)
 
 
-def launched(name: str, cfg: config.RunConfig, body: Callable[[], None]) -> None:
+def launched(name: str, cfg: presets.RunConfig, body: Callable[[], None]) -> None:
     """Run ``body`` (entry point ``entry.NAME`` with checked parameters ``cfg``) here, or
     as ``nproc`` processes started by torchrun, this same command in each. In those
     processes, the leader runs ``body`` and the others train beside it."""

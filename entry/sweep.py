@@ -1,7 +1,7 @@
 """`mlflow run . -e sweep`: seeds x teacher weights x KD methods, with paired statistics."""
 
 from entry.options import command, launched, run, stage_options
-from ttkd import config, distributed, studies
+from ttkd import config, distributed, presets, studies
 from ttkd.studies import scheduler
 
 
@@ -10,7 +10,7 @@ from ttkd.studies import scheduler
 def main(preset, **given):
     """Per seed a baseline student; per (seed, w) a teacher against it; per (seed, w, method)
     a KD student from that teacher. Prints and logs the paired report, then promotes."""
-    cfg = config.resolve("sweep", given, preset)
+    cfg = presets.resolve("sweep", given, preset)
     if cfg.values["cluster"]:  # before the store is touched: a SQLite file is not even created
         scheduler.check_store(cfg.values["cluster"])
 

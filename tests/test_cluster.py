@@ -16,7 +16,7 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from ttkd import config, stages
+from ttkd import presets, stages
 from ttkd.errors import TTKDError
 
 from . import servers
@@ -79,7 +79,7 @@ def report_of(out: str) -> str:
 ])
 def test_bad_cluster_input_is_refused_before_anything_starts(given, message):
     with pytest.raises(TTKDError) as exc:
-        config.resolve("sweep", given)
+        presets.resolve("sweep", given)
     assert message in str(exc.value) and "\n" not in str(exc.value)
 
 
@@ -87,7 +87,7 @@ def test_cluster_without_ray_installed_names_the_extra(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))
     with pytest.raises(TTKDError, match=r"^cluster= needs Ray, an optional extra: pip install -e '\.\[cluster\]'$"):
-        config.resolve("sweep", {"cluster": "auto"})
+        presets.resolve("sweep", {"cluster": "auto"})
 
 
 def test_a_store_only_this_machine_reads_is_refused_with_a_cluster(store, cli):

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ttkd import config, data, models
+from ttkd import config, data, models, presets
 from ttkd.engine import TrainConfig
 from ttkd.errors import TTKDError
 
@@ -13,8 +13,8 @@ SEED_SCHEDULES = {"cifar10": ((80, 120), 0.1, 160), "cifar100": ((60, 120, 160),
                   "tiny-imagenet": ((60, 120, 160), 0.2, 200)}
 
 
-SEED_PRESETS = [n for n in config.preset_names() if "-lit-" not in n]
-LIT_PRESETS = [n for n in config.preset_names() if "-lit-" in n and n != "cifar100-lit-schedule"]
+SEED_PRESETS = [n for n in presets.preset_names() if "-lit-" not in n]
+LIT_PRESETS = [n for n in presets.preset_names() if "-lit-" in n and n != "cifar100-lit-schedule"]
 
 
 def test_every_seed_experiment_has_a_preset():
@@ -27,8 +27,8 @@ def test_every_seed_experiment_has_a_preset():
 
 @pytest.mark.parametrize("name", SEED_PRESETS)
 def test_every_preset_resolves_to_a_valid_run(name):
-    stage, settings = config.load_preset(name)
-    cfg = config.resolve(stage, {}, name)
+    stage, settings = presets.load_preset(name)
+    cfg = presets.resolve(stage, {}, name)
     dataset = cfg.values["dataset"]
     assert dataset in data.LOADERS
     archs = ([cfg.values["student_arch"], cfg.values["teacher_arch"]] if stage == "main"
@@ -54,14 +54,14 @@ def test_every_preset_resolves_to_a_valid_run(name):
 
 @pytest.mark.parametrize("name", LIT_PRESETS)
 def test_literature_presets_extend_the_shared_schedule_and_chain_by_name(name):
-    stage, _ = config.load_preset(name)
-    cfg = config.resolve(stage, {}, name)
+    stage, _ = presets.load_preset(name)
+    cfg = presets.resolve(stage, {}, name)
     train = cfg.train[""]
     assert (train.epochs, train.batch_size, train.lr, train.milestones, train.gamma, train.weight_decay) == \
         (240, 64, 0.05, (150, 180, 210), 0.1, 5e-4)
     assert cfg.values["dataset"] == "cifar100" and cfg.values["arch"] in models.names()
-    registered = {config.resolve(s, {}, n).values["register_as"]: n
-                  for n in LIT_PRESETS for s in [config.load_preset(n)[0]]}
+    registered = {presets.resolve(s, {}, n).values["register_as"]: n
+                  for n in LIT_PRESETS for s in [presets.load_preset(n)[0]]}
     partner = cfg.values.get("student") or cfg.values.get("teacher")
     if partner:  # the partner is what another literature preset registers
         assert partner in registered, partner
@@ -79,39 +79,39 @@ def test_lit_preset_count_and_pairs():
 
 
 def test_trained_resnet50_is_trained_against_the_resnet18_student():
-    cfg = config.resolve("teach", {}, "cifar100-trained-resnet50")
+    cfg = presets.resolve("teach", {}, "cifar100-trained-resnet50")
     assert (cfg.values["arch"], cfg.values["student"]) == ("resnet50", "cifar100-resnet18")
     assert cfg.values["register_as"] == "cifar100-resnet50-trained"
 
 
 def test_command_line_beats_role_table_beats_preset_beats_default():
-    cfg = config.resolve("main", {"epochs": "3", "student_arch": "mlp"}, "cifar10-study")
+    cfg = presets.resolve("main", {"epochs": "3", "student_arch": "mlp"}, "cifar10-study")
     assert cfg.train["student"].epochs == 3 and cfg.train["teacher"].epochs == 3
     assert cfg.values["student_arch"] == "mlp" and cfg.values["teacher_arch"] == "resnet18"
     assert cfg.train["student"].optimizer == "adam" and cfg.train["teacher"].optimizer == "sgd"
     assert cfg.train["teacher"].seed == TrainConfig.seed  # nobody set it
-    plain = config.resolve("baseline", {})
+    plain = presets.resolve("baseline", {})
     assert plain.train[""] == TrainConfig() and plain.values["arch"] == "mlp"
-    assert config.resolve("teach", {"student": "s"}).values["arch"] == "cnn"
+    assert presets.resolve("teach", {"student": "s"}).values["arch"] == "cnn"
 
 
 def test_a_preset_file_path_works_and_its_values_are_checked(tmp_path):
     good = tmp_path / "mine.toml"
     good.write_text('stage = "baseline"\narch = "preresnet20"\nmilestones = [2, 4]\nschedule = "step"\n')
-    cfg = config.resolve("baseline", {}, str(good))
+    cfg = presets.resolve("baseline", {}, str(good))
     assert cfg.values["arch"] == "preresnet20" and cfg.train[""].milestones == (2, 4)
     bad = tmp_path / "bad.toml"
     bad.write_text('stage = "baseline"\nlr = -1\n')
     with pytest.raises(TTKDError, match="invalid lr: -1; lr must be a number > 0"):
-        config.resolve("baseline", {}, str(bad))
+        presets.resolve("baseline", {}, str(bad))
     unknown = tmp_path / "unknown.toml"
     unknown.write_text('stage = "baseline"\nlearning_rate = 0.1\n')
     with pytest.raises(TTKDError, match="sets learning_rate, which stage baseline does not take"):
-        config.load_preset(str(unknown))
+        presets.load_preset(str(unknown))
     broken = tmp_path / "broken.toml"
     broken.write_text('stage = "baseline"\nlr = \n')
     with pytest.raises(TTKDError, match="cannot read preset"):
-        config.load_preset(str(broken))
+        presets.load_preset(str(broken))
 
 
 @pytest.mark.parametrize("name, raw, value", [
@@ -150,12 +150,12 @@ def test_a_preset_extends_another_and_its_own_values_win(tmp_path):
     base.write_text('dataset = "digits"\nepochs = 7\nlr = 0.2\n')
     child = tmp_path / "child.toml"
     child.write_text(f'extends = "{base}"\nstage = "baseline"\nlr = 0.3\n')
-    cfg = config.resolve("baseline", {}, str(child))
+    cfg = presets.resolve("baseline", {}, str(child))
     assert (cfg.train[""].epochs, cfg.train[""].lr) == (7, 0.3)
     loop = tmp_path / "loop.toml"
     loop.write_text(f'extends = "{loop}"\nstage = "baseline"\n')
     with pytest.raises(TTKDError, match="extends itself"):
-        config.resolve("baseline", {}, str(loop))
+        presets.resolve("baseline", {}, str(loop))
 
 
 def test_resume_compares_only_the_given_values_with_the_runs_own_as_mlflow_logged_them():
@@ -163,19 +163,19 @@ def test_resume_compares_only_the_given_values_with_the_runs_own_as_mlflow_logge
               "student.lr": "0.05", "teacher.lr": "0.1", "student.milestones": "(30, 60)",
               "teacher.milestones": "(30, 60)", "student.amp": "False", "teacher.amp": "True",
               "dkd.dkd_beta": "8.0"}
-    same = config.resolve("sweep", {"resume": "last", "seeds": "3", "weights": "0.005", "methods": "kd,dkd",
+    same = presets.resolve("sweep", {"resume": "last", "seeds": "3", "weights": "0.005", "methods": "kd,dkd",
                                     "milestones": "30,60", "dkd_beta": "8", "jobs": "1", "nproc": "2"})
     assert same.given == ("dkd_beta", "methods", "milestones", "seeds", "weights")  # jobs, nproc may change
-    assert config.resume_conflicts(same, logged) == []
-    other = config.resolve("sweep", {"resume": "last", "seeds": "2", "methods": "kd,dkd", "lr": "0.05",
+    assert presets.resume_conflicts(same, logged) == []
+    other = presets.resolve("sweep", {"resume": "last", "seeds": "2", "methods": "kd,dkd", "lr": "0.05",
                                      "amp": "true", "dkd_beta": "4", "stream": "false"})
-    assert config.resume_conflicts(other, logged) == [
+    assert presets.resume_conflicts(other, logged) == [
         "amp=True (the run has student.amp=False)", "dkd_beta=4.0 (the run has dkd.dkd_beta=8.0)",
         "lr=0.05 (the run has teacher.lr=0.1)", "seeds=0,1 (the run has seeds=0,1,2)",
         "stream (the run did not record it)"]
     with pytest.raises(TTKDError, match=r"^resume continues run abc with the values it started with, and "
                                         r"these differ: amp=True \(the run has student.amp=False\); dkd_beta"):
-        config.check_resume(other, "abc", logged)
+        presets.check_resume(other, "abc", logged)
 
 
 def test_the_table_imports_nothing_heavier_than_the_standard_library():
@@ -185,7 +185,7 @@ def test_the_table_imports_nothing_heavier_than_the_standard_library():
     import sys
     code = ("import sys, ttkd.config as c; heavy = sorted(m for m in sys.modules if m.split('.')[0] in "
             "('torch', 'numpy', 'mlflow') or m in ('ttkd.engine', 'ttkd.data', 'ttkd.kd', 'ttkd.models', "
-            "'ttkd.distributed')); print(heavy); c.resolve('distill', {'method': 'dkd', 'teacher': 't'}); "
-            "print('ttkd.kd' in sys.modules)")
+            "'ttkd.distributed')); print(heavy); import ttkd.presets as p; "
+            "p.resolve('distill', {'method': 'dkd', 'teacher': 't'}); print('ttkd.kd' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.splitlines() == ["[]", "True"]

@@ -75,7 +75,7 @@ def test_the_kd_method_how_to_builds_a_method_that_registers_and_computes_its_ma
     from ttkd import config, kd
 
     module, _ = re.findall(r"```python\n(.*?)```", (REPO / "docs/how-to/kd-method.md").read_text(), flags=re.S)
-    monkeypatch.setattr(kd, "_REGISTRY", dict(kd._REGISTRY))  # the guide's method stays out of the real registry
+    monkeypatch.setattr(kd.base, "_REGISTRY", dict(kd.base._REGISTRY))  # the guide's method stays out of the real registry
     monkeypatch.setattr(config, "_DECLARED", dict(config._DECLARED))  # and its parameter out of the real table
     monkeypatch.setattr(config, "_USES", dict(config._USES))
     exec(compile(module, "logit.py", "exec"), {"__name__": "ttkd.kd.logit"})

@@ -16,7 +16,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from scipy import stats
 
-from ttkd import config
+from ttkd import config, presets
 from ttkd.errors import TTKDError
 from ttkd.kd.logits import TrainedTeacher
 from ttkd.studies import report
@@ -107,14 +107,14 @@ def test_report_calls_a_real_gain_beyond_noise_and_a_zero_gain_within_noise():
 # ---- parameters and bad input ----------------------------------------------------------
 
 def test_sweep_parameters_seeds_as_count_or_list_and_zero_always_included():
-    cfg = config.resolve("sweep", {"seeds": "3", "weights": "-0.02,0.005", "methods": "kd,dkd"})
+    cfg = presets.resolve("sweep", {"seeds": "3", "weights": "-0.02,0.005", "methods": "kd,dkd"})
     kw = cfg.stage_kwargs()
     assert kw["seeds"] == (0, 1, 2) and kw["weights"] == (-0.02, 0.0, 0.005)
     assert set(kw["method_params"]) == {"kd", "dkd"}
-    assert config.resolve("sweep", {"seeds": "7,"}).values["seeds"] == (7,)
-    study = config.resolve("sweep", {}, "cifar10-study").stage_kwargs()
+    assert presets.resolve("sweep", {"seeds": "7,"}).values["seeds"] == (7,)
+    study = presets.resolve("sweep", {}, "cifar10-study").stage_kwargs()
     assert study["weights"] == (0.0, 0.005) and study["methods"] == ("kd",)
-    assert study["student_train"].epochs == config.resolve("main", {}, "cifar10-study").train["student"].epochs
+    assert study["student_train"].epochs == presets.resolve("main", {}, "cifar10-study").train["student"].epochs
 
 
 @pytest.mark.parametrize("given, message", [
@@ -139,9 +139,9 @@ def test_bad_sweep_input_is_one_line_and_opens_nothing(store, cli, given, messag
 
 
 def test_a_big_sweep_is_allowed_with_force():
-    cfg = config.resolve("sweep", {"seeds": "10", "weights": "-1,1,2", "methods": "kd,dkd", "force": "true"})
+    cfg = presets.resolve("sweep", {"seeds": "10", "weights": "-1,1,2", "methods": "kd,dkd", "force": "true"})
     kw = cfg.stage_kwargs()
-    assert config.sweep_size(kw["seeds"], kw["weights"], kw["methods"]) == 130 > config.MAX_MODELS
+    assert presets.sweep_size(kw["seeds"], kw["weights"], kw["methods"]) == 130 > config.MAX_MODELS
 
 
 def test_a_sweep_preset_through_the_main_entry_point_is_one_line(store, cli, tmp_path):
@@ -291,7 +291,7 @@ def test_a_preset_seed_is_refused_by_the_sweep(tmp_path):
     preset = tmp_path / "p.toml"
     preset.write_text('stage = "main"\nseed = 3\n')
     with pytest.raises(TTKDError, match="a sweep takes seeds instead"):
-        config.resolve("sweep", {}, str(preset))
+        presets.resolve("sweep", {}, str(preset))
     preset.write_text('stage = "main"\n[teacher]\nseed = 3\n')
     with pytest.raises(TTKDError, match="other than seed"):
-        config.resolve("main", {}, str(preset))
+        presets.resolve("main", {}, str(preset))

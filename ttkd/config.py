@@ -2,8 +2,7 @@
 
 Every parameter a stage takes is listed once in ``PARAMS`` with its type, default,
 check and meaning; :func:`parse` turns a command-line string or a TOML value into it and
-checks it. How the sources combine (command line, preset, defaults) is ``ttkd.presets``,
-whose ``resolve`` and ``RunConfig`` are also read here.
+checks it. How the sources combine (command line, preset, defaults) is ``ttkd.presets``.
 
 The table sits below everything that reads it and imports none of it: the registries (data
 sets, architectures, methods) tell it what they accept when they load (``provide``), and each
@@ -366,21 +365,3 @@ def check_processes(methods, several: bool) -> None:
     if several and "crd" in methods:
         raise TTKDError("crd keeps a memory bank per process, which several processes would split; "
                         "run crd with nproc=1")
-
-
-# how the sources combine (command line, preset, defaults) lives in ttkd.presets; its entry
-# points are read here, beside the table
-from ttkd.presets import (  # noqa: E402,F401,I001
-    ROLES,
-    SWEEP_FROM_STUDY,
-    RunConfig,
-    check_resume,
-    load_preset,
-    method_params,
-    preset_dirs,
-    preset_names,
-    preset_stage,
-    resolve,
-    resume_conflicts,
-    sweep_size,
-)

@@ -32,7 +32,7 @@ from ttkd import data as datasets
 from ttkd.build import STAGES, Setup, Stage, build, stage_device
 from ttkd.callbacks import TEST_EPOCH_DELAY, TEST_FREEZE_FILE, Callback  # noqa: F401 (tests set them)
 from ttkd.choice import StepChoice, choose_step
-from ttkd.config import PARAMS, RunConfig, check_processes, check_resume
+from ttkd.config import PARAMS, check_processes
 from ttkd.engine import (
     EpochStats,
     Interrupted,
@@ -45,6 +45,7 @@ from ttkd.engine import (
     predict,
 )
 from ttkd.errors import TTKDError
+from ttkd.presets import RunConfig, check_resume
 from ttkd.registry import ModelRef
 from ttkd.signals import stop_on_signals
 

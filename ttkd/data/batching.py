@@ -13,7 +13,7 @@ import torch
 from ttkd.data.files import ImageFiles
 
 if TYPE_CHECKING:
-    from ttkd.data import ImageData
+    from ttkd.data.record import ImageData
 
 
 def batches(

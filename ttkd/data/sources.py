@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ttkd.data import SPLIT_SEED, ImageData
 from ttkd.data.files import ImageFiles, _image_info, _should_stream, _split
+from ttkd.data.record import SPLIT_SEED, ImageData
 from ttkd.errors import TTKDError
 
 

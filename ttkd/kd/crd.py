@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ttkd.config import Param
-from ttkd.kd import Batch, Context, register
+from ttkd.kd.base import Batch, Context, register
 
 
 @register("crd", params=(

@@ -13,7 +13,7 @@ from torch import nn
 
 from ttkd.config import Param
 from ttkd.errors import TTKDError
-from ttkd.kd import Batch, Context, register
+from ttkd.kd.base import Batch, Context, register
 
 
 def _same_size(s: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

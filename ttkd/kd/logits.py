@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ttkd.config import Param
-from ttkd.kd import Batch, Context, register, soft_kl
+from ttkd.kd.base import Batch, Context, register, soft_kl
 
 
 @register("ce", role="baseline")

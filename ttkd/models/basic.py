@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ttkd.models import Classifier, register
+from ttkd.models.base import Classifier, register
 
 
 def conv_bn_relu(cin: int, cout: int) -> list[nn.Module]:

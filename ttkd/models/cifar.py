@@ -20,7 +20,7 @@ import functools
 
 from torch import nn
 
-from ttkd.models import Classifier, register
+from ttkd.models.base import Classifier, register
 from ttkd.models.preact import preact_resnet
 
 

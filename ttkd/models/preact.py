@@ -8,7 +8,7 @@ import functools
 import torch
 from torch import nn
 
-from ttkd.models import Classifier, register
+from ttkd.models.base import Classifier, register
 
 
 class _PreActBlock(nn.Module):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ttkd.models import Classifier, register
+from ttkd.models.base import Classifier, register
 
 
 def _resnet(block, layers: list[int], num_classes: int, in_channels: int) -> nn.Module:

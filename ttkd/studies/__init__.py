@@ -18,9 +18,9 @@ from collections.abc import Callable
 from ttkd import attempts, kd, models, registry, tracking
 from ttkd import data as datasets
 from ttkd.build import build_method
-from ttkd.config import RunConfig, check_resume
 from ttkd.engine import TrainConfig, resolve_device
 from ttkd.errors import TTKDError
+from ttkd.presets import RunConfig, check_resume
 from ttkd.stages import (
     STREAM_WORDS,
     TAG_STAGE,
