@@ -1,0 +1,71 @@
+"""The record every data set becomes: :class:`ImageData`."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+
+import torch
+
+from ttkd.data.files import ImageFiles
+
+SPLIT_SEED = 0  # the train/validation split of data sets that ship without one never moves
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageData:
+    """A classification data set.
+
+    ``train_x``/``val_x`` are ``(N, C, H, W)`` uint8 tensors, or :class:`ImageFiles` for
+    a data set left on disk; ``train_y``/``val_y`` are ``(N,)`` int64 in
+    ``[0, num_classes)``. ``mean``/``std`` have one entry per channel.
+    ``augment`` names the training augmentation: "" (none), "crop_flip" (random crop
+    after ``crop_padding`` pixels of zero padding, then a random horizontal flip: CIFAR)
+    or "rotate_flip" (random rotation within ±``rotation`` degrees, then a random
+    horizontal flip: Tiny-ImageNet).
+    """
+
+    name: str
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    augment: str = ""
+    crop_padding: int = 4       # pixels, for "crop_flip"
+    rotation: float = 20.0      # degrees, for "rotate_flip"
+    source: str = ""            # where the data came from, for the run's dataset record
+    classes: tuple[str, ...] = ()  # class names by index; empty: the indices themselves
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.classes or tuple(str(i) for i in range(self.num_classes))
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of one image."""
+        return tuple(self.train_x.shape[1:])
+
+    @property
+    def in_channels(self) -> int:
+        return self.train_x.shape[1]
+
+    @property
+    def streamed(self) -> bool:
+        """Whether the images stay on disk and are decoded batch by batch."""
+        return isinstance(self.train_x, ImageFiles)
+
+    def digest(self) -> str:
+        """A short hash of both splits, so runs on identical data can be matched: of their
+        content in memory, of file names, sizes and times for a data set left on disk."""
+        h = hashlib.sha256()
+        for t in (self.train_x, self.train_y, self.val_x, self.val_y):
+            h.update(t.fingerprint() if isinstance(t, ImageFiles) else t.cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    def to(self, device: torch.device | str) -> ImageData:
+        """The same data with every tensor moved to ``device``."""
+        moved = {f: getattr(self, f).to(device) for f in ("train_x", "train_y", "val_x", "val_y")}
+        return dataclasses.replace(self, **moved)
