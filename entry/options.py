@@ -17,6 +17,7 @@ from collections.abc import Callable
 import click
 
 from ttkd import build, config, distributed, engine, presets, signals, stages, tracking
+from ttkd.console import Terminal
 from ttkd.errors import TTKDError
 
 PARTNER = {"teach": "student", "distill": "teacher"}  # the frozen network each stage needs
@@ -124,21 +125,6 @@ def _follow() -> None:
         if os.environ.get("TTKD_DEBUG"):
             traceback.print_exc()
         sys.exit(130 if isinstance(exc, KeyboardInterrupt) else 1)
-
-
-class Terminal(logging.Handler):
-    """ttkd's log as a terminal shows it: a line on stdout for each message, ``warning: …``
-    on stderr for each warning. The streams are looked up at each line, so output redirected
-    after the handler was installed (a sweep's quiet worker, a test's capture) follows."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            warn = record.levelno >= logging.WARNING
-            stream = sys.stderr if warn else sys.stdout
-            stream.write(("warning: " if warn else "") + record.getMessage() + "\n")
-            stream.flush()
-        except Exception:
-            self.handleError(record)
 
 
 def show_log() -> None:

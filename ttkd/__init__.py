@@ -14,6 +14,7 @@ Modules, in the order data flows through them:
     registry  MLflow model references, registration and promotion
     build     a stage's networks and objective, built alike in every process of a group
     callbacks what a stage does after each epoch (checkpoint, metrics, console, a caller's hook)
+    console   ttkd's log as a terminal shows it (entry points and a sweep's point logs)
     signals   SIGINT and SIGTERM as stop requests between training steps
     stages    baseline / teach / distill, each an MLflow run: prepare, train, publish
     studies   the whole study as child runs of one parent run

@@ -143,7 +143,7 @@ def log_dict(value: dict, path: str) -> None:
 def read_json(run_id: str, path: str):
     """Run ``run_id``'s JSON artifact ``path``: its value, or None where the run has no such
     artifact; a file that cannot be read or parsed raises ``ValueError``."""
-    if path not in (a.path for a in MlflowClient().list_artifacts(run_id)):
+    if not has_artifact(run_id, path):
         return None
     try:
         return json.loads(Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path)).read_text())

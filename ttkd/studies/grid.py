@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ttkd import attempts, distributed, registry, signals, stages, tracking
+from ttkd.console import Terminal
 from ttkd.engine import TrainConfig
 from ttkd.stages import TAG_PARTNER, StageInterrupted, StageResult
 
@@ -160,7 +161,7 @@ def run_task(task: Task, verbose: bool = False, extra_tags: dict[str, str] | Non
         path = Path(folder) / f"stage-{time.strftime('%Y%m%d-%H%M%S')}.log"
         before = len(tracking.runs_started())
         with open(path, "w", buffering=1) as sink, contextlib.redirect_stdout(sink), \
-                contextlib.redirect_stderr(sink), _log_to(sink):
+                contextlib.redirect_stderr(sink), _log_to_output():
             outcome = _run_task(task, extra_tags)
         runs = tracking.runs_started()[before:]
         if runs and not outcome.superseded:
@@ -172,25 +173,18 @@ def run_task(task: Task, verbose: bool = False, extra_tags: dict[str, str] | Non
 
 
 @contextlib.contextmanager
-def _log_to(sink):
-    """ttkd's log (logger ``ttkd``) to ``sink`` alone while active, as the terminal shows it:
-    a line per message, ``warning: …`` for warnings; in any process, configured or not."""
+def _log_to_output():
+    """ttkd's log as the terminal shows it (``console.Terminal``), on whatever stdout and stderr
+    are, and there alone while active: in any process, configured or not."""
     logger = logging.getLogger("ttkd")
-    handler = logging.StreamHandler(sink)
-    handler.setFormatter(_Plain())
     before = logger.handlers, logger.level, logger.propagate
-    logger.handlers, logger.propagate = [handler], False
+    logger.handlers, logger.propagate = [Terminal()], False
     logger.setLevel(logging.INFO)
     try:
         yield
     finally:
         logger.handlers, logger.propagate = before[0], before[2]
         logger.setLevel(before[1])
-
-
-class _Plain(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        return ("warning: " if record.levelno >= logging.WARNING else "") + record.getMessage()
 
 
 def _run_task(task: Task, extra_tags: dict[str, str] | None) -> Outcome:
