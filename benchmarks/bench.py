@@ -68,21 +68,9 @@ from ttkd import data as datasets
 from ttkd import kd, models
 from ttkd.build import build_method
 from ttkd.choice import choose_step
-from ttkd.config import PARAMS
-from ttkd.engine import (
-    Objective,
-    Step,
-    TrainConfig,
-    accuracy,
-    bf16_supported,
-    compiled_step,
-    device_name,
-    fit,
-    frozen,
-    predict,
-    resolve_device,
-    seed_everything,
-)
+from ttkd.config import PARAMS, TrainConfig
+from ttkd.engine import accuracy, fit, predict, seed_everything
+from ttkd.step import Objective, Step, bf16_supported, compiled_step, device_name, frozen, resolve_device
 
 STAGES = ("baseline", "teach", "distill")
 
@@ -512,8 +500,8 @@ def packing(args) -> list[tuple[int, int, float, float]]:
     """(K, points, seconds, points per hour) for each K of ``args.k``."""
     import mlflow
 
-    from ttkd.studies.grid import Point, Task
-    from ttkd.studies.scheduler import Placement, RayCluster
+    from ttkd.studies.plan import Point, Task
+    from ttkd.studies.schedulers.ray import Placement, RayCluster
 
     device = resolve_device(args.device)
     cores = os.cpu_count() or 1

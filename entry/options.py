@@ -16,9 +16,10 @@ from collections.abc import Callable
 
 import click
 
-from ttkd import build, config, distributed, engine, presets, signals, stages, tracking
+from ttkd import build, config, console, distributed, presets, resuming, signals, stages, tracking
 from ttkd.console import Terminal
 from ttkd.errors import TTKDError
+from ttkd.step import resolve_device
 
 PARTNER = {"teach": "student", "distill": "teacher"}  # the frozen network each stage needs
 _argv: list[str] = []  # the command line of this entry point, passed on to the processes it starts
@@ -53,7 +54,7 @@ def start(stage: str, given: dict, preset: str | None) -> None:
 
     def body() -> None:
         if cfg.values["resume"]:
-            stages.resume(stage, cfg.values["resume"], cfg)
+            resuming.resume(stage, cfg.values["resume"], cfg)
         else:
             getattr(stages, stage)(**cfg.stage_kwargs())
     launched(stage, cfg, body)
@@ -64,7 +65,7 @@ def launched(name: str, cfg: presets.RunConfig, body: Callable[[], None]) -> Non
     as ``nproc`` processes started by torchrun, this same command in each. In those
     processes, the leader runs ``body`` and the others train beside it."""
     launch = distributed.Launch(**{k: cfg.values[k] for k in config.LAUNCH})
-    device = engine.resolve_device(cfg.values["device"]).type
+    device = resolve_device(cfg.values["device"]).type
 
     def lead() -> None:
         tracking.use_experiment(cfg.values["experiment"])
@@ -134,6 +135,7 @@ def show_log() -> None:
         logger.addHandler(Terminal())
     logger.setLevel(logging.INFO)
     logger.propagate = False  # once, here, whatever the root logger does
+    console.show_progress()
 
 
 def run(command: click.Command, args: list[str] | None = None) -> None:

@@ -6,7 +6,6 @@ import io
 import sys
 
 import click
-import mlflow
 
 from entry.options import command, run
 from ttkd import modelstore, registry, tracking
@@ -32,15 +31,15 @@ def main(model, images, batch_size, experiment, trust_unverified):
     result = classify_folder(ref, images, batch_size, trust_unverified)  # everything is read before the run opens
     if result.warning:
         print(f"warning: {result.warning}", file=sys.stderr, flush=True)
-    with mlflow.start_run(run_name=f"predict {ref.name or ref.uri}"):
-        mlflow.set_tags({TAG_STAGE: "predict"} | ({modelstore.TAG_TRUSTED: ref.uri} if result.warning else {}))
+    with tracking.start_run(name=f"predict {ref.name or ref.uri}"):  # ends FAILED if anything below fails
+        tracking.set_tags({TAG_STAGE: "predict"} | ({modelstore.TAG_TRUSTED: ref.uri} if result.warning else {}))
         tracking.log_params({"model": ref.uri, "images": images, "predicted": len(result.rows),
                              "skipped": len(result.skipped)})
-        mlflow.log_text(_csv(result.rows, ("file", "class", "name", "probability")), "predictions.csv")
+        tracking.log_text(_csv(result.rows, ("file", "class", "name", "probability")), "predictions.csv")
         if result.skipped:
-            mlflow.log_text(_csv([{"file": f, "reason": r} for f, r in result.skipped], ("file", "reason")),
+            tracking.log_text(_csv([{"file": f, "reason": r} for f, r in result.skipped], ("file", "reason")),
                             "skipped.csv")
-        uri = mlflow.get_artifact_uri("predictions.csv")
+        uri = tracking.artifact_uri("predictions.csv")
     print(f"{len(result.rows)} images classified with {ref.uri}"
           + (f" ({result.resized} resized to the model's size)" if result.resized else "") + f": {uri}")
     for file, why in result.skipped:

@@ -6,7 +6,7 @@ import sys
 import click
 
 from entry.options import command, run
-from ttkd import predict, registry
+from ttkd import predict, promotion
 from ttkd.errors import TTKDError
 
 
@@ -15,7 +15,7 @@ from ttkd.errors import TTKDError
               help="NAME (its best version by METRIC) or NAME/VERSION, NAME@ALIAS (that version).")
 @click.option("--metric", default="val_acc", show_default=True,
               help="Run metric to judge by; names with loss/error/time are minimised.")
-@click.option("--alias", default=registry.DEFAULT_ALIAS, show_default=True)
+@click.option("--alias", default=promotion.DEFAULT_ALIAS, show_default=True)
 @click.option("--force", type=click.BOOL, default=False, show_default=True,
               help="Move the alias even to a worse version.")
 @click.option("--by", type=click.Choice(["self", "students"]), default="self", show_default=True,
@@ -43,7 +43,7 @@ def main(model, metric, alias, force, by, student_arch, method, max_latency_ms, 
             print(f"warning: {warning}", file=sys.stderr, flush=True)
         for line in lines:
             print(line, flush=True)
-    print(registry.promote(model, metric=metric, alias=alias, force=force, by=by,
+    print(promotion.promote(model, metric=metric, alias=alias, force=force, by=by,
                            student_arch=student_arch, method=method, budget=budget))
 
 

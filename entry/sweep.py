@@ -2,7 +2,6 @@
 
 from entry.options import command, launched, run, stage_options
 from ttkd import config, distributed, presets, studies
-from ttkd.studies import scheduler
 
 
 @command("sweep")
@@ -11,8 +10,6 @@ def main(preset, **given):
     """Per seed a baseline student; per (seed, w) a teacher against it; per (seed, w, method)
     a KD student from that teacher. Prints and logs the paired report, then promotes."""
     cfg = presets.resolve("sweep", given, preset)
-    if cfg.values["cluster"]:  # before the store is touched: a SQLite file is not even created
-        scheduler.check_store(cfg.values["cluster"])
 
     def body() -> None:
         if cfg.values["resume"]:

@@ -3,10 +3,12 @@ import json
 import pytest
 import torch
 
-from ttkd import calibration, data, engine, models
+from ttkd import calibration, choice, data, models
 from ttkd.choice import StepChoice, choose_step, device_signature
-from ttkd.engine import TrainConfig, fit, seed_everything
+from ttkd.config import TrainConfig
+from ttkd.engine import fit, seed_everything
 from ttkd.kd.logits import KD, CrossEntropy
+from ttkd.step import compiler_available, device_name
 
 DIGITS = data.load("digits")
 
@@ -85,7 +87,7 @@ def test_forced_and_without_native_bf16_nothing_is_measured(monkeypatch):
     forced = choose_step(model, DIGITS, CrossEntropy(None), TrainConfig(amp=True, compile=False))
     assert forced == StepChoice(True, "amp=true", {})
     assert choose_step(model, DIGITS, CrossEntropy(None), TrainConfig(amp=False, compile=False)).bf16 is False
-    monkeypatch.setattr(engine, "bf16_supported", lambda device: False)
+    monkeypatch.setattr(choice, "bf16_supported", lambda device: False)
     p = choose_step(model, DIGITS, CrossEntropy(None), TrainConfig(amp="auto", compile=False))
     assert p == StepChoice(False, "no native bf16", {})
     det = choose_step(model, DIGITS, CrossEntropy(None), TrainConfig(compile="auto", deterministic=True))
@@ -96,7 +98,7 @@ def test_auto_measures_on_copies_and_trains_as_the_chosen_step_would(monkeypatch
     """The calibration runs real steps (bf16 emulated where the CPU has none), touches no
     network, method or random state, and is cached for the next stage with the same key.
     A digits stage lasts seconds: compiling cannot pay, so it is neither done nor measured."""
-    monkeypatch.setattr(engine, "bf16_supported", lambda device: True)
+    monkeypatch.setattr(choice, "bf16_supported", lambda device: True)
     monkeypatch.setattr(torch, "compile", lambda *a, **k: pytest.fail("compiled"))
     teacher, student = build("cnn").eval(), build("mlp")
     method = KD(None, 0.9, 4.0)
@@ -149,7 +151,7 @@ def test_without_a_cpp_compiler_compile_true_trains_eagerly_and_says_so(monkeypa
         history = fit(build("mlp"), DIGITS, CrossEntropy(None), TrainConfig(epochs=1, amp=False, compile=True),
                       step=c.step)
     assert history[-1].val_acc > 50
-    assert engine.compiler_available()  # found again
+    assert compiler_available()  # found again
 
 
 def test_figures_measured_under_load_are_dropped_once_an_epoch_trains_far_faster(cache):
@@ -166,7 +168,7 @@ def test_figures_measured_under_load_are_dropped_once_an_epoch_trains_far_faster
 
 def test_the_cache_tells_cpus_apart_by_instruction_sets_and_cores(monkeypatch):
     signature = device_signature(torch.device("cpu"))
-    assert signature.startswith(engine.device_name(torch.device("cpu")) + " [") and signature.endswith(
+    assert signature.startswith(device_name(torch.device("cpu")) + " [") and signature.endswith(
         f"] x{__import__('os').cpu_count()}")
     flags = open("/proc/cpuinfo").read()
     assert ("avx512_bf16" in signature) == (" avx512_bf16" in flags)
@@ -176,7 +178,7 @@ def test_the_cache_tells_cpus_apart_by_instruction_sets_and_cores(monkeypatch):
 
 def test_a_stage_drops_cached_figures_that_its_first_epoch_shows_were_measured_under_load(store, cli, cache,
                                                                                             monkeypatch):
-    monkeypatch.setattr(engine, "bf16_supported", lambda device: True)  # measured on every CPU, emulated or not
+    monkeypatch.setattr(choice, "bf16_supported", lambda device: True)  # measured on every CPU, emulated or not
     args = ("baseline", "--epochs", "1", "--compile", "false")
     status, _, err = cli(*args)
     assert status == 0 and "warning: the cached calibration" not in err, err

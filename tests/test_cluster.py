@@ -160,7 +160,7 @@ def nodes(tmp_path_factory):
 def test_the_test_cluster_and_cluster_local_refuse_a_process_without_their_token(nodes, monkeypatch):
     import ray
 
-    from ttkd.studies import scheduler
+    from ttkd.studies.schedulers import ray as scheduler
 
     assert not scheduler.accepts_unauthenticated(nodes.address)  # (the sweeps below join with the token)
     for key in scheduler.AUTH_ENV:
@@ -176,7 +176,7 @@ def test_the_test_cluster_and_cluster_local_refuse_a_process_without_their_token
 def test_a_cluster_that_runs_jobs_without_a_token_is_refused_unless_cluster_auth_none(monkeypatch):
     import ray
 
-    from ttkd.studies import scheduler
+    from ttkd.studies.schedulers import ray as scheduler
 
     with servers.ray_cluster((1, 1), env={"RAY_AUTH_MODE": "disabled"}, workers=0) as open_cluster:
         monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
@@ -250,11 +250,11 @@ def test_a_node_cut_off_mid_sweep_writes_nothing_once_its_point_is_retried_and_l
         task.resume()  # the cut-off attempt goes on: its next write is where it must stop
         logs = []
         deadline = time.time() + 120
-        while time.time() < deadline and not any("ttkd: attempt" in f.read_text() for f in logs):
+        while time.time() < deadline and not any("warning: attempt" in f.read_text() for f in logs):
             time.sleep(0.5)
             logs = list((nodes.root / "session_latest" / "logs").glob(f"worker-*-{task.pid}.err"))
-        said = [line for f in logs for line in f.read_text().splitlines() if line.startswith("ttkd: ")]
-        assert said == [f"ttkd: attempt 1.0 at run {victim} of point '{before['tags']['ttkd.point']}' was "
+        said = [line for f in logs for line in f.read_text().splitlines() if line.startswith("warning: ")]
+        assert said == [f"warning: attempt 1.0 at run {victim} of point '{before['tags']['ttkd.point']}' was "
                         f"superseded by attempt 1.1 (the same run), a retry elsewhere; it writes nothing more"]
         assert snapshot(client, victim) == before
     finally:
@@ -309,8 +309,8 @@ def test_sigterm_stops_a_cluster_sweep_and_resume_finishes_it_on_the_cluster(ser
 def test_a_node_without_the_data_set_or_with_another_ttkd_fails_its_point_naming_itself(monkeypatch, tmp_path):
     import ray
 
-    from ttkd.studies import scheduler
-    from ttkd.studies.grid import Point, Task
+    from ttkd.studies.plan import Point, Task
+    from ttkd.studies.schedulers import ray as scheduler
 
     class Context:
         def get_node_id(self):

@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 from ttkd import config, data, models, presets
-from ttkd.engine import TrainConfig
+from ttkd.config import TrainConfig
 from ttkd.errors import TTKDError
 
 REPO = Path(__file__).resolve().parents[1]

@@ -19,6 +19,7 @@ from tests.test_data import make_imagefolder
 from tests.test_resume import history
 from ttkd import data, distributed, engine, kd, models
 from ttkd.build import build_method
+from ttkd.step import Objective, partner_outputs
 
 REPO = Path(__file__).resolve().parents[1]
 # compared across process counts: float32 on every CPU, since bf16 autocast rounds a half
@@ -104,9 +105,9 @@ def test_the_objective_module_trains_the_methods_own_parameters_too():
     student = models.build("cnn", d.num_classes, d.in_channels, image_size=8)
     teacher = models.build("cnn", d.num_classes, d.in_channels, image_size=8, width=48)
     method = build_method("fitnet", "distill", d, student, teacher, {"fitnet_beta": 100.0}, "cnn", "cnn")
-    objective = engine.Objective(student, method, fast=False, features=True)
+    objective = Objective(student, method, fast=False, features=True)
     x, y = next(data.batches(d, "train", 16))
-    objective(x, y, epoch=1, **engine.partner_outputs(teacher.eval(), x, False, True))["loss"].backward()
+    objective(x, y, epoch=1, **partner_outputs(teacher.eval(), x, False, True))["loss"].backward()
     own = [p for p in method.parameters() if p.requires_grad]
     assert own and all(p.grad is not None and p.grad.abs().sum() > 0 for p in own)
     assert set(map(id, objective.parameters())) == set(map(id, [*student.parameters(), *method.parameters()]))

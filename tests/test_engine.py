@@ -5,9 +5,11 @@ import pytest
 import torch
 
 from ttkd import data, kd, models
-from ttkd.engine import TrainConfig, fit, frozen, seed_everything
+from ttkd.config import TrainConfig
+from ttkd.engine import fit, seed_everything
 from ttkd.errors import TTKDError
 from ttkd.kd.logits import KD, CrossEntropy
+from ttkd.step import frozen
 
 DIGITS = data.load("digits")
 
@@ -110,8 +112,8 @@ def test_mixed_precision_on_and_off_both_learn(amp):
 def test_amp_true_trains_in_bf16_on_every_cpu_and_false_in_float32(monkeypatch, native):
     """amp=true forces bf16 (emulated where the CPU has none), so the bf16 path is tested on
     any machine; amp=false is float32 whatever the CPU has."""
-    from ttkd import engine
-    monkeypatch.setattr(engine, "bf16_supported", lambda device: native)
+    from ttkd import choice
+    monkeypatch.setattr(choice, "bf16_supported", lambda device: native)
     for amp, dtype in ((True, torch.bfloat16), (False, torch.float32)):
         model, seen = build("mlp"), []
         linear = next(m for m in model.modules() if isinstance(m, torch.nn.Linear))
@@ -125,7 +127,7 @@ def test_compile_true_compiles_the_whole_step_of_a_feature_method_and_the_partne
     """FitNets reads the student's and the teacher's stage maps: the compiled step is the
     objective (network, connector and loss) and the partner's forward, and it trains."""
     from ttkd.build import build_method
-    from ttkd.engine import Objective
+    from ttkd.step import Objective
     compiled, real = [], torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append(fn) or real(fn, **kw))
     teacher, student = build("cnn").eval(), build("resnet8")
@@ -170,8 +172,8 @@ def test_a_method_with_parameters_and_buffers_is_trained_and_resumed_exactly():
 
 def test_fit_runs_the_step_it_is_given_and_never_decides():
     """amp=auto and compile=auto are requests that choose_step answers; fit refuses to guess."""
-    from ttkd.engine import Step
     from ttkd.errors import TTKDError
+    from ttkd.step import Step
     with pytest.raises(TTKDError, match="decided by choose_step"):
         fit(build("mlp"), DIGITS, ce(), TrainConfig(epochs=1, compile=False))
     assert Step.forced(TrainConfig(amp=True, compile=True)) == Step(True, "default")

@@ -2,7 +2,7 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from ttkd import data, models, modelstore, registry
+from ttkd import data, models, modelstore, promotion, registry
 from ttkd.errors import TTKDError
 
 DIGITS = data.load("digits")
@@ -53,21 +53,21 @@ def test_promote_picks_the_best_version_then_stays(store):
     make_version("m", 90.0)
     make_version("m", 97.0)
     make_version("m", 93.0)
-    first = registry.promote("m")
+    first = promotion.promote("m")
     assert first.moved and first.old is None and first.new == "2"
     assert aliases("m") == {"champion": 2}
-    again = registry.promote("m")
+    again = promotion.promote("m")
     assert not again.moved and "unchanged" in str(again)
 
 
 def test_promote_refuses_a_worse_version_unless_forced(store):
     make_version("m", 97.0)
     make_version("m", 90.0)
-    registry.promote("m")
+    promotion.promote("m")
     with pytest.raises(TTKDError, match=r"refusing to move m@champion from version 1 .*97.* to the worse version 2 .*force=true"):
-        registry.promote("m/2")
+        promotion.promote("m/2")
     assert aliases("m") == {"champion": 1}
-    forced = registry.promote("m/2", force=True)
+    forced = promotion.promote("m/2", force=True)
     assert forced.moved and str(forced) == "m@champion: version 1 (val_acc 97) -> version 2 (val_acc 90)"
     assert aliases("m") == {"champion": 2}
 
@@ -75,13 +75,13 @@ def test_promote_refuses_a_worse_version_unless_forced(store):
 def test_promote_minimises_losses(store):
     make_version("m", 0.5, metric="val_loss")
     make_version("m", 0.2, metric="val_loss")
-    assert registry.promote("m", metric="val_loss", alias="lowest").new == "2"
+    assert promotion.promote("m", metric="val_loss", alias="lowest").new == "2"
 
 
 @pytest.mark.parametrize("call, message", [
-    (lambda: registry.promote("m", metric="f1"), "no version of 'm' has a metric 'f1'"),
-    (lambda: registry.promote("m", alias="v3"), "invalid alias 'v3'"),
-    (lambda: registry.promote("zzz"), "no registered model named 'zzz'"),
+    (lambda: promotion.promote("m", metric="f1"), "no version of 'm' has a metric 'f1'"),
+    (lambda: promotion.promote("m", alias="v3"), "invalid alias 'v3'"),
+    (lambda: promotion.promote("zzz"), "no registered model named 'zzz'"),
 ])
 def test_promote_bad_input_leaves_aliases_alone(store, call, message):
     make_version("m", 90.0)

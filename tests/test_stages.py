@@ -14,6 +14,7 @@ import torch
 from mlflow import MlflowClient
 
 from ttkd import cost, data, engine, models, modelstore, registry, tracking
+from ttkd.step import bf16_supported
 
 REPO = Path(__file__).resolve().parents[1]
 EPOCH_METRICS = {"train_loss", "train_ce", "val_acc", "val_loss", "lr", "epoch_time_s", "throughput"}
@@ -37,7 +38,7 @@ def test_stages_by_hand(store, cli, tmp_path):
     status, out, err = cli("baseline", "--epochs", "2", "--register_as", "stu")
     assert status == 0, err
     assert "registered models:/stu/1" in out
-    native = engine.bf16_supported(torch.device("cpu"))
+    native = bf16_supported(torch.device("cpu"))
     assert ("precision: float32 (amp=auto: this CPU has no native bf16)" in out) != native
     status, out, err = cli("teach", "--student", "stu", "--epochs", "1", "--amp", "true")
     assert status == 0, err

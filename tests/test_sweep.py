@@ -20,7 +20,7 @@ from ttkd import config, presets
 from ttkd.errors import TTKDError
 from ttkd.kd.logits import TrainedTeacher
 from ttkd.studies import report
-from ttkd.studies.grid import Grid, Point
+from ttkd.studies.plan import Grid, Point
 
 from .test_resume import env_for
 

@@ -14,18 +14,10 @@ import torch
 
 from ttkd import data as datasets
 from ttkd import distributed, kd, models
-from ttkd.engine import (
-    Interrupted,
-    NonFiniteLoss,
-    Step,
-    TrainConfig,
-    check_batch,
-    fit,
-    resolve_device,
-    seed_everything,
-    set_deterministic,
-)
+from ttkd.config import TrainConfig
+from ttkd.engine import Interrupted, NonFiniteLoss, check_batch, fit, seed_everything, set_deterministic
 from ttkd.signals import stop_on_signals
+from ttkd.step import Step, resolve_device
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,13 +14,11 @@ import dataclasses
 import logging
 import os
 import signal
-import sys
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from ttkd import calibration, tracking
 from ttkd.choice import StepChoice
@@ -109,7 +107,3 @@ def summary(s: EpochStats, epochs: int) -> str:
             f"val_loss {s.val_loss:.4f}  val_acc {s.val_acc:.2f}%{agree}  "
             f"lr {s.lr:.4g}  {s.throughput:,.0f} img/s")
 
-
-def progress_bar(batches, total: int, label: str):
-    """A progress bar on a terminal's stderr; nothing when stderr is not a terminal."""
-    return tqdm(batches, total=total, desc=label, leave=False, disable=not sys.stderr.isatty())

@@ -1,6 +1,6 @@
 """How a stage's training step runs, decided once: :func:`choose_step` turns ``TrainConfig``'s
 requests (``amp``, ``compile``; ``auto`` measured by ``ttkd.calibration``) into a
-:class:`ttkd.engine.Step` and says why. ``fit`` runs the ``Step`` it is given and decides nothing.
+:class:`ttkd.step.Step` and says why. ``fit`` runs the ``Step`` it is given and decides nothing.
 """
 
 from __future__ import annotations
@@ -13,9 +13,11 @@ import os
 import torch
 from torch import nn
 
-from ttkd import calibration, distributed, engine
+from ttkd import calibration, distributed
+from ttkd.config import TrainConfig
 from ttkd.data import ImageData, batches
-from ttkd.engine import Objective, Step, TrainConfig, compiled_step, device_name, frozen, make_optimizer
+from ttkd.engine import make_optimizer
+from ttkd.step import Objective, Step, bf16_supported, compiled_step, compiler_available, device_name, frozen
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,23 +62,42 @@ def choose_step(model: nn.Module, data: ImageData, method: nn.Module, config: Tr
     the chosen precision. Measurements are cached (``ttkd.calibration``). Neither the
     networks, the method nor any random state change: a run trains alike whether the
     choice was measured now or taken from the cache."""
-    device = data.train_x.device
-    n = min(len(data.train_y), math.ceil(config.batch_size / distributed.size()))
-    steps = steps if steps is not None else config.epochs * math.ceil(len(data.train_y) / config.batch_size)
-    features = getattr(method, "features", False)
+    trial = _Trial(model, data, method, config, partner, steps)
+    bf16, reason, rates = _precision(trial)
+    return _compile(trial, bf16, reason, rates)
 
-    def path(fast: bool, mode: str | None = None):
+
+class _Trial:
+    """The step ``fit`` would run, built on copies of the networks and the method and timed on
+    one training batch of the real shape (this process's share of it); the cache key says what
+    decides its speed."""
+
+    def __init__(self, model: nn.Module, data: ImageData, method: nn.Module, config: TrainConfig,
+                 partner: nn.Module | None, steps: int | None):
+        self.model, self.data, self.method, self.config, self.partner = model, data, method, config, partner
+        self.device = data.train_x.device
+        self.n = min(len(data.train_y), math.ceil(config.batch_size / distributed.size()))
+        self.steps = steps if steps is not None else config.epochs * math.ceil(len(data.train_y) / config.batch_size)
+        self.key = " ".join([
+            f"model={_describe(model)}", f"partner={_describe(partner)}", f"method={type(method).__name__}",
+            f"batch={self.n}x{'x'.join(map(str, data.image_shape))}", f"device={device_signature(self.device)}",
+            f"threads={torch.get_num_threads()}", f"torch={torch.__version__}"])
+
+    def path(self, fast: bool, mode: str | None = None):
+        """A builder of one step of this path (bf16 with ``fast``; compiled in ``mode``)."""
+        features = getattr(self.method, "features", False)
+
         def build():
-            net, objective_method = copy.deepcopy(model), copy.deepcopy(method)
+            net, method = copy.deepcopy(self.model), copy.deepcopy(self.method)
             if fast:
                 net.to(memory_format=torch.channels_last)
-            twin = frozen(partner, fast) if partner is not None else None
-            objective = Objective(net, objective_method, fast, features).train()
+            twin = frozen(self.partner, fast) if self.partner is not None else None
+            objective = Objective(net, method, fast, features).train()
             run, partner_run = compiled_step(objective, twin, fast, features, mode)
-            optimizer, _ = make_optimizer([*net.parameters(), *objective_method.parameters()], config)
-            x, y, idx = next(batches(data, "train", n, generator=torch.Generator().manual_seed(0),
+            optimizer, _ = make_optimizer([*net.parameters(), *method.parameters()], self.config)
+            x, y, idx = next(batches(self.data, "train", self.n, generator=torch.Generator().manual_seed(0),
                                      channels_last=fast, indices=True))
-            epoch = torch.tensor(1.0, device=device)  # as fit passes it
+            epoch = torch.tensor(1.0, device=self.device)  # as fit passes it
 
             def step():
                 loss = run(x, y, epoch=epoch, index=idx, **(partner_run(x) if twin is not None else {}))["loss"]
@@ -86,56 +107,57 @@ def choose_step(model: nn.Module, data: ImageData, method: nn.Module, config: Tr
             return step
         return build
 
-    key = " ".join([f"model={_describe(model)}", f"partner={_describe(partner)}",
-                    f"method={type(method).__name__}", f"batch={n}x{'x'.join(map(str, data.image_shape))}",
-                    f"device={device_signature(device)}", f"threads={torch.get_num_threads()}",
-                    f"torch={torch.__version__}"])
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    def measure(self, paths: dict) -> calibration.Measured:
+        """``paths`` timed (or read from the cache), leaving every random state as it was."""
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            return calibration.measure(self.key, paths, self.n, sync, stage_images=self.steps * self.n)
 
-    def chosen(*args) -> StepChoice:
-        return StepChoice(*args, key=key if rates else None)
 
-    def measure(paths: dict) -> calibration.Measured:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            return calibration.measure(key, paths, n, sync, stage_images=steps * n)
+def _precision(trial: _Trial) -> tuple[bool, str, dict[str, float]]:
+    """bf16 or not, why, and the rates measured to decide it (none when it was forced)."""
+    amp = trial.config.amp
+    if amp != "auto":
+        return bool(amp), f"amp={str(bool(amp)).lower()}", {}
+    if not bf16_supported(trial.device):
+        return False, "no native bf16", {}
+    eager = trial.measure({"float32": trial.path(False), "bf16": trial.path(True)})
+    rates = dict(eager.rates)
+    bf16 = rates["bf16"] / BF16_MARGIN.get(trial.device.type, 1.0) > rates["float32"]
+    return bf16, "cached" if eager.cached else "measured", rates
 
-    # precision
-    rates: dict[str, float] = {}
-    if config.amp != "auto":
-        bf16, reason = bool(config.amp), f"amp={str(bool(config.amp)).lower()}"
-    elif not engine.bf16_supported(device):
-        bf16, reason = False, "no native bf16"
-    else:
-        eager = measure({"float32": path(False), "bf16": path(True)})
-        rates = dict(eager.rates)
-        bf16 = rates["bf16"] / BF16_MARGIN.get(device.type, 1.0) > rates["float32"]
-        reason = "cached" if eager.cached else "measured"
+
+def _compile(trial: _Trial, bf16: bool, reason: str, rates: dict[str, float]) -> StepChoice:
+    """The compile decision in the chosen precision, with the precision's as the answer."""
+    config, device, n, steps = trial.config, trial.device, trial.n, trial.steps
     precision = "bf16" if bf16 else "float32"
 
-    # compile
+    def chosen(*args) -> StepChoice:
+        return StepChoice(bf16, reason, rates, *args, key=trial.key if rates else None)
+
     if config.compile is False:
-        return chosen(bf16, reason, rates)
-    if device.type == "cpu" and not engine.compiler_available():
-        return chosen(bf16, reason, rates, None, f"compile={_word(config.compile)}: no C++ compiler found "
-                          f"(torch.compile needs one on a CPU; install g++ or set CXX): trained eagerly")
+        return chosen()
+    if device.type == "cpu" and not compiler_available():
+        return chosen(None, f"compile={_word(config.compile)}: no C++ compiler found "
+                            f"(torch.compile needs one on a CPU; install g++ or set CXX): trained eagerly")
     if config.compile is not True and config.compile != "auto":  # a mode, already decided
-        return chosen(bf16, reason, rates, str(config.compile), f"compile={config.compile}")
+        return chosen(str(config.compile), f"compile={config.compile}")
     modes = COMPILE_MODES.get(device.type, ("default",))
     if config.compile is True:
-        return chosen(bf16, reason, rates, modes[0], "compile=true")
+        return chosen(modes[0], "compile=true")
     if config.deterministic:
-        return chosen(bf16, reason, rates, None, "compile=auto: deterministic=true trains eagerly")
+        return chosen(None, "compile=auto: deterministic=true trains eagerly")
     if precision not in rates:
-        rates |= measure({precision: path(bf16)}).rates
+        rates |= trial.measure({precision: trial.path(bf16)}).rates
     eager_s = steps * n / rates[precision]
     if eager_s < MIN_COMPILE_STAGE_S:
-        return chosen(bf16, reason, rates, None, f"compile=auto: a stage of about "
-                          f"{eager_s:.{1 if eager_s < 10 else 0}f} s cannot repay compiling")
+        return chosen(None, f"compile=auto: a stage of about {eager_s:.{1 if eager_s < 10 else 0}f} s "
+                            f"cannot repay compiling")
     try:
-        compiled = measure({f"{precision}+{mode}": path(bf16, mode) for mode in modes})
+        compiled = trial.measure({f"{precision}+{mode}": trial.path(bf16, mode) for mode in modes})
     except Exception as exc:  # a compiler error: say it, train eagerly
-        return chosen(bf16, reason, rates, None, f"compile=auto: compiling failed ({type(exc).__name__}: "
-                          f"{str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ''}): trained eagerly")
+        return chosen(None, f"compile=auto: compiling failed ({type(exc).__name__}: "
+                            f"{str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ''}): trained eagerly")
     rates |= compiled.rates
     total = {mode: compiled.setup_s[f"{precision}+{mode}"] + steps * n / rates[f"{precision}+{mode}"]
              for mode in modes}
@@ -144,8 +166,8 @@ def choose_step(model: nn.Module, data: ImageData, method: nn.Module, config: Tr
     how = (f"{rates[f'{precision}+{best}']:,.0f} img/s compiled ({best}) after {setup:.0f} s of compiling: "
            f"about {total[best]:.0f} s for the stage against {eager_s:.0f} s eager")
     if total[best] < eager_s:
-        return chosen(bf16, reason, rates, best, f"compile=auto: {how}", setup)
-    return chosen(bf16, reason, rates, None, f"compile=auto: {how}; trained eagerly", setup)
+        return chosen(best, f"compile=auto: {how}", setup)
+    return chosen(None, f"compile=auto: {how}; trained eagerly", setup)
 
 
 def _word(value) -> str:

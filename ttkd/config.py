@@ -50,6 +50,11 @@ class TrainConfig:
                                   # compiled where a calibration finds it repays its compile time (choose_step)
     deterministic: bool = False  # deterministic kernels: a resumed run repeats an uninterrupted one
 
+    @classmethod
+    def from_dict(cls, values: dict) -> TrainConfig:
+        """A TrainConfig from its dict form (as checkpoints and study.json keep it)."""
+        return cls(**(values | {"milestones": tuple(values["milestones"])}))
+
 
 @dataclasses.dataclass(frozen=True)
 class Param:

@@ -8,17 +8,15 @@ once per epoch, so the step loop never waits for the host. The engine knows noth
 MLflow and prints nothing: the caller gets each epoch's figures through ``on_epoch``
 and may wrap the batches in a progress bar. ``TrainConfig``'s ``amp`` and ``compile``
 are requests; ``ttkd.choice.choose_step`` turns them, by a short calibration where they say
-``auto``, into a :class:`Step` (bf16 or float32, compiled or eager), the one decision ``fit`` runs.
+``auto``, into a :class:`ttkd.step.Step` (bf16 or float32, compiled or eager), the one decision
+``fit`` runs.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import functools
 import math
 import os
-import platform
 import random
 import time
 import warnings
@@ -30,16 +28,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ttkd import calibration, distributed
+from ttkd import distributed
 from ttkd.config import TrainConfig
 from ttkd.data import ImageData, batches
 from ttkd.errors import TTKDError
-from ttkd.kd import Batch
-
-# inductor's compiled graphs beside the calibration cache, shared by the processes this one
-# starts (a sweep's workers, a group's ranks); torch fixes the folder when inductor is first
-# imported, so it is set here, before that
-os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(calibration.cache_dir() / "inductor"))
+from ttkd.step import Objective, Step, autocast, compiled_step, frozen
 
 # A convolution over one input channel (grayscale images) gets its weight's gradient with
 # another stride along that size-1 dimension than DDP's bucket: the same memory order,
@@ -98,33 +91,6 @@ class EpochStats:
         return {f"train_{k}": v for k, v in self.train.items()} | figures
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise TTKDError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise TTKDError("device cuda was asked for but no CUDA GPU is visible; use device=cpu")
-    return device
-
-
-def bf16_supported(device: torch.device) -> bool:
-    """Whether ``device`` runs bf16 convolutions and matrix products natively."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    return False
-
-
-def autocast(device: torch.device, enabled: bool):
-    """bf16 autocast on ``device`` when ``enabled`` (emulated, and slower, where the device
-    has no native bf16), else a no-op context."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
-
-
 def seed_everything(seed: int) -> None:
     """Seed Python, numpy and torch (CPU and every GPU)."""
     random.seed(seed)
@@ -176,122 +142,6 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return 100.0 * (logits.argmax(1) == labels).float().mean().item()
 
 
-def frozen(partner: nn.Module, fast: bool) -> nn.Module:
-    """The frozen partner as the step loop runs it: a copy, so the caller's network is
-    left as it was; with ``fast``, in channels_last and with its weights cast to bf16
-    once, instead of by autocast at every step (it never learns, so no float32 master
-    copy is needed). Its logits differ from float32 ones by bf16 rounding only."""
-    partner = copy.deepcopy(partner)
-    if fast:
-        partner.to(dtype=torch.bfloat16, memory_format=torch.channels_last)
-    return partner
-
-
-def partner_outputs(partner: nn.Module, x: torch.Tensor, fast: bool, features: bool) -> dict:
-    """The frozen partner's fields of a :class:`ttkd.kd.Batch`: its float32 logits, and
-    with ``features`` its embedding and stage maps; in inference mode (bf16 when ``fast``)."""
-    with autocast(x.device, fast), torch.inference_mode():
-        if features:
-            stages, embedding = partner.forward_stages(x)
-            out = [partner.forward_head(embedding), embedding, *stages]
-        else:
-            out = [partner(x)]
-    # inference tensors cannot be saved for backward: take normal float32 copies
-    out = [t.float().clone() for t in out]
-    return ({"partner_logits": out[0], "partner_embedding": out[1], "partner_stages": out[2:]}
-            if features else {"partner_logits": out[0]})
-
-
-class Objective(nn.Module):
-    """The trained model and its method as one module, whose ``forward`` is a whole
-    training step's loss: DistributedDataParallel averages the gradients of exactly what
-    runs in ``forward``, so the method's own parameters (a FitNet regressor) are averaged
-    with the model's."""
-
-    def __init__(self, model: nn.Module, method: nn.Module, fast: bool, features: bool):
-        super().__init__()
-        self.model, self.method, self.fast, self.features = model, method, fast, features
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor, **batch) -> dict[str, torch.Tensor]:
-        """The method's named loss parts for images ``x`` and labels ``y``; ``batch`` fills
-        the other fields of the :class:`ttkd.kd.Batch` (partner outputs, epoch, index)."""
-        b = Batch(logits=None, labels=y, **batch)
-        with autocast(x.device, self.fast):
-            if self.features:
-                stages, embedding = self.model.forward_stages(x)
-                b.logits = self.model.forward_head(embedding).float()
-                b.stages, b.embedding = [t.float() for t in stages], embedding.float()
-            else:
-                b.logits = self.model(x).float()  # losses in float32, whatever the compute dtype
-        return self.method(b)
-
-
-@dataclasses.dataclass(frozen=True)
-class Step:
-    """How the training step runs: the decision, as distinct from ``TrainConfig``'s request
-    (``amp`` and ``compile``, which may say ``auto``)."""
-
-    bf16: bool = False          # bf16 autocast and channels_last; else float32
-    compile: str | None = None  # the torch.compile mode of the step; None: eager
-
-    @classmethod
-    def forced(cls, config: TrainConfig) -> Step:
-        """The step ``config`` forces (amp True/False, compile False/True/a mode); ``auto``
-        needs ``choose_step``."""
-        if "auto" in (config.amp, config.compile):
-            raise TTKDError("amp=auto and compile=auto are decided by choose_step; pass its step to fit")
-        mode = "default" if config.compile is True else config.compile or None
-        return cls(bool(config.amp), mode)
-
-    def describe(self) -> str:
-        """``bf16``, ``float32+default`` and the like: the calibration's name of this path."""
-        return ("bf16" if self.bf16 else "float32") + (f"+{self.compile}" if self.compile else "")
-
-
-def compiler_available() -> bool:
-    """Whether inductor finds the C++ compiler it needs for CPU code."""
-    from torch._inductor import cpp_builder, exc
-
-    try:
-        cpp_builder.get_cpp_compiler()
-    except (exc.InvalidCxxCompiler, OSError, RuntimeError):
-        return False
-    return True
-
-
-def compiled_step(objective: nn.Module, partner: nn.Module | None, fast: bool, features: bool,
-                  mode: str | None):
-    """``(objective, partner forward)`` as the step calls them: with ``mode``, both
-    through ``torch.compile`` (the whole objective, so a feature-based method's
-    ``forward_stages`` and loss are compiled too; the partner's inference-mode forward),
-    their compiled graphs kept in inductor's cache under the ttkd cache folder, shared by the
-    stages of a sweep and the processes of a group; else as they are."""
-    partner_run = None if partner is None else functools.partial(partner_outputs, partner, fast=fast,
-                                                                 features=features)
-    if mode is None:
-        return objective, partner_run
-    # static shapes: one graph for the full batch, one for the last; with torch's automatic
-    # dynamic shapes a run would switch kernels after its first short batch, and a resumed
-    # run (which has not seen one yet) would round differently from an uninterrupted one
-    return (torch.compile(objective, mode=mode, dynamic=False),
-            None if partner_run is None else torch.compile(partner_run, mode=mode, dynamic=False))
-
-
-def device_name(device: torch.device) -> str:
-    """The GPU's or CPU's model name."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-# the CPU's instruction sets that decide how fast torch's kernels run (one model name, such as
-# "AMD EPYC", covers several generations that differ in these)
 def no_progress(batches: Iterable, total: int, label: str) -> Iterable:
     return batches
 
@@ -334,8 +184,7 @@ def fit(
     BatchNorm normalises each process's slice on its own (see docs/how-to/several-gpus.md).
     """
     device = data.train_x.device
-    world = distributed.world()
-    part = distributed.shard if world else None
+    part = distributed.shard if distributed.world() else None
     first = resume["epoch"] + 1 if resume is not None else 1
     step = step if step is not None else Step.forced(config)
     fast = step.bf16  # bf16 and channels_last go together
@@ -348,58 +197,25 @@ def fit(
     optimizer, scheduler = make_optimizer([*model.parameters(), *method.parameters()], config)
     generator = torch.Generator().manual_seed(config.seed)
     if resume is not None:
-        method.load_state_dict(resume["method"])
-        # replay the schedule first (it computes each lr from the current one), then restore
-        # the optimiser, whose saved state holds exactly the lr it had reached
-        with warnings.catch_warnings():  # stepping a scheduler without optimiser steps
-            warnings.simplefilter("ignore")
-            for _ in range(resume["epoch"]):
-                scheduler.step()
-        optimizer.load_state_dict(resume["optimizer"])
-        generator.set_state(resume["generator"])
-        set_rng_state(resume["rng"])
+        _restore(resume, method, optimizer, scheduler, generator)
     objective = Objective(model, method, fast, features)
-    if world:
+    if distributed.world():
         objective = DistributedDataParallel(
             objective, device_ids=[device.index] if device.type == "cuda" else None)
     objective, partner_run = compiled_step(objective, partner, fast, features, step.compile)
     partner_pred = (None if partner is None
                     else predict(partner, data, config.batch_size, fast, part).argmax(1))
-    steps = math.ceil(len(data.train_y) / config.batch_size)
     history = []
     for epoch in range(first, config.epochs + 1):
         model.train()
         method.train()
-        sums = None  # each loss part, summed over this process's images, on the device
-        watch = _NonFiniteWatch(device)
-        started = time.perf_counter()
-        train_batches = batches(data, "train", config.batch_size, generator=generator,
-                                channels_last=fast, indices=True, part=part)
-        seen = torch.zeros((), device=device)
-        epoch_t = torch.tensor(float(epoch), device=device)  # a tensor: a compiled step is not recompiled per epoch
-        for step, (x, y, idx) in enumerate(progress(train_batches, steps, f"epoch {epoch}/{config.epochs}"), 1):
-            parts = objective(x, y, epoch=epoch_t, index=idx, **(partner_run(x) if partner is not None else {}))
-            loss = parts["loss"]
-            optimizer.zero_grad(set_to_none=True)
-            if world is None:
-                loss.backward()
-            else:  # DDP averages the gradients: weigh each mean by the process's share of the batch
-                whole = min(config.batch_size, len(data.train_y) - (step - 1) * config.batch_size)
-                (loss * (len(y) * world.size / whole)).backward()
-            optimizer.step()
-            sums = torch.stack(list(parts.values())).detach() * len(y) + (0 if sums is None else sums)
-            seen += len(y)
-            signum, bad = distributed.agree(int(stop()), watch.step(loss, step))
-            _check_finite(bad, epoch, config)
-            if signum:
-                raise Interrupted(epoch, signum)
-        _check_finite(distributed.agree(0, watch.first_bad_step(wait=True))[1], epoch, config)
-        elapsed = time.perf_counter() - started
+        batches_of = progress(batches(data, "train", config.batch_size, generator=generator,
+                                      channels_last=fast, indices=True, part=part),
+                              math.ceil(len(data.train_y) / config.batch_size), f"epoch {epoch}/{config.epochs}")
+        train, elapsed = _train_epoch(objective, partner_run, optimizer, batches_of, epoch, config,
+                                      len(data.train_y), stop)
         lr = scheduler.get_last_lr()[0]
         scheduler.step()
-
-        sums = distributed.total(torch.cat([sums, seen[None]]))
-        train = dict(zip(parts, (sums[:-1] / sums[-1]).tolist()))  # one host sync
         distributed.share_buffers(model)
         model.eval()
         val = _validate(model, data, config.batch_size, fast, part, partner_pred)
@@ -417,6 +233,53 @@ def fit(
     if fast:
         model.to(memory_format=torch.contiguous_format)  # checkpoints and export in the usual layout
     return history
+
+
+def _restore(resume: dict, method: nn.Module, optimizer, scheduler, generator: torch.Generator) -> None:
+    """Put the engine state that ``fit``'s ``on_epoch`` was given back in place."""
+    method.load_state_dict(resume["method"])
+    # replay the schedule first (it computes each lr from the current one), then restore
+    # the optimiser, whose saved state holds exactly the lr it had reached
+    with warnings.catch_warnings():  # stepping a scheduler without optimiser steps
+        warnings.simplefilter("ignore")
+        for _ in range(resume["epoch"]):
+            scheduler.step()
+    optimizer.load_state_dict(resume["optimizer"])
+    generator.set_state(resume["generator"])
+    set_rng_state(resume["rng"])
+
+
+def _train_epoch(objective: nn.Module, partner_run, optimizer, train_batches: Iterable, epoch: int,
+                 config: TrainConfig, n_train: int, stop: Callable[[], int]) -> tuple[dict[str, float], float]:
+    """One epoch of steps: each loss part's mean over the epoch's images (every process's) and
+    the seconds the steps took. Raises ``Interrupted`` or ``NonFiniteLoss`` between steps."""
+    world = distributed.world()
+    device = next(objective.parameters()).device
+    sums = None  # each loss part, summed over this process's images, on the device
+    watch = _NonFiniteWatch(device)
+    started = time.perf_counter()
+    seen = torch.zeros((), device=device)
+    epoch_t = torch.tensor(float(epoch), device=device)  # a tensor: a compiled step is not recompiled per epoch
+    for step, (x, y, idx) in enumerate(train_batches, 1):
+        parts = objective(x, y, epoch=epoch_t, index=idx, **(partner_run(x) if partner_run is not None else {}))
+        loss = parts["loss"]
+        optimizer.zero_grad(set_to_none=True)
+        if world is None:
+            loss.backward()
+        else:  # DDP averages the gradients: weigh each mean by the process's share of the batch
+            whole = min(config.batch_size, n_train - (step - 1) * config.batch_size)
+            (loss * (len(y) * world.size / whole)).backward()
+        optimizer.step()
+        sums = torch.stack(list(parts.values())).detach() * len(y) + (0 if sums is None else sums)
+        seen += len(y)
+        signum, bad = distributed.agree(int(stop()), watch.step(loss, step))
+        _check_finite(bad, epoch, config)
+        if signum:
+            raise Interrupted(epoch, signum)
+    _check_finite(distributed.agree(0, watch.first_bad_step(wait=True))[1], epoch, config)
+    elapsed = time.perf_counter() - started
+    sums = distributed.total(torch.cat([sums, seen[None]]))
+    return dict(zip(parts, (sums[:-1] / sums[-1]).tolist())), elapsed  # one host sync
 
 
 def _validate(model: nn.Module, data: ImageData, batch_size: int, fast: bool,

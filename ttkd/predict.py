@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ttkd import cost, modelfile, modelstore, registry, serving, tracking
+from ttkd import cost, modelfile, modelstore, promotion, registry, serving, tracking
 from ttkd.errors import TTKDError
 from ttkd.registry import ModelRef, first_line
 
@@ -131,7 +131,7 @@ def measure_unmeasured(reference: str, students: bool = False,
     registry.prepare_store()
     name = reference.strip().removeprefix("models:/").split("/")[0].split("@")[0]
     versions = registry.versions(name, students)
-    lines, warnings, missing = [], [], set(registry.unmeasured(versions, registry.BUDGETS))  # what budgets need
+    lines, warnings, missing = [], [], set(promotion.unmeasured(versions, promotion.BUDGETS))  # what budgets need
     for v in (v for v in versions if str(v.version) in missing):
         tags, warning = measure_version(v, trust_unverified)
         warnings += [warning] if warning else []

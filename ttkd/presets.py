@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import tomllib
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -142,23 +143,43 @@ def preset_stage(preset: str | None) -> str | None:
     return load_preset(preset)[0] if preset else None
 
 
+def _settings_for(stage: str, preset: str) -> dict:
+    """A preset's settings for ``stage``: a study preset's weight and method become a sweep's
+    defaults; a preset for another stage is refused."""
+    preset_for, settings = load_preset(preset)
+    if stage == "sweep" and preset_for == "main":
+        if "seed" in settings:
+            raise TTKDError(f"preset {preset!r} sets seed; a sweep takes seeds instead "
+                            f"(-P seeds=N or a list)")
+        for one, many in SWEEP_FROM_STUDY.items():
+            if one in settings:
+                value = settings.pop(one)
+                settings[many] = [0.0, value] if one == "weight" else [value]
+    elif preset_for != stage:
+        raise TTKDError(f"preset {preset!r} is for the {preset_for} stage; run it with "
+                        f"-e {preset_for}" + ("" if preset_for == "sweep" else " (or with the main entry point)"))
+    return settings
+
+
+def _check_sweep(values: dict, named: set[str], several: bool) -> None:
+    """A sweep's own checks: where it runs (``named``: the parameters the user set), its
+    jobs under several processes (forced to 1), and the number of versions it registers."""
+    _check_cluster(values, named, several)
+    if several:
+        if values["jobs"] > 1 and "jobs" in named:
+            raise TTKDError(f"jobs={values['jobs']} with nproc={values['nproc']}: a sweep trained by "
+                            f"several processes runs its points one at a time; drop jobs")
+        values["jobs"] = 1
+    count = sweep_size(values["seeds"], set(values["weights"]) | {0.0}, values["methods"])
+    if count > MAX_MODELS and not values["force"]:
+        raise TTKDError(f"this sweep would register {count} model versions (more than {MAX_MODELS}); "
+                        f"pass force=true to run it, or use fewer seeds, weights or methods")
+
+
 def resolve(stage: str, given: dict[str, Any], preset: str | None = None) -> RunConfig:
     """Combine command-line values ``given`` (None or "" = not given), the preset and the
     defaults into a checked :class:`RunConfig` for ``stage``."""
-    settings: dict = {}
-    if preset:
-        preset_for, settings = load_preset(preset)
-        if stage == "sweep" and preset_for == "main":  # a study preset: its weight and method
-            if "seed" in settings:                    # become the sweep's defaults
-                raise TTKDError(f"preset {preset!r} sets seed; a sweep takes seeds instead "
-                                f"(-P seeds=N or a list)")
-            for one, many in SWEEP_FROM_STUDY.items():
-                if one in settings:
-                    value = settings.pop(one)
-                    settings[many] = [0.0, value] if one == "weight" else [value]
-        elif preset_for != stage:
-            raise TTKDError(f"preset {preset!r} is for the {preset_for} stage; run it with "
-                            f"-e {preset_for}" + ("" if preset_for == "sweep" else " (or with the main entry point)"))
+    settings = _settings_for(stage, preset) if preset else {}
     if given.get("experiment") is not None and not str(given["experiment"]).strip():  # '' given: a mistake
         raise TTKDError("invalid experiment: ''; give an experiment name, or leave experiment out for the "
                         "default (MLFLOW_EXPERIMENT_NAME, else the one `mlflow run` opened, else Default)")
@@ -180,18 +201,8 @@ def resolve(stage: str, given: dict[str, Any], preset: str | None = None) -> Run
         _check_method_params(stage, values.get("methods", (values.get("method"),)), set(cli) | set(settings))
     several = values["nproc"] * values["nnodes"] > 1 or under_torchrun()
     if stage == "sweep":
-        _check_cluster(values, set(cli) | set(settings), several)
-    if stage == "sweep" and several:
-        if values["jobs"] > 1 and ("jobs" in cli or "jobs" in settings):
-            raise TTKDError(f"jobs={values['jobs']} with nproc={values['nproc']}: a sweep trained by "
-                            f"several processes runs its points one at a time; drop jobs")
-        values["jobs"] = 1
+        _check_sweep(values, set(cli) | set(settings), several)
     check_processes(values.get("methods", (values.get("method"),)), several)
-    if stage == "sweep":
-        count = sweep_size(values["seeds"], set(values["weights"]) | {0.0}, values["methods"])
-        if count > MAX_MODELS and not values["force"]:
-            raise TTKDError(f"this sweep would register {count} model versions (more than {MAX_MODELS}); "
-                            f"pass force=true to run it, or use fewer seeds, weights or methods")
     if stage in ("main", "sweep"):  # (a sweep sets each point's seed itself)
         train = {role: _train_config({n: value(n, role) for n in TRAIN}) for role in ROLES}
         for role in ROLES:  # a role table may name the architecture as `arch`
@@ -286,6 +297,21 @@ def _check_cluster(values: dict, given: set[str], several: bool) -> None:
         raise TTKDError(f"cluster={values['cluster']} with nproc={values['nproc']}: each point of a cluster "
                         f"sweep is one process; drop nproc (or run the sweep without cluster=)")
     check_ray()
+    _check_store(values["cluster"])
+
+
+def _check_store(cluster: str) -> None:
+    """A cluster's nodes log to the same tracking server: a store only this machine can
+    read (a file or SQLite store, a local artifact folder) is refused before anything starts."""
+    from ttkd import tracking  # (MLflow, only for a cluster sweep)
+
+    uri = tracking.tracking_uri()
+    if cluster == "local" or urllib.parse.urlparse(uri).scheme in ("http", "https", "databricks"):
+        return
+    raise TTKDError(f"cluster={cluster} needs a tracking server every node can reach, and the tracking store "
+                    f"is {uri}, whose files or artifacts stay on this machine; start `mlflow server` (see "
+                    f"docs/how-to/team-server.md) and set MLFLOW_TRACKING_URI=http://HOST:PORT here, or use "
+                    f"cluster=local")
 
 
 def _check_method_params(stage: str, methods: tuple[str, ...], given: set[str]) -> None:

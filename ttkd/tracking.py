@@ -135,6 +135,11 @@ def log_text(text: str, path: str) -> None:
     mlflow.log_text(text, path)
 
 
+def artifact_uri(path: str) -> str:
+    """Where the active run's artifact ``path`` is (or will be) stored."""
+    return mlflow.get_artifact_uri(path)
+
+
 def log_dict(value: dict, path: str) -> None:
     """``value`` as the active run's JSON artifact ``path``."""
     mlflow.log_dict(value, path)

@@ -15,25 +15,21 @@ import os
 import signal
 from collections.abc import Callable
 
-from ttkd import attempts, kd, models, registry, tracking
+from ttkd import attempts, kd, models, promotion, registry, tracking
 from ttkd import data as datasets
 from ttkd.build import build_method
-from ttkd.engine import TrainConfig, resolve_device
+from ttkd.config import TrainConfig
 from ttkd.errors import TTKDError
 from ttkd.presets import RunConfig, check_resume
-from ttkd.stages import (
-    STREAM_WORDS,
-    TAG_STAGE,
-    StageInterrupted,
-    StageResult,
-    default_method_params,
-    teacher_kind,
-    train_config,
-    unfinished_run,
-)
+from ttkd.resuming import unfinished_run
+from ttkd.stages import STREAM_WORDS, TAG_STAGE, StageInterrupted, StageResult, default_method_params, teacher_kind
+from ttkd.step import resolve_device
 from ttkd.studies import report as reports
-from ttkd.studies.grid import TAG_POINT, Grid, Outcome, Plan, Point, finished_result, run
-from ttkd.studies.scheduler import LocalPool, Placement, RayCluster, Scheduler, WorkerDied, check_store
+from ttkd.studies.plan import TAG_POINT, Grid, Outcome, Plan, Point
+from ttkd.studies.runner import finished_result, run
+from ttkd.studies.schedulers import Scheduler
+from ttkd.studies.schedulers.local import LocalPool, WorkerDied
+from ttkd.studies.schedulers.ray import Placement, RayCluster
 from ttkd.tracking import log_params
 
 log = logging.getLogger(__name__)  # shown by the entry points (entry/options.py)
@@ -107,7 +103,7 @@ def study(*, student_arch: str, teacher_arch: str, student_train: TrainConfig,
 
     def finish(outcomes: dict[Point, Outcome]) -> str:
         res = {study_role(p): o.result for p, o in outcomes.items()}
-        promotions = [registry.promote(r.model.name) for r in res.values()]
+        promotions = [promotion.promote(r.model.name) for r in res.values()]
         table = comparison_table(res, weight, method)
         table += "\n" + cost_table(res, {k: tracking.run_cost(r.run_id) for k, r in res.items()}, method)
         tracking.log_metrics({f"val_acc_{k}": res[k].val_acc for k in STUDY_ROWS})
@@ -129,13 +125,13 @@ def sweep(*, student_arch: str, teacher_arch: str, student_train: TrainConfig,
           register_as: str | None = None, jobs: int = 2, threads: int = 0, cluster: str = "",
           cpus_per_point: float = 1.0, gpus_per_point: float = 0.0, cluster_auth: str = "token",
           resume_run: str | None = None, print_line: Callable[[str], None] = print) -> str:
-    """Seeds x teacher weights x KD methods (module ``ttkd.studies.grid``), one child run
+    """Seeds x teacher weights x KD methods (module ``ttkd.studies.plan``), one child run
     per point under one parent run; returns the report's markdown.
 
     ``weights`` always gets 0, the normal teacher every other weight is compared with.
     Registered names: ``sweep_name``. The parent run gets ``report.md``, ``report.json``
     and three figures; then each teacher model's alias ``champion`` goes to the version
-    whose students are best (``registry.promote(by="students")``) and each student model's
+    whose students are best (``promotion.promote(by="students")``) and each student model's
     to its best version by val_acc. A point that fails is reported and the others go on;
     the parent run then ends FAILED and ``resume`` retries what did not finish.
     ``jobs`` points train at once in worker processes, each with ``threads`` CPU threads
@@ -152,8 +148,6 @@ def sweep(*, student_arch: str, teacher_arch: str, student_train: TrainConfig,
     plan = Plan(grid, student_arch, teacher_arch, student_train, teacher_train, temperature,
                 method_params, dict(dataset=dataset, data_dir=data_dir, stream=stream),
                 name=lambda p: sweep_name(prefix, p))
-    if cluster:
-        check_store(cluster)
     _check(plan)
     args = {"student_arch": student_arch, "teacher_arch": teacher_arch, "seeds": list(seeds),
             "weights": list(weights), "methods": list(methods), "temperature": temperature,
@@ -167,37 +161,40 @@ def sweep(*, student_arch: str, teacher_arch: str, student_train: TrainConfig,
               | {("kd_temperature" if k == "temperature" else f"{m}.{k}" if len(methods) > 1 else k): v
                  for m, p in method_params.items() for k, v in p.items()})
 
-    def finish(outcomes: dict[Point, Outcome]) -> str:
-        report = reports.build(grid, _values(outcomes), _failures(outcomes))
-        text = reports.markdown(report)
-        tracking.log_report(text, report, reports.figures(report))
-        tracking.log_metrics(reports.headline_metrics(report))  # to sort and compare sweeps in mlflow ui
-        lines = []  # the teacher by its students, each student model by its own val_acc
-        for name, by in ([(sweep_name(prefix, Point("teacher", 0)), "students")]
-                         + [(n, "self") for n in dict.fromkeys(sweep_name(prefix, p) for p in grid.points()
-                                                               if p.role != "teacher")]):
-            try:
-                lines.append(str(registry.promote(name, by=by)))
-            except TTKDError as exc:
-                lines.append(f"{name}: not promoted ({exc})")
-        return "\n".join(lines) + "\n\n" + text
-
-    def on_outcome(o: Outcome, i: int, n: int) -> None:
-        width = len(str(n))
-        if o.result is not None:
-            how = "reused" if o.reused else f"{o.seconds:.1f} s"
-            print_line(f"[{i:>{width}}/{n}] {o.point.key}: val_acc {o.result.val_acc:.2f}% "
-                       f"{o.result.model.uri} ({how})")
-        elif o.interrupted:
-            print_line(f"[{i:>{width}}/{n}] {o.point.key}: {o.error.split(';')[0]}; its run is KILLED "
-                       f"and resuming the sweep continues it")
-        else:
-            print_line(f"[{i:>{width}}/{n}] {o.point.key}: FAILED: {o.error}")
-
     scheduler = (RayCluster(Placement(cluster, cpus_per_point, gpus_per_point, threads, cluster_auth)) if cluster
                  else LocalPool(jobs, threads))
     return _run_grid("sweep", f"sweep {dataset}", plan, args, params, student_train, teacher_train,
-                     resume_run, finish, scheduler, verbose=False, on_outcome=on_outcome, method=",".join(methods))
+                     resume_run, lambda outcomes: _finish_sweep(plan, prefix, outcomes), scheduler, verbose=False,
+                     on_outcome=lambda o, i, n: print_line(_point_line(o, i, n)), method=",".join(methods))
+
+
+def _finish_sweep(plan: Plan, prefix: str, outcomes: dict[Point, Outcome]) -> str:
+    """The report logged on the parent run, then the promotions: the teacher by its students,
+    each student model by its own val_acc; returns their lines and the report's markdown."""
+    report = reports.build(plan.grid, _values(outcomes), _failures(outcomes))
+    text = reports.markdown(report)
+    tracking.log_report(text, report, reports.figures(report))
+    tracking.log_metrics(reports.headline_metrics(report))  # to sort and compare sweeps in mlflow ui
+    lines = []
+    for name, by in ([(sweep_name(prefix, Point("teacher", 0)), "students")]
+                     + [(n, "self") for n in dict.fromkeys(sweep_name(prefix, p) for p in plan.grid.points()
+                                                           if p.role != "teacher")]):
+        try:
+            lines.append(str(promotion.promote(name, by=by)))
+        except TTKDError as exc:
+            lines.append(f"{name}: not promoted ({exc})")
+    return "\n".join(lines) + "\n\n" + text
+
+
+def _point_line(o: Outcome, i: int, n: int) -> str:
+    """A sweep's line for its ``i``-th finished point of ``n``."""
+    head = f"[{i:>{len(str(n))}}/{n}] {o.point.key}"
+    if o.result is not None:
+        how = "reused" if o.reused else f"{o.seconds:.1f} s"
+        return f"{head}: val_acc {o.result.val_acc:.2f}% {o.result.model.uri} ({how})"
+    if o.interrupted:
+        return f"{head}: {o.error.split(';')[0]}; its run is KILLED and resuming the sweep continues it"
+    return f"{head}: FAILED: {o.error}"
 
 
 def _check(plan: Plan) -> None:
@@ -302,7 +299,7 @@ def resume_grid(kind: str, reference: str, cfg: RunConfig | None = None, **chang
         older = tracking.has_artifact(run_.info.run_id, "study.json")
         why = "was made by an older ttkd" if older else f"has no {kind}.json"
         raise TTKDError(f"{kind} run {run_.info.run_id} {why}; start it again")
-    trains = {k: train_config(args.pop(k)) for k in ("student_train", "teacher_train")}
+    trains = {k: TrainConfig.from_dict(args.pop(k)) for k in ("student_train", "teacher_train")}
     log.info(f"resuming {kind} run {run_.info.run_id}")
     if os.environ.get("MLFLOW_RUN_ID"):  # started by `mlflow run`: point its run at the real one,
         tracking.tag_run(os.environ["MLFLOW_RUN_ID"], {"ttkd.resumes_run": run_.info.run_id})

@@ -1,25 +1,18 @@
-"""Where a grid's points train: one interface, two backends.
+"""The scheduler of many machines: a Ray cluster, each point a Ray task.
 
-``LocalPool`` trains ``jobs`` points at once on this machine, in this process (``jobs=1``)
-or in worker processes. ``RayCluster`` hands each point to Ray as a task that declares
-``cpus_per_point`` and ``gpus_per_point`` (fractions pack several points on one GPU): Ray
-places it on a node with those resources free, sets ``CUDA_VISIBLE_DEVICES`` for it, and
-runs it again elsewhere when its node dies. A point run again continues its run from
-the last checkpoint in the tracking server, so a lost node costs at most an epoch.
-
-Both backends take a point's :class:`~ttkd.studies.grid.Task` and give back its
-:class:`~ttkd.studies.grid.Outcome`; the grid decides what runs when. Ray is an optional
-extra (``pip install -e '.[cluster]'``), imported only here and only for ``cluster=``.
+Ray is imported here only, and only when a sweep names a cluster. A cluster that runs jobs
+for anyone who reaches its ports (Ray's token authentication off) is refused unless the user
+says ``cluster_auth=none``; ``cluster=local`` starts a Ray instance of the sweep's own that
+answers only a token it made. A point retried on another node fences the attempt it
+replaces (``ttkd.attempts``).
 """
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import contextlib
 import dataclasses
 import importlib.metadata
 import logging
-import multiprocessing
 import os
 import secrets
 import signal
@@ -27,17 +20,15 @@ import socket
 import subprocess
 import sys
 import threading
-import urllib.parse
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Protocol
 
 import torch
 
 from ttkd import config, signals, tracking
 from ttkd import data as datasets
 from ttkd.errors import TTKDError
-from ttkd.studies.grid import Outcome, Point, Task, latest_attempt, run_task
+from ttkd.studies.plan import Outcome, Task
+from ttkd.studies.runner import latest_attempt, log_to_output, run_task
 
 log = logging.getLogger(__name__)
 
@@ -48,126 +39,6 @@ TAG_NODE, TAG_HOST = "ttkd.node", "ttkd.host"
 FORWARDED_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
                  "MLFLOW_TRACKING_INSECURE_TLS", "MLFLOW_TRACKING_SERVER_CERT_PATH", "MLFLOW_EXPERIMENT_ID")
 
-
-class Scheduler(Protocol):
-    """Trains the points the grid hands it and reports each one's outcome."""
-
-    running: int  # points handed over and not yet reported
-
-    def free(self) -> bool:
-        """Whether another point can be handed over now."""
-
-    def submit(self, task: Task, verbose: bool) -> None:
-        """Start training ``task``'s point (now, or as soon as resources are free)."""
-
-    def wait(self) -> list[Outcome]:
-        """Block until at least one point has finished; their outcomes."""
-
-    def stop(self, signum: int) -> None:
-        """Ask every running point to stop after its current step (called from a signal handler)."""
-
-
-class WorkerDied(TTKDError):
-    """A local worker process died (kill -9, out of memory) while training ``points``."""
-
-    def __init__(self, points: list[str]):
-        super().__init__(", ".join(points))
-        self.points = points
-
-
-# ---- this machine: a pool of processes -----------------------------------------------------
-
-class LocalPool:
-    """``jobs`` points at once, each with ``threads`` CPU threads: in this process when
-    ``jobs`` is 1, else in worker processes of their own (spawned, in their own process
-    group so that a terminal's Ctrl-C reaches them only through :meth:`stop`)."""
-
-    def __init__(self, jobs: int, threads: int):
-        self.jobs, self.threads = jobs, threads or max(1, torch.get_num_threads() // jobs)
-        self._futures: dict[cf.Future, Point] = {}
-        self._pool = None
-
-    @property
-    def running(self) -> int:
-        return len(self._futures)
-
-    def __enter__(self) -> LocalPool:
-        if self.jobs == 1:
-            self._before = torch.get_num_threads()
-            torch.set_num_threads(self.threads)
-        else:
-            context = multiprocessing.get_context("spawn")  # no fork of a process holding threads
-            self._pool = cf.ProcessPoolExecutor(self.jobs, mp_context=context, initializer=_start_worker,
-                                                initargs=(self.threads, tracking.tracking_uri()))
-        return self
-
-    def __exit__(self, kind, exc, tb) -> bool:
-        if self._pool is None:
-            torch.set_num_threads(self._before)
-        elif kind is None:
-            self._pool.shutdown(wait=True)
-        else:  # a dead worker, a second Ctrl-C: do not wait for the others
-            for child in multiprocessing.active_children():
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(child.pid, signal.SIGKILL)  # their runs stay RUNNING: resume continues them
-            self._pool.shutdown(wait=False, cancel_futures=True)
-        return False
-
-    def free(self) -> bool:
-        return self.running < self.jobs
-
-    def submit(self, task: Task, verbose: bool) -> None:
-        if self._pool is None:
-            future = cf.Future()
-            future.set_result(run_task(task, verbose))
-        else:
-            with _signals_blocked():  # a worker started here ignores them until it can take them
-                future = self._pool.submit(run_task, task, verbose)
-        self._futures[future] = task.point
-
-    def wait(self) -> list[Outcome]:
-        finished, _ = cf.wait(self._futures, return_when=cf.FIRST_COMPLETED)
-        outcomes = []
-        for future in finished:
-            try:
-                outcomes.append(future.result())
-            except cf.process.BrokenProcessPool:
-                raise WorkerDied([p.key for p in self._futures.values()]) from None
-            del self._futures[future]
-        return outcomes
-
-    def stop(self, signum: int) -> None:
-        for child in multiprocessing.active_children():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(child.pid, signum)
-
-
-@contextlib.contextmanager
-def _signals_blocked() -> Iterator:
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
-
-
-def _start_worker(threads: int, tracking_uri: str) -> None:
-    """A worker process: its own thread count; no `mlflow run` run of its own to attach
-    to; its data sets kept for the points it trains; signals only from the grid (its own
-    process group). It starts with them blocked; between points it notes a stop request
-    for the next point, which then stops at its first step."""
-    os.setpgrp()
-    os.environ.pop("MLFLOW_RUN_ID", None)
-    tracking.set_tracking_uri(tracking_uri)
-    torch.set_num_threads(threads)
-    datasets.load_once().__enter__()
-    signals.note_signal.installed = True
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, signals.note_signal)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
-
-
-# ---- many machines: a Ray cluster ----------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
 class Placement:
@@ -189,18 +60,6 @@ def import_ray():
     import ray
 
     return ray
-
-
-def check_store(cluster: str) -> None:
-    """A cluster's nodes log to the same tracking server: a store only this machine can
-    read (a file or SQLite store, a local artifact folder) is refused before anything starts."""
-    uri = tracking.tracking_uri()
-    if cluster == "local" or urllib.parse.urlparse(uri).scheme in ("http", "https", "databricks"):
-        return
-    raise TTKDError(f"cluster={cluster} needs a tracking server every node can reach, and the tracking store "
-                    f"is {uri}, whose files or artifacts stay on this machine; start `mlflow server` (see "
-                    f"docs/how-to/team-server.md) and set MLFLOW_TRACKING_URI=http://HOST:PORT here, or use "
-                    f"cluster=local")
 
 
 class RayCluster:
@@ -446,7 +305,8 @@ def train_on_node(task: Task, threads: int, tracking_uri: str, env: dict, versio
             return earlier
         outcome = run_task(dataclasses.replace(task, resume_run=earlier), extra_tags=where)
         if outcome.superseded:  # cut off from the cluster while Ray retried the point elsewhere
-            print(f"ttkd: {outcome.error}", file=sys.stderr, flush=True)
+            with log_to_output():  # this worker's stderr, kept in the node's Ray logs
+                log.warning(outcome.error)
         return outcome
     finally:
         signal.signal(signal.SIGINT, before)

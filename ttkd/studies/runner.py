@@ -1,19 +1,14 @@
-"""A grid of stages and the scheduler that runs it.
+"""Running a plan: the points go to a scheduler, each as soon as its partner is registered,
+and a scheduler's worker executes one point here (:func:`run_task`).
 
-A grid is seeds x teacher weights x KD methods. Each seed has one baseline student;
-each (seed, w) one teacher trained against that seed's student; each (seed, w, method)
-one student distilled from that teacher. Every point is an ordinary stage run
-(``ttkd.stages``), a child of the grid's parent run, that fetches its partner from the
-registry by ``NAME/VERSION`` exactly as a user would. Points train where a scheduler
-(``ttkd.studies.scheduler``) puts them: in this process, in worker processes, or on the
-nodes of a Ray cluster; a point's results depend on its seed and thread count, never on
-where it trained or on the order in which points finish.
+Points train where the scheduler (``ttkd.studies.schedulers``) puts them: in this process,
+in worker processes, or on the nodes of a Ray cluster; a point's results depend on its seed
+and thread count, never on where it trained or on the order in which points finish.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import os
 import sys
@@ -22,131 +17,14 @@ import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from ttkd import attempts, distributed, registry, signals, stages, tracking
+from ttkd import attempts, distributed, registry, resuming, signals, stages, tracking
 from ttkd.console import Terminal
-from ttkd.engine import TrainConfig
 from ttkd.stages import TAG_PARTNER, StageInterrupted, StageResult
-
-if TYPE_CHECKING:
-    from ttkd.studies.scheduler import Scheduler
+from ttkd.studies.plan import TAG_POINT, Outcome, Plan, Point, Task
+from ttkd.studies.schedulers import Scheduler
 
 log = logging.getLogger(__name__)  # shown by the entry points (entry/options.py)
-TAG_POINT = attempts.POINT_TAG
-
-
-@dataclasses.dataclass(frozen=True)
-class Point:
-    """One stage of a grid: a baseline ``student``, a ``teacher`` trained with weight
-    ``weight`` against that seed's student, or a ``kd`` student distilled from that
-    teacher with ``method``."""
-
-    role: str
-    seed: int
-    weight: float | None = None
-    method: str | None = None
-
-    @property
-    def key(self) -> str:
-        """``student seed=0``, ``teacher seed=0 w=0.005``, ``kd seed=0 w=0.005 method=kd``."""
-        parts = [self.role, f"seed={self.seed}"]
-        if self.weight is not None:
-            parts.append(f"w={self.weight:g}")
-        if self.method is not None:
-            parts.append(f"method={self.method}")
-        return " ".join(parts)
-
-    @property
-    def needs(self) -> Point | None:
-        """The point whose registered model this one trains beside."""
-        if self.role == "teacher":
-            return Point("student", self.seed)
-        if self.role == "kd":
-            return Point("teacher", self.seed, self.weight)
-        return None
-
-    def tags(self) -> dict[str, str]:
-        """Tags of its run and registered version, so lineage is queryable by point."""
-        tags = {TAG_POINT: self.key, "ttkd.seed": str(self.seed)}
-        if self.weight is not None:
-            tags["ttkd.weight"] = repr(float(self.weight))
-        return tags
-
-
-@dataclasses.dataclass(frozen=True)
-class Grid:
-    seeds: tuple[int, ...]
-    weights: tuple[float, ...]
-    methods: tuple[str, ...]
-
-    def points(self) -> list[Point]:
-        """Every point, seed by seed, each after the point it needs."""
-        found = []
-        for seed in self.seeds:
-            found.append(Point("student", seed))
-            found += [Point("teacher", seed, w) for w in self.weights]
-            found += [Point("kd", seed, w, m) for w in self.weights for m in self.methods]
-        return found
-
-
-@dataclasses.dataclass(frozen=True)
-class Plan:
-    """What each point of a grid trains and the name it registers under."""
-
-    grid: Grid
-    student_arch: str
-    teacher_arch: str
-    student_train: TrainConfig
-    teacher_train: TrainConfig
-    temperature: float                 # T of the teach stage
-    method_params: dict[str, dict]     # per KD method, its hyper-parameters
-    data: dict                         # dataset, data_dir, stream
-    name: Callable[[Point], str]       # the registered model a point's version goes to
-    tags: Callable[[Point], dict] = lambda p: {}  # more tags for a point's run and version
-
-    def task(self, point: Point, done: dict[Point, Outcome], parent_run_id: str,
-             resume_run: str | None = None, generation: int = 1) -> Task:
-        """The stage call that trains ``point``, its partner pinned to the version that
-        the point it needs registered; its attempt is of the grid's ``generation``."""
-        train = {"student": self.student_train, "teacher": self.teacher_train}
-        role = "teacher" if point.role == "teacher" else "student"
-        config = dataclasses.replace(train[role], seed=point.seed)
-        kw = dict(arch=getattr(self, f"{role}_arch"), train=config, register_as=self.name(point),
-                  tags=point.tags() | self.tags(point), parent_run_id=parent_run_id, **self.data)
-        if point.needs is not None:
-            partner = done[point.needs].result.model
-            kw[{"teacher": "student", "kd": "teacher"}[point.role]] = f"{partner.name}/{partner.version}"
-        if point.role == "teacher":
-            kw |= dict(weight=point.weight, temperature=self.temperature)
-        if point.role == "kd":
-            kw |= dict(method=point.method, method_params=self.method_params[point.method])
-        stage = {"student": "baseline", "teacher": "teach", "kd": "distill"}[point.role]
-        return Task(point, stage, kw, resume_run, (generation, 0))
-
-
-@dataclasses.dataclass(frozen=True)
-class Task:
-    """A point's stage call, as plain data that a worker process can receive."""
-
-    point: Point
-    stage: str
-    kwargs: dict
-    resume_run: str | None = None   # an unfinished run of this point to continue
-    attempt: attempts.Token | None = None  # (the grid's generation, Ray's retry): ttkd.attempts
-
-
-@dataclasses.dataclass(frozen=True)
-class Outcome:
-    """How a point ended: ``result`` when it registered its model, else ``error``."""
-
-    point: Point
-    result: StageResult | None = None
-    error: str | None = None
-    interrupted: int = 0        # the signal that stopped it, if one did
-    superseded: bool = False    # a newer attempt at the point took over (ttkd.attempts)
-    seconds: float = 0.0
-    reused: bool = False
 
 
 def run_task(task: Task, verbose: bool = False, extra_tags: dict[str, str] | None = None) -> Outcome:
@@ -161,7 +39,7 @@ def run_task(task: Task, verbose: bool = False, extra_tags: dict[str, str] | Non
         path = Path(folder) / f"stage-{time.strftime('%Y%m%d-%H%M%S')}.log"
         before = len(tracking.runs_started())
         with open(path, "w", buffering=1) as sink, contextlib.redirect_stdout(sink), \
-                contextlib.redirect_stderr(sink), _log_to_output():
+                contextlib.redirect_stderr(sink), log_to_output():
             outcome = _run_task(task, extra_tags)
         runs = tracking.runs_started()[before:]
         if runs and not outcome.superseded:
@@ -173,7 +51,7 @@ def run_task(task: Task, verbose: bool = False, extra_tags: dict[str, str] | Non
 
 
 @contextlib.contextmanager
-def _log_to_output():
+def log_to_output():
     """ttkd's log as the terminal shows it (``console.Terminal``), on whatever stdout and stderr
     are, and there alone while active: in any process, configured or not."""
     logger = logging.getLogger("ttkd")
@@ -192,8 +70,8 @@ def _run_task(task: Task, extra_tags: dict[str, str] | None) -> Outcome:
     try:
         if task.resume_run:
             try:
-                result = stages.resume(task.stage, task.resume_run, tags=extra_tags, attempt=task.attempt)
-            except stages.NoCheckpoint:  # stopped in its first epoch: start it again
+                result = resuming.resume(task.stage, task.resume_run, tags=extra_tags, attempt=task.attempt)
+            except resuming.NoCheckpoint:  # stopped in its first epoch: start it again
                 if tracking.get_run(task.resume_run).info.status == "RUNNING":  # its process died
                     tracking.terminate(task.resume_run, "KILLED")
                 result = getattr(stages, task.stage)(**task.kwargs, attempt=task.attempt)
