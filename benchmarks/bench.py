@@ -469,7 +469,7 @@ def method_accuracies(args) -> str:
         normal, trained = students[(method, 0.0)], students[(method, 0.005)]
         diff = [trained[seed] - normal[seed] for seed in normal if seed in trained]
         lines.append(f"| {method} | {cell(normal.values())} | {cell(trained.values())} | {cell(diff)} |")
-    lines.append(f"| (no KD) | {cell(report['no_kd']['per_seed'].values())} | | |")
+    lines.append(f"| (no KD) | {cell(report['no_kd'][0]['per_seed'].values())} | | |")
     lines.append(f"| (teacher itself) | {cell(teachers[0.0].values())} | {cell(teachers[0.005].values())} | |")
     return "\n".join(lines)
 

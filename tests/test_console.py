@@ -23,7 +23,8 @@ def test_the_library_shows_no_bar_unless_an_entry_point_asks(monkeypatch, bars):
     terminal = FakeTerminal()
     monkeypatch.setattr("sys.stderr", terminal)
     batches = [1, 2, 3]
-    assert console.progress(batches, 3, "epoch 1/2") is batches  # a worker, a library caller
+    bars(False)  # as in a worker or a library caller (an entry point run in this process turned them on)
+    assert console.progress(batches, 3, "epoch 1/2") is batches
     bars(True)
     assert list(console.progress(batches, 3, "epoch 1/2")) == batches
     assert "epoch 1/2" in terminal.getvalue() and "0/3" in terminal.getvalue()  # its label and its steps

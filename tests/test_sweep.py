@@ -3,6 +3,7 @@ processes, failures, resume after SIGTERM, and teachers promoted by their studen
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import signal
@@ -16,7 +17,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from scipy import stats
 
-from ttkd import config, presets
+from ttkd import config, presets, stages
 from ttkd.errors import TTKDError
 from ttkd.kd.logits import TrainedTeacher
 from ttkd.studies import report
@@ -58,6 +59,70 @@ def test_degenerate_samples_say_so_instead_of_inventing_an_interval():
     assert report.interval([]).n == 0
 
 
+@pytest.mark.parametrize("n", range(6, 21))
+def test_median_interval_is_scipys_distribution_free_interval_where_it_reaches_95_percent(n):
+    values = list(np.random.default_rng(n).normal(90, 3, n))
+    mine = report.robust(values)
+    theirs = stats.quantile_test(values, q=0, p=0.5).confidence_interval(0.95)
+    assert mine.median == pytest.approx(np.median(values)) and mine.level >= 0.95
+    assert (mine.low, mine.high) == (pytest.approx(theirs.low), pytest.approx(theirs.high))
+
+
+def test_with_fewer_than_six_seeds_the_median_interval_is_the_range_and_says_its_lower_coverage():
+    r = report.robust([85.1, 85.3, 84.9, 44.85, 67.5])
+    assert (r.median, r.low, r.high, r.n) == (84.9, 44.85, 85.3, 5) and r.level == pytest.approx(1 - 2 / 32)
+    assert report.robust([97.0]).n == 1 and math.isnan(report.robust([97.0]).low)
+    assert report.paired_robust({0: 2.0, 1: 3.0, 2: 1.0, 9: 50.0}, {0: 1.0, 1: 1.0, 2: 1.0}).median == 1.0
+
+
+def test_far_off_seeds_are_collapses_not_the_weakest_of_close_seeds():
+    assert report.outliers({0: 85.1, 1: 85.3, 2: 84.9, 3: 44.85, 4: 67.5}) == {3: 44.85, 4: 67.5}
+    assert report.outliers({0: 98.6, 1: 98.7, 2: 98.7, 3: 98.8, 4: 98.3}) == {}
+    assert report.outliers({0: 98.7, 1: 98.7, 2: 98.7, 3: 98.7, 4: 98.2}) == {}  # MAD 0: a 0.5 pp gap is not one
+    assert report.outliers({0: 98.7, 1: 98.7, 2: 98.7, 3: 98.7, 4: 95.2}) == {4: 95.2}
+    assert report.outliers({0: 90.0, 1: 10.0}) == {}  # two seeds: which one is off cannot be told
+
+
+def test_a_planted_collapsed_seed_is_flagged_by_name_and_the_words_say_mean_and_median_disagree():
+    grid = Grid((0, 1, 2, 3, 4), (0.0, 0.005), ("kd",))
+    values = fake_values(grid, {0.0: 0.0, 0.005: 0.3})
+    for seed, acc in ((3, 44.85), (4, 67.5)):  # DIST from a trained teacher, collapsed on 2 of 5 seeds
+        p = Point("kd", seed, 0.005, "kd")
+        values[p] = dataclasses.replace(values[p], val_acc=acc, run_id=f"run-{seed}")
+    r = report.build(grid, values, {})
+    assert [(f["point"], f["run_id"]) for f in r["far"]] == [("kd seed=3 w=0.005 method=kd", "run-3"),
+                                                           ("kd seed=4 w=0.005 method=kd", "run-4")]
+    row = next(x for x in r["students"] if x["weight"] == 0.005)
+    assert row["median"]["median"] == pytest.approx(np.median([values[Point("kd", s, 0.005, "kd")].val_acc
+                                                               for s in grid.seeds]))
+    assert row["vs_normal"]["low"] <= 0 <= row["vs_normal"]["high"]  # the t-interval: within noise
+    assert row["vs_normal"]["mean"] < -10 < 0 < row["vs_normal_median"]["median"]  # 3 of 5 seeds gained
+    text = report.markdown(r)
+    assert "| 0.005 (trained) | kd | 5 (2 far off) |" in text and "## Seeds far from the others" in text
+    assert "- kd seed=3 w=0.005 method=kd: val_acc 44.85% against a median of" in text and "(run run-3)" in text
+    assert ("kd from the w = 0.005 (trained) teacher against the normal teacher's student: the mean" in text
+            and "they disagree (seeds far from the others pull the mean: see below)" in text)
+    assert "seed 3 (44.85%), seed 4 (67.50%) lie far from the other seeds" in text
+    json.dumps(r)
+
+
+def test_far_off_points_are_tagged_on_their_runs_and_named_on_the_sweeps_run(store):
+    from ttkd import studies, tracking
+
+    with mlflow.start_run() as parent:
+        kids = {}
+        for seed in range(3):
+            kids[seed] = tracking.start_run(name=f"kd seed={seed}", parent_run_id=parent.info.run_id, nested=True)
+            tracking.end_run("FINISHED")
+        far = [{"point": "kd seed=1 w=0.005 method=kd", "run_id": kids[1].info.run_id, "seed": 1,
+                "val_acc": 44.85, "median": 85.1, "n": 5}]
+        studies.tag_far_off({"far": far})
+    tags = {s: mlflow.get_run(r.info.run_id).data.tags for s, r in kids.items()}
+    assert tags[1][studies.TAG_FAR_OFF] == "val_acc 44.85 against the median 85.10 of its 5 seeds"
+    assert studies.TAG_FAR_OFF not in tags[0] and studies.TAG_FAR_OFF not in tags[2]
+    assert mlflow.get_run(parent.info.run_id).data.tags[studies.TAG_FAR_OFF] == "kd seed=1 w=0.005 method=kd"
+
+
 def fake_values(grid: Grid, gain: dict[float, float]) -> dict:
     """Every point of ``grid`` with an accuracy: KD students get ``gain[w]`` plus seed noise."""
     rng = np.random.default_rng(0)
@@ -79,6 +144,7 @@ def test_report_calls_a_real_gain_beyond_noise_and_a_zero_gain_within_noise():
     r = report.build(grid, values, failed)
     rows = {row["weight"]: row for row in r["students"]}
     assert rows[-0.02]["vs_normal"]["high"] < 0 and rows[0.005]["vs_normal"]["n"] == 4
+    assert r["far"] == [] and "far from" not in report.markdown(r)  # seed noise of 0.1 pp is no collapse
     text = report.markdown(r)
     assert "kd from the w = -0.02 (nasty) teacher: -2.0" in text and "worse, beyond noise" in text
     assert "kd from the w = 0.005 (trained) teacher" in text and "within noise" in text
@@ -129,6 +195,15 @@ def test_sweep_parameters_seeds_as_count_or_list_and_zero_always_included():
     ({"methods": "kd,nope"}, "invalid methods: 'kd,nope'"),
     ({"seeds": "10", "weights": "-1,1,2", "methods": "kd,dkd"}, "this sweep would register 130 model versions"),
     ({"methods": "kd,dist", "dkd_beta": "2"}, "none of the methods kd, dist uses dkd_beta"),
+    ({"axes": "kd_temprature=2,8"}, "invalid axes: 'kd_temprature=2,8'; write NAME=V1,V2;NAME=V3,V4 with each "
+                                    "NAME one of student_arch, teacher_arch, temperature, alpha, kd_temperature"),
+    ({"axes": "alpha=0.5,2"}, "invalid alpha: '2'; alpha must be a number in [0, 1]"),
+    ({"axes": "alpha=0.5,0.5"}, "invalid axes: 'alpha=0.5,0.5'; give each NAME once"),
+    ({"axes": "weights=0,0.005"}, "invalid axes: weights is a sweep's own axis; give it as weights=… instead"),
+    ({"axes": "student.seed=1,2"}, "invalid axes: 'student.seed=1,2'"),
+    ({"axes": "alpha=0.5,0.9", "alpha": "0.3"}, "alpha is both an axis and a parameter (alpha=); drop one of them"),
+    ({"axes": "dkd_beta=2,8"}, "axis dkd_beta: none of the methods kd takes it"),
+    ({"axes": "lr=0.1,0.01;alpha=0.1,0.5,0.9", "seeds": "10"}, "this sweep would register 180 model versions"),
 ])
 def test_bad_sweep_input_is_one_line_and_opens_nothing(store, cli, given, message):
     args = [a for k, v in given.items() for a in (f"--{k}", v)]
@@ -136,6 +211,58 @@ def test_bad_sweep_input_is_one_line_and_opens_nothing(store, cli, given, messag
     assert status == 1 and message in err and len(err.strip().splitlines()) == 1
     assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
     assert MlflowClient().search_registered_models() == []
+
+
+def test_an_axis_feeds_its_stage_and_everything_downstream_and_nothing_else():
+    from ttkd.studies import sweep_name
+    from ttkd.studies.plan import Plan
+
+    cfg = presets.resolve("sweep", {"seeds": "2", "methods": "kd,dkd", "force": "true", "axes":
+                                    "student_arch=mlp,cnn;teacher.lr=0.01,0.1;kd_temperature=2,8;alpha=0.5,0.9"})
+    kw = cfg.stage_kwargs()
+    grid = Grid(kw["seeds"], kw["weights"], kw["methods"], kw["axes"])
+    points = grid.points()
+    assert len(points) == len({p.key for p in points}) == presets.sweep_size(kw["seeds"], kw["weights"],
+                                                                             kw["methods"], kw["axes"])
+    by_role = {r: [p for p in points if p.role == r] for r in ("student", "teacher", "kd")}
+    assert len(by_role["student"]) == 2 * 2 and len(by_role["teacher"]) == 2 * 2 * 2 * 2
+    assert len(by_role["kd"]) == 2 * 2 * 2 * 2 * (4 + 2)  # kd reads T and alpha; dkd reads T only
+    assert all(p.needs in set(points) and points.index(p.needs) < points.index(p) for p in points if p.needs)
+    kd = Point("kd", 1, 0.005, "dkd", (("student_arch", "cnn"), ("teacher.lr", 0.1), ("kd_temperature", 8.0)))
+    assert kd in set(points) and kd.key == "kd seed=1 w=0.005 method=dkd student_arch=cnn teacher.lr=0.1 kd_temperature=8"
+    assert kd.needs == Point("teacher", 1, 0.005, values=(("student_arch", "cnn"), ("teacher.lr", 0.1)))
+    assert kd.needs.needs == Point("student", 1, values=(("student_arch", "cnn"),))
+    plan = Plan(grid, "mlp", "cnn", kw["student_train"], kw["teacher_train"], kw["temperature"],
+                {m: stages.default_method_params(m) for m in kw["methods"]}, {"dataset": "digits"},
+                name=lambda p: sweep_name("g", p))
+    calls = {p.role: plan.task(p, {}, "", partner_of=False).kwargs for p in (kd, kd.needs, kd.needs.needs)}
+    assert calls["kd"]["arch"] == calls["student"]["arch"] == "cnn" and calls["teacher"]["arch"] == "cnn"
+    assert calls["teacher"]["train"].lr == 0.1 and calls["kd"]["train"].lr == calls["student"]["train"].lr == 0.05
+    assert calls["kd"]["method_params"]["temperature"] == 8.0 and calls["teacher"]["temperature"] == 4.0
+    assert calls["kd"]["register_as"] == "g-student-dkd-student_arch=cnn-teacher.lr=0.1-kd_temperature=8"
+
+
+def test_the_report_groups_by_every_axis_and_compares_within_each_value():
+    grid = Grid((0, 1, 2), (0.0, 0.005), ("kd",), (("kd_temperature", (2.0, 8.0)),))
+    values = fake_values(grid, {0.0: 0.0, 0.005: 0.0})
+    for p in values:  # T = 8 helps the trained teacher's students by 1 point, T = 2 changes nothing
+        if p.role == "kd" and p.weight == 0.005 and dict(p.values)["kd_temperature"] == 8.0:
+            values[p] = dataclasses.replace(values[p], val_acc=values[p].val_acc + 1.0)
+    r = report.build(grid, values, {})
+    rows = {(x["weight"], x["values"]["kd_temperature"]): x for x in r["students"]}
+    assert set(rows) == {(w, t) for w in (0.0, 0.005) for t in (2.0, 8.0)} and len(r["no_kd"]) == 1
+    assert rows[(0.005, 8.0)]["vs_normal"]["mean"] == pytest.approx(
+        np.mean([values[Point("kd", s, 0.005, "kd", (("kd_temperature", 8.0),))].val_acc
+                 - values[Point("kd", s, 0.0, "kd", (("kd_temperature", 8.0),))].val_acc for s in grid.seeds]))
+    assert rows[(0.005, 8.0)]["vs_normal"]["low"] > 0 and rows[(0.005, 2.0)]["vs_normal"]["low"] < 0
+    text = report.markdown(r)
+    assert "| teacher w | method | kd_temperature | seeds |" in text and "| 0.005 (trained) | kd | 8 | 3 |" in text
+    assert "kd from the w = 0.005 (trained) teacher (kd_temperature=8): +" in text
+    metrics = report.headline_metrics(r)
+    assert metrics["kd.w0.005.kd_temperature_8.vs_w0"] == pytest.approx(rows[(0.005, 8.0)]["vs_normal"]["mean"])
+    figure = report.figures(r)["students_vs_kd_temperature.png"].axes[0]
+    assert figure.get_xlabel() == "kd_temperature" and list(figure.lines[0].get_xdata()) == [2.0, 8.0]
+    json.dumps(r)
 
 
 def test_a_big_sweep_is_allowed_with_force():
@@ -261,7 +388,7 @@ def test_one_job_and_two_jobs_killed_by_sigterm_then_resumed_give_the_same_sweep
 
 
 @pytest.mark.slow
-def test_a_failing_point_is_reported_and_the_others_go_on(store, cli, monkeypatch):
+def test_a_failing_point_is_reported_the_others_go_on_and_an_axis_is_crossed_and_resumed(store, cli, monkeypatch):
     real = TrainedTeacher.forward
 
     def nasty_nan(self, b):
@@ -269,11 +396,20 @@ def test_a_failing_point_is_reported_and_the_others_go_on(store, cli, monkeypatc
         return parts | {"loss": parts["loss"] * float("nan")} if self.weight < 0 else parts
     monkeypatch.setattr(TrainedTeacher, "forward", nasty_nan)
     status, out, err = cli("sweep", "--seeds", "1", "--weights", "-0.02,0.005", "--epochs", "1",
+                           "--axes", "kd_temperature=2,8",  # the KD students' T: twice as many of them
                            "--register_as", "nan", "--jobs", "1")  # in this process, where the NaN is
     assert status == 1
-    assert "2 of 7 stages did not finish (teacher seed=0 w=-0.02: the training loss became NaN" in err
-    assert "kd seed=0 w=-0.02 method=kd: skipped: teacher seed=0 w=-0.02 did not finish" in out
-    assert "| 0.005 (trained) | kd | 1 |" in out  # the other points finished and are reported
+    assert "3 of 10 stages did not finish (teacher seed=0 w=-0.02: the training loss became NaN" in err
+    assert "kd seed=0 w=-0.02 method=kd kd_temperature=8: skipped: teacher seed=0 w=-0.02 did not finish" in out
+    assert "| teacher w | method | kd_temperature | seeds |" in out  # the report groups by the axis
+    assert "| 0.005 (trained) | kd | 2 | 1 |" in out and "| 0.005 (trained) | kd | 8 | 1 |" in out
+    for t in (2, 8):  # each value fed its KD student, registered under a name of its own
+        [run] = mlflow.search_runs(output_format="list", filter_string=(
+            f"tags.`ttkd.point` = 'kd seed=0 w=0.005 method=kd kd_temperature={t}'"))
+        assert float(run.data.params["temperature"]) == t and run.data.tags["ttkd.registered_model"].startswith(
+            f"models:/nan-student-kd-kd_temperature={t}/")  # a version per teacher weight, as without axes
+    [teacher] = mlflow.search_runs(output_format="list", filter_string="tags.`ttkd.point` = 'teacher seed=0 w=0.005'")
+    assert float(teacher.data.params["temperature"]) == 4.0  # the teach stage's T is another parameter
     assert sweep_run().info.status == "FAILED"
     [nasty] = mlflow.search_runs(output_format="list", filter_string="tags.`ttkd.point` = 'teacher seed=0 w=-0.02'")
     [log] = [a.path for a in MlflowClient().list_artifacts(nasty.info.run_id, "logs")]  # a failed point's lines too
@@ -283,7 +419,7 @@ def test_a_failing_point_is_reported_and_the_others_go_on(store, cli, monkeypatc
     monkeypatch.setattr(TrainedTeacher, "forward", real)
     status, out, err = cli("sweep", "--resume", "last")
     assert status == 0, err
-    assert out.count("(reused)") == 5 and "| -0.02 (nasty) | kd | 1 |" in out
+    assert out.count("(reused)") == 7 and "| -0.02 (nasty) | kd | 8 | 1 |" in out  # the axis, from sweep.json
     assert sweep_run().info.status == "FINISHED"
 
 

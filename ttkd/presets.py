@@ -13,6 +13,7 @@ also runs a study preset, whose ``weight`` and ``method`` become the sweep's def
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import urllib.parse
 from pathlib import Path
@@ -27,6 +28,7 @@ from ttkd.config import (
     TRAIN,
     Param,
     TrainConfig,
+    axis_roles,
     check_processes,
     check_ray,
     method_param_names,
@@ -162,18 +164,20 @@ def _settings_for(stage: str, preset: str) -> dict:
 
 
 def _check_sweep(values: dict, named: set[str], several: bool) -> None:
-    """A sweep's own checks: where it runs (``named``: the parameters the user set), its
-    jobs under several processes (forced to 1), and the number of versions it registers."""
+    """A sweep's own checks: its axes against its other parameters (``named``: those the user
+    set), where it runs, its jobs under several processes (forced to 1), and the number of
+    versions it registers."""
+    _check_axes(values, named)
     _check_cluster(values, named, several)
     if several:
         if values["jobs"] > 1 and "jobs" in named:
             raise TTKDError(f"jobs={values['jobs']} with nproc={values['nproc']}: a sweep trained by "
                             f"several processes runs its points one at a time; drop jobs")
         values["jobs"] = 1
-    count = sweep_size(values["seeds"], set(values["weights"]) | {0.0}, values["methods"])
+    count = sweep_size(values["seeds"], set(values["weights"]) | {0.0}, values["methods"], values["axes"])
     if count > MAX_MODELS and not values["force"]:
         raise TTKDError(f"this sweep would register {count} model versions (more than {MAX_MODELS}); "
-                        f"pass force=true to run it, or use fewer seeds, weights or methods")
+                        f"pass force=true to run it, or use fewer seeds, weights, methods or axis values")
 
 
 def resolve(stage: str, given: dict[str, Any], preset: str | None = None) -> RunConfig:
@@ -275,10 +279,29 @@ def method_params(stage: str, method: str) -> tuple[str, ...]:
     return tuple("kd_temperature" if stage in ("main", "sweep") and n == "temperature" else n for n in names)
 
 
-def sweep_size(seeds, weights, methods) -> int:
+def sweep_size(seeds, weights, methods, axes=()) -> int:
     """How many model versions a sweep registers: per seed a student, a teacher per weight
-    and a KD student per weight and method."""
-    return len(seeds) * (1 + len(weights) * (1 + len(methods)))
+    and a KD student per weight and method, each times the values of the axes that feed it
+    (a method's own parameter only for the methods that take it)."""
+    def count(axes_of) -> int:
+        return math.prod(len(v) for n, v in axes if axes_of(axis_roles(n), n))
+    students = count(lambda roles, n: "student" in roles)
+    teachers = count(lambda roles, n: "student" not in roles and "teacher" in roles)
+    kd = sum(count(lambda roles, n: roles == {"kd"} and n in method_params("sweep", m)) for m in methods)
+    return len(seeds) * students * (1 + len(weights) * teachers * (1 + kd))
+
+
+def _check_axes(values: dict, named: set[str]) -> None:
+    """An axis is not also a fixed parameter, and a method's parameter is an axis only for a
+    sweep with a method that takes it."""
+    for name, _ in values["axes"]:
+        bare = name.rpartition(".")[2]
+        fixed = named & {name, bare} if "." not in name else named & {name}
+        if fixed:
+            raise TTKDError(f"{name} is both an axis and a parameter ({next(iter(fixed))}=); drop one of them")
+        if axis_roles(name) == {"kd"} and not any(name in method_params("sweep", m) for m in values["methods"]):
+            raise TTKDError(f"axis {name}: none of the methods {', '.join(values['methods'])} takes it; add a "
+                            f"method that does to methods, or drop the axis")
 
 
 def _check_cluster(values: dict, given: set[str], several: bool) -> None:

@@ -30,9 +30,11 @@ from ttkd.studies.runner import finished_result, run
 from ttkd.studies.schedulers import Scheduler
 from ttkd.studies.schedulers.local import LocalPool, WorkerDied
 from ttkd.studies.schedulers.ray import Placement, RayCluster
+from ttkd.studies.space import Axes, show
 from ttkd.tracking import log_params
 
 log = logging.getLogger(__name__)  # shown by the entry points (entry/options.py)
+TAG_FAR_OFF = "ttkd.far_off"  # a point whose val_acc lies far from its row's other seeds (a collapse)
 STUDY_ROWS = ("student", "kd_normal", "kd_trained", "teacher_normal", "teacher_trained")
 
 
@@ -43,11 +45,14 @@ def kd_name(prefix: str, method: str, kind: str) -> str:
 
 
 def sweep_name(prefix: str, point: Point) -> str:
-    """A sweep registers one model per role: every seed's student as a version of
-    ``PREFIX-student``, every teacher as a version of ``PREFIX-teacher`` and every KD
-    student as a version of ``PREFIX-student-METHOD``; the versions' tags say which point."""
-    return {"student": f"{prefix}-student", "teacher": f"{prefix}-teacher",
+    """A sweep registers one model per role and configuration: every seed's student as a
+    version of ``PREFIX-student``, every teacher as a version of ``PREFIX-teacher`` and every
+    KD student as a version of ``PREFIX-student-METHOD``, each followed by the values of the
+    point's other axes (``PREFIX-student-kd-kd_temperature=2``); the versions' tags say which
+    seed and weight."""
+    base = {"student": f"{prefix}-student", "teacher": f"{prefix}-teacher",
             "kd": f"{prefix}-student-{point.method}"}[point.role]
+    return base + "".join(f"-{n}={show(v)}" for n, v in point.values)
 
 
 def study_name(prefix: str, point: Point) -> str:
@@ -120,13 +125,13 @@ def study(*, student_arch: str, teacher_arch: str, student_train: TrainConfig,
 def sweep(*, student_arch: str, teacher_arch: str, student_train: TrainConfig,
           teacher_train: TrainConfig, seeds: tuple[int, ...] = (0, 1, 2, 3, 4),
           weights: tuple[float, ...] = (0.0, 0.005), methods: tuple[str, ...] = ("kd",),
-          temperature: float = 4.0, method_params: dict[str, dict] | None = None,
+          axes: Axes = (), temperature: float = 4.0, method_params: dict[str, dict] | None = None,
           dataset: str = "digits", data_dir: str | None = None, stream: bool | None = None,
           register_as: str | None = None, jobs: int = 2, threads: int = 0, cluster: str = "",
           cpus_per_point: float = 1.0, gpus_per_point: float = 0.0, cluster_auth: str = "token",
           resume_run: str | None = None, print_line: Callable[[str], None] = print) -> str:
-    """Seeds x teacher weights x KD methods (module ``ttkd.studies.plan``), one child run
-    per point under one parent run; returns the report's markdown.
+    """Seeds x teacher weights x KD methods x ``axes`` (module ``ttkd.studies.plan``), one
+    child run per point under one parent run; returns the report's markdown.
 
     ``weights`` always gets 0, the normal teacher every other weight is compared with.
     Registered names: ``sweep_name``. The parent run gets ``report.md``, ``report.json``
@@ -144,20 +149,23 @@ def sweep(*, student_arch: str, teacher_arch: str, student_train: TrainConfig,
     prefix = register_as or dataset
     weights = tuple(sorted(set(weights) | {0.0}))
     method_params = {m: default_method_params(m) | (method_params or {}).get(m, {}) for m in methods}
-    grid = Grid(tuple(seeds), weights, tuple(methods))
+    axes = tuple((n, tuple(v)) for n, v in axes)  # (as resume reads them back: lists)
+    grid = Grid(tuple(seeds), weights, tuple(methods), axes)
     plan = Plan(grid, student_arch, teacher_arch, student_train, teacher_train, temperature,
                 method_params, dict(dataset=dataset, data_dir=data_dir, stream=stream),
                 name=lambda p: sweep_name(prefix, p))
     _check(plan)
     args = {"student_arch": student_arch, "teacher_arch": teacher_arch, "seeds": list(seeds),
-            "weights": list(weights), "methods": list(methods), "temperature": temperature,
+            "weights": list(weights), "methods": list(methods), "axes": [[n, list(v)] for n, v in axes],
+            "temperature": temperature,
             "method_params": method_params, "dataset": dataset, "data_dir": data_dir,
             "stream": stream, "register_as": prefix, "jobs": jobs, "threads": threads,
             "cluster": cluster, "cpus_per_point": cpus_per_point, "gpus_per_point": gpus_per_point,
             "cluster_auth": cluster_auth, "student_train": dataclasses.asdict(student_train),
             "teacher_train": dataclasses.asdict(teacher_train)}
     params = ({k: (",".join(map(str, v)) if isinstance(v, list) else v) for k, v in args.items()
-               if not k.endswith("_train") and k != "method_params"}
+               if not k.endswith("_train") and k not in ("method_params", "axes")}
+              | {"axes": ";".join(f"{n}={','.join(map(show, v))}" for n, v in axes)}
               | {("kd_temperature" if k == "temperature" else f"{m}.{k}" if len(methods) > 1 else k): v
                  for m, p in method_params.items() for k, v in p.items()})
 
@@ -175,15 +183,28 @@ def _finish_sweep(plan: Plan, prefix: str, outcomes: dict[Point, Outcome]) -> st
     text = reports.markdown(report)
     tracking.log_report(text, report, reports.figures(report))
     tracking.log_metrics(reports.headline_metrics(report))  # to sort and compare sweeps in mlflow ui
+    tag_far_off(report)
     lines = []
-    for name, by in ([(sweep_name(prefix, Point("teacher", 0)), "students")]
-                     + [(n, "self") for n in dict.fromkeys(sweep_name(prefix, p) for p in plan.grid.points()
-                                                           if p.role != "teacher")]):
+    names = {p.role: {} for p in plan.grid.points()}
+    for p in plan.grid.points():
+        names[p.role][sweep_name(prefix, p)] = "students" if p.role == "teacher" else "self"
+    for name, by in [*names.get("teacher", {}).items(), *names.get("student", {}).items(),
+                     *names.get("kd", {}).items()]:
         try:
             lines.append(str(promotion.promote(name, by=by)))
         except TTKDError as exc:
             lines.append(f"{name}: not promoted ({exc})")
     return "\n".join(lines) + "\n\n" + text
+
+
+def tag_far_off(report: dict) -> None:
+    """Tag each run whose seed lies far from the others of its row (``ttkd.far_off``: its value
+    and the row's median), and the sweep's own run with their points, so mlflow ui shows them."""
+    for f in report["far"]:
+        tracking.tag_run(f["run_id"], {TAG_FAR_OFF: f"val_acc {f['val_acc']:.2f} against the median "
+                                                    f"{f['median']:.2f} of its {f['n']} seeds"})
+    if report["far"]:
+        tracking.set_tags({TAG_FAR_OFF: "; ".join(f["point"] for f in report["far"])[:5000]})
 
 
 def _point_line(o: Outcome, i: int, n: int) -> str:
@@ -207,10 +228,13 @@ def _check(plan: Plan) -> None:
     data = datasets.load(plan.data["dataset"], plan.data["data_dir"], plan.data["stream"])
     build = lambda arch: models.build(arch, data.num_classes, data.in_channels,  # noqa: E731
                                       image_size=data.image_shape[-1])
-    for method in plan.grid.methods:  # a method that cannot pair these networks' features fails now
-        if kd.get(method).features:
-            build_method(method, "distill", data, build(plan.student_arch), build(plan.teacher_arch),
-                         plan.method_params[method], plan.student_arch, plan.teacher_arch)
+    first = plan.grid.seeds[0]
+    for point in plan.grid.points():  # a method that cannot pair these networks' features fails now
+        if point.role == "kd" and point.seed == first and kd.get(point.method).features:
+            kw = plan.task(point, {}, "", partner_of=False).kwargs
+            teacher = dict(point.values).get("teacher_arch", plan.teacher_arch)
+            build_method(point.method, "distill", data, build(kw["arch"]), build(teacher), kw["method_params"],
+                         kw["arch"], teacher)
 
 
 def _run_grid(kind: str, run_name: str, plan: Plan, args: dict, params: dict, student_train: TrainConfig,
@@ -306,7 +330,7 @@ def resume_grid(kind: str, reference: str, cfg: RunConfig | None = None, **chang
         del os.environ["MLFLOW_RUN_ID"]    # which new child runs must not attach to
     if kind == "main":
         return study(**args, **trains, resume_run=run_.info.run_id)
-    args = args | {k: tuple(args[k]) for k in ("seeds", "weights", "methods")} | {"cluster": ""}
+    args = args | {k: tuple(args.get(k, ())) for k in ("seeds", "weights", "methods", "axes")} | {"cluster": ""}
     return sweep(**(args | {k: v for k, v in change.items() if v}), **trains, resume_run=run_.info.run_id)
 
 

@@ -12,11 +12,13 @@ call as plain data, which ``ttkd.studies.runner`` hands to a scheduler
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Callable
 
 from ttkd import attempts
-from ttkd.config import TrainConfig
+from ttkd.config import TRAIN, TrainConfig, axis_roles
 from ttkd.stages import StageResult
+from ttkd.studies.space import Axes, Values, combinations, method_reads, own_axes, restrict, show
 
 TAG_POINT = attempts.POINT_TAG
 
@@ -25,30 +27,32 @@ TAG_POINT = attempts.POINT_TAG
 class Point:
     """One stage of a grid: a baseline ``student``, a ``teacher`` trained with weight
     ``weight`` against that seed's student, or a ``kd`` student distilled from that
-    teacher with ``method``."""
+    teacher with ``method``; ``values``: what the sweep's other axes give it (``space``)."""
 
     role: str
     seed: int
     weight: float | None = None
     method: str | None = None
+    values: Values = ()
 
     @property
     def key(self) -> str:
-        """``student seed=0``, ``teacher seed=0 w=0.005``, ``kd seed=0 w=0.005 method=kd``."""
+        """``student seed=0``, ``teacher seed=0 w=0.005``, ``kd seed=0 w=0.005 method=kd``, then
+        each axis's value: ``kd seed=0 w=0.005 method=kd kd_temperature=2``."""
         parts = [self.role, f"seed={self.seed}"]
         if self.weight is not None:
             parts.append(f"w={self.weight:g}")
         if self.method is not None:
             parts.append(f"method={self.method}")
-        return " ".join(parts)
+        return " ".join(parts + [f"{n}={show(v)}" for n, v in self.values])
 
     @property
     def needs(self) -> Point | None:
         """The point whose registered model this one trains beside."""
         if self.role == "teacher":
-            return Point("student", self.seed)
+            return Point("student", self.seed, values=restrict(self.values, "student"))
         if self.role == "kd":
-            return Point("teacher", self.seed, self.weight)
+            return Point("teacher", self.seed, self.weight, values=restrict(self.values, "teacher"))
         return None
 
     def tags(self) -> dict[str, str]:
@@ -64,15 +68,24 @@ class Grid:
     seeds: tuple[int, ...]
     weights: tuple[float, ...]
     methods: tuple[str, ...]
+    axes: Axes = ()
 
     def points(self) -> list[Point]:
         """Every point, seed by seed, each after the point it needs."""
         found = []
         for seed in self.seeds:
-            found.append(Point("student", seed))
-            found += [Point("teacher", seed, w) for w in self.weights]
-            found += [Point("kd", seed, w, m) for w in self.weights for m in self.methods]
-        return found
+            for sv in combinations(own_axes(self.axes, "student")):
+                found.append(Point("student", seed, values=sv))
+                for w, tv in itertools.product(self.weights, combinations(own_axes(self.axes, "teacher"))):
+                    found.append(Point("teacher", seed, w, values=sv + tv))
+                    found += [Point("kd", seed, w, m, sv + tv + kv) for m in self.methods
+                              for kv in combinations(own_axes(self.axes, "kd", m))]
+        return [dataclasses.replace(p, values=_in_order(p.values, self.axes)) for p in found]
+
+
+def _in_order(values: Values, axes: Axes) -> Values:
+    order = [n for n, _ in axes]
+    return tuple(sorted(values, key=lambda nv: order.index(nv[0])))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,21 +104,27 @@ class Plan:
     tags: Callable[[Point], dict] = lambda p: {}  # more tags for a point's run and version
 
     def task(self, point: Point, done: dict[Point, Outcome], parent_run_id: str,
-             resume_run: str | None = None, generation: int = 1) -> Task:
+             resume_run: str | None = None, generation: int = 1, partner_of: bool = True) -> Task:
         """The stage call that trains ``point``, its partner pinned to the version that
-        the point it needs registered; its attempt is of the grid's ``generation``."""
+        the point it needs registered (without ``partner_of``: no partner, to check the call
+        before anything trained); its attempt is of the grid's ``generation``."""
         train = {"student": self.student_train, "teacher": self.teacher_train}
         role = "teacher" if point.role == "teacher" else "student"
-        config = dataclasses.replace(train[role], seed=point.seed)
-        kw = dict(arch=getattr(self, f"{role}_arch"), train=config, register_as=self.name(point),
-                  tags=point.tags() | self.tags(point), parent_run_id=parent_run_id, **self.data)
-        if point.needs is not None:
+        given = {n: v for n, v in point.values if point.role in axis_roles(n)}  # what feeds this stage
+        config = dataclasses.replace(train[role], seed=point.seed, **{
+            n.rpartition(".")[2]: v for n, v in given.items() if n.rpartition(".")[2] in TRAIN})
+        kw = dict(arch=given.get(f"{role}_arch", getattr(self, f"{role}_arch")), train=config,
+                  register_as=self.name(point), tags=point.tags() | self.tags(point), parent_run_id=parent_run_id,
+                  **self.data)
+        if point.needs is not None and partner_of:
             partner = done[point.needs].result.model
             kw[{"teacher": "student", "kd": "teacher"}[point.role]] = f"{partner.name}/{partner.version}"
         if point.role == "teacher":
-            kw |= dict(weight=point.weight, temperature=self.temperature)
+            kw |= dict(weight=point.weight, temperature=given.get("temperature", self.temperature))
         if point.role == "kd":
-            kw |= dict(method=point.method, method_params=self.method_params[point.method])
+            own = {("temperature" if n == "kd_temperature" else n): v for n, v in given.items()
+                   if method_reads(point.method, n)}
+            kw |= dict(method=point.method, method_params=self.method_params[point.method] | own)
         stage = {"student": "baseline", "teacher": "teach", "kd": "distill"}[point.role]
         return Task(point, stage, kw, resume_run, (generation, 0))
 

@@ -10,16 +10,61 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from ttkd.stages import teacher_kind as kind
+from ttkd.studies.space import show
 
 
 def figures(report: dict) -> dict[str, Figure]:
-    """``students_vs_weight.png``, ``teachers_vs_weight.png`` and ``kd_curves.png``."""
+    """``students_vs_weight.png``, ``teachers_vs_weight.png``, ``kd_curves.png``, with costs
+    ``accuracy_vs_latency.png``, and for each numeric axis ``students_vs_NAME.png``."""
     found = {"students_vs_weight.png": _students_figure(report),
              "teachers_vs_weight.png": _teachers_figure(report),
              "kd_curves.png": _curves_figure(report)}
     if report.get("costs"):
         found["accuracy_vs_latency.png"] = _latency_figure(report)
+    for name, values in report["grid"]["axes"]:
+        if all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+            found[f"students_vs_{name}.png"] = _students_along(report, name)
     return found
+
+
+def _others(row: dict, but: str | None = None) -> str:
+    """A row's axis values but ``but``, for a legend: ``, kd_temperature=2``."""
+    return "".join(f", {n}={show(v)}" for n, v in row["values"].items() if n != but)
+
+
+def _series(rows: list[dict], label) -> dict[str, list[dict]]:
+    """``rows`` grouped by ``label(row)``, in their order."""
+    found: dict[str, list[dict]] = {}
+    for r in rows:
+        found.setdefault(label(r), []).append(r)
+    return found
+
+
+def _students_along(report: dict, name: str) -> Figure:
+    """Student val_acc against the values of numeric axis ``name`` (to scale): a line per
+    method, teacher weight and value of the other axes, with its band."""
+    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    ax = fig.subplots()
+    rows = [r for r in report["students"] if name in r["values"]]
+    for label, line in _series(rows, lambda r: f"{r['method']}, w = {r['weight']:g}{_others(r, name)}").items():
+        line = sorted(line, key=lambda r: r["values"][name])
+        _band(ax, [r["values"][name] for r in line], [r["val_acc"] for r in line], label)
+    for r in report["no_kd"]:
+        if name in r["values"]:
+            continue
+        if r["val_acc"]["n"]:
+            ax.axhline(r["val_acc"]["mean"], color="grey", linestyle="--", label=f"no-KD student{_others(r)}")
+    if any(name in r["values"] for r in report["no_kd"]):
+        line = sorted((r for r in report["no_kd"] if name in r["values"]), key=lambda r: r["values"][name])
+        _band(ax, [r["values"][name] for r in line], [r["val_acc"] for r in line], "no-KD student",
+              color="grey", linestyle="--")
+    ax.set_xlabel(name)
+    ax.set_ylabel("student val_acc (%)")
+    ax.grid(alpha=0.3)
+    ax.set_title(f"Students against {name}: mean over seeds, band = {int(report['confidence'] * 100)}% CI",
+                 fontsize=10)
+    ax.legend(fontsize=8)
+    return fig
 
 
 def _latency_figure(report: dict) -> Figure:
@@ -31,9 +76,8 @@ def _latency_figure(report: dict) -> Figure:
     styles = dict(zip(report["grid"]["weights"], _weight_styles(report["grid"]["weights"])))
     for r in report["costs"]:
         color = styles[r["weight"]]["color"] if r["weight"] is not None else "grey"
-        label = {"student": "student, no KD", "teacher": f"teacher w = {r['weight']:g}",
-                 "kd": f"{r['method']} student, w = {r['weight']:g}"}[r["role"]] if r["role"] != "student" else \
-            "student, no KD"
+        label = ("student, no KD" if r["role"] == "student" else f"teacher w = {r['weight']:g}"
+                 if r["role"] == "teacher" else f"{r['method']} student, w = {r['weight']:g}") + _others(r)
         ax.errorbar(r["latency_ms_b1_cpu"], r["val_acc"]["mean"], xerr=r["latency_std"],
                     yerr=r["val_acc"]["std"] or 0.0, fmt=marks[r["role"]], color=color, label=label, capsize=3)
     ax.set_xscale("log")
@@ -77,15 +121,14 @@ def _students_figure(report: dict) -> Figure:
     seeds = len(report["grid"]["seeds"])
     fig = Figure(figsize=(7, 4.5), layout="constrained")
     ax = fig.subplots()
-    x = np.arange(len(weights))
-    for method in report["grid"]["methods"]:
-        rows = [r["val_acc"] for r in report["students"] if r["method"] == method]
-        _band(ax, x, rows, f"KD student ({method})")
-    base = report["no_kd"]["val_acc"]
-    if base["n"]:
-        ax.axhline(base["mean"], color="grey", linestyle="--", label="no-KD student")
-        if base["low"] is not None:
-            ax.axhspan(base["low"], base["high"], color="grey", alpha=0.12)
+    for label, line in _series(report["students"], lambda r: f"KD student ({r['method']}{_others(r)})").items():
+        _band(ax, [weights.index(r["weight"]) for r in line], [r["val_acc"] for r in line], label)
+    for r in report["no_kd"]:
+        base = r["val_acc"]
+        if base["n"]:
+            ax.axhline(base["mean"], color="grey", linestyle="--", label=f"no-KD student{_others(r)}")
+            if base["low"] is not None:
+                ax.axhspan(base["low"], base["high"], color="grey", alpha=0.12)
     _weight_axis(ax, weights)
     ax.set_ylabel("student val_acc (%)")
     ax.set_title(f"Students distilled from each teacher: mean over {seeds} seed{'s' * (seeds > 1)}, "
@@ -96,18 +139,21 @@ def _students_figure(report: dict) -> Figure:
 
 def _teachers_figure(report: dict) -> Figure:
     weights = report["grid"]["weights"]
-    x = np.arange(len(weights))
     fig = Figure(figsize=(11, 4.5), layout="constrained")
     left, right = fig.subplots(1, 2)
-    _band(left, x, [t["val_acc"] for t in report["teachers"]], "teacher", color="black")
+    teachers = _series(report["teachers"], lambda t: _others(t).lstrip(", "))
+    for label, line in teachers.items():
+        x = [weights.index(t["weight"]) for t in line]
+        style = {"color": "black"} if len(teachers) == 1 else {}
+        _band(left, x, [t["val_acc"] for t in line], f"teacher{f' ({label})' if label else ''}", **style)
+        _band(right, x, [t["agreement"] for t in line], "teacher with the frozen student it trained against"
+              + (f" ({label})" if label else ""), **style)
     _weight_axis(left, weights)
     left.set_ylabel("teacher val_acc (%)")
     left.set_title("The teachers' own accuracy", fontsize=10)
-    _band(right, x, [t["agreement"] for t in report["teachers"]],
-          "teacher with the frozen student it trained against", color="black")
-    for method in report["grid"]["methods"]:
-        rows = [r["agreement"] for r in report["students"] if r["method"] == method]
-        _band(right, x, rows, f"KD student ({method}) with its teacher")
+    for label, line in _series(report["students"], lambda r: f"KD student ({r['method']}{_others(r)})").items():
+        _band(right, [weights.index(r["weight"]) for r in line], [r["agreement"] for r in line],
+              f"{label} with its teacher")
     _weight_axis(right, weights)
     right.set_ylabel("top-1 agreement (%)")
     right.set_title("Teacher–student agreement on the validation split", fontsize=10)
@@ -122,20 +168,21 @@ def _curves_figure(report: dict) -> Figure:
     methods = report["grid"]["methods"]
     fig = Figure(figsize=(11, 4 * len(methods)), layout="constrained")
     axes = fig.subplots(len(methods), 2, squeeze=False)
-    styles = _weight_styles(report["grid"]["weights"])
+    styles = dict(zip(report["grid"]["weights"], _weight_styles(report["grid"]["weights"])))
     for (whole, zoom), method in zip(axes, methods):
-        for style, r in zip(styles, (r for r in report["students"] if r["method"] == method)):
+        for r in (r for r in report["students"] if r["method"] == method):
+            style = styles[r["weight"]] if not r["values"] else {"color": None}
             c = r["curve"]
             if c is None:
                 continue
             half = len(c["epochs"]) // 2
             for ax, first in ((whole, 0), (zoom, half)):
                 epochs = c["epochs"][first:]
-                label = f"w = {r['weight']:g} ({kind(r['weight'])}), {c['n']} seeds"
+                label = f"w = {r['weight']:g} ({kind(r['weight'])}){_others(r)}, {c['n']} seeds"
                 ax.plot(epochs, c["mean"][first:], label=label, **style)
                 if c["n"] > 1:
-                    ax.fill_between(epochs, np.clip(c["low"][first:], 0, 100),
-                                    np.clip(c["high"][first:], 0, 100), color=style["color"], alpha=0.12)
+                    ax.fill_between(epochs, np.clip(c["low"][first:], 0, 100), np.clip(c["high"][first:], 0, 100),
+                                    color=ax.lines[-1].get_color(), alpha=0.12)
         whole.set_title(f"{method} students, by their teacher's w: every epoch", fontsize=10)
         zoom.set_title(f"{method} students: the second half, zoomed in", fontsize=10)
         for ax in (whole, zoom):
