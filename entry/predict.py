@@ -8,10 +8,11 @@ import sys
 import click
 
 from entry.options import command, run
-from ttkd import modelstore, registry, tracking
+from ttkd import tracking
 from ttkd.errors import TTKDError
 from ttkd.predict import classify_folder
 from ttkd.stages import TAG_STAGE
+from ttkd.tracking import modelstore, registry
 
 
 @command("predict")

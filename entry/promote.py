@@ -6,8 +6,9 @@ import sys
 import click
 
 from entry.options import command, run
-from ttkd import predict, promotion
+from ttkd import predict
 from ttkd.errors import TTKDError
+from ttkd.tracking import promotion
 
 
 @command("promote")

@@ -7,8 +7,9 @@ import tempfile
 import click
 
 from entry.options import command, run
-from ttkd import predict, registry
+from ttkd import predict
 from ttkd.errors import TTKDError
+from ttkd.tracking import registry
 
 
 @command("serve")

@@ -7,8 +7,9 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from ttkd import attempts, registry, tracking
-from ttkd.registry import ModelRef
+from ttkd import tracking
+from ttkd.tracking import attempts, registry
+from ttkd.tracking.registry import ModelRef
 
 
 def new_run(parent: str | None = None) -> str:

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ttkd import config, data, models, presets
+from ttkd import config, data, models, parsing, presets
 from ttkd.config import TrainConfig
 from ttkd.errors import TTKDError
 
@@ -121,7 +121,7 @@ def test_a_preset_file_path_works_and_its_values_are_checked(tmp_path):
     ("amp", "false", False), ("amp", "True", True), ("compile", True, True),
 ])
 def test_parse_accepts(name, raw, value):
-    assert config.parse(config.PARAMS[name], raw) == value
+    assert parsing.parse(config.PARAMS[name], raw) == value
 
 
 @pytest.mark.parametrize("name, raw", [
@@ -130,7 +130,7 @@ def test_parse_accepts(name, raw, value):
 ])
 def test_parse_refuses(name, raw):
     with pytest.raises(TTKDError, match=f"invalid {name}: "):
-        config.parse(config.PARAMS[name], raw)
+        parsing.parse(config.PARAMS[name], raw)
 
 
 def test_mlproject_has_every_entry_point_and_passes_parameters_through():
@@ -179,11 +179,11 @@ def test_resume_compares_only_the_given_values_with_the_runs_own_as_mlflow_logge
 
 
 def test_the_table_imports_nothing_heavier_than_the_standard_library():
-    """config sits below the engine: importing it loads no torch, and no engine, data, kd or models;
+    """config (and its parser) sits below the engine: importing it loads no torch, and no engine, data, kd or models;
     the registries fill in their names (and the methods their parameters) when a value is checked."""
     import subprocess
     import sys
-    code = ("import sys, ttkd.config as c; heavy = sorted(m for m in sys.modules if m.split('.')[0] in "
+    code = ("import sys, ttkd.config as c, ttkd.parsing; heavy = sorted(m for m in sys.modules if m.split('.')[0] in "
             "('torch', 'numpy', 'mlflow') or m in ('ttkd.engine', 'ttkd.data', 'ttkd.kd', 'ttkd.models', "
             "'ttkd.distributed')); print(heavy); import ttkd.presets as p; "
             "p.resolve('distill', {'method': 'dkd', 'teacher': 't'}); print('ttkd.kd' in sys.modules)")

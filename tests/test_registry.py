@@ -2,8 +2,9 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from ttkd import data, models, modelstore, promotion, registry
+from ttkd import data, models
 from ttkd.errors import TTKDError
+from ttkd.tracking import modelstore, promotion, registry
 
 DIGITS = data.load("digits")
 

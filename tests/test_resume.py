@@ -277,7 +277,7 @@ def test_a_failed_study_resumes_reusing_its_finished_stages(store, cli, monkeypa
 def test_a_run_whose_process_died_after_registering_is_resumed_without_registering_twice(store, cli):
     """The attempt that registered died before it tagged its run: the next attempt finds the
     first one's claim and its version, and registers nothing."""
-    from ttkd import attempts
+    from ttkd.tracking import attempts
 
     status, _, err = cli("baseline", "--epochs", "2", "--amp", "false", "--compile", "false", "--register_as", "once")
     assert status == 0, err

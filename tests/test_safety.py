@@ -17,8 +17,9 @@ import yaml
 from mlflow import MlflowClient
 
 from tests.test_data import write_image
-from ttkd import data, models, modelstore, tracking
+from ttkd import data, models, tracking
 from ttkd.errors import TTKDError
+from ttkd.tracking import modelstore
 
 
 class Payload:
@@ -108,7 +109,8 @@ def every_reader(cli, images: Path, *, trust: bool = False) -> dict[str, tuple[i
     """What each path that reads a registered model answers for ``victim``: teach, distill,
     predict, promote measure=true, and the serve entry point's check (in-process, up to the
     app it would listen with)."""
-    from ttkd import predict, registry
+    from ttkd import predict
+    from ttkd.tracking import registry
 
     images.mkdir(exist_ok=True)
     write_image(images / "a.png", (8, 8), False, 7)
@@ -401,7 +403,8 @@ def test_a_partner_registered_by_an_older_ttkd_is_used_only_when_trusted_knowing
 
 
 def test_serve_refuses_a_network_file_that_is_not_onnx_in_one_line_with_the_digest_forged(attack):
-    from ttkd import predict, registry
+    from ttkd import predict
+    from ttkd.tracking import registry
 
     victim, _, proof = attack
     (victim / "artifacts/network.onnx").write_bytes(pickled_payload(proof))

@@ -13,8 +13,9 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from ttkd import cost, data, engine, models, modelstore, registry, tracking
+from ttkd import cost, data, engine, models, tracking
 from ttkd.step import bf16_supported
+from ttkd.tracking import modelstore, registry
 
 REPO = Path(__file__).resolve().parents[1]
 EPOCH_METRICS = {"train_loss", "train_ce", "val_acc", "val_loss", "lr", "epoch_time_s", "throughput"}

@@ -12,9 +12,9 @@ from mlflow import MlflowClient
 
 from tests import servers
 from tests.test_resume import poison
-from ttkd import registry
 from ttkd.errors import TTKDError
 from ttkd.kd.logits import CrossEntropy
+from ttkd.tracking import registry
 
 REPO = Path(__file__).resolve().parents[1]
 

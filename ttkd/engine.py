@@ -183,6 +183,8 @@ def fit(
     processes, so every process returns the same stats and stops at the same step.
     BatchNorm normalises each process's slice on its own (see docs/how-to/several-gpus.md).
     """
+    # (longer than the house's 60 lines only by its docstring, the engine's contract; the loop
+    # itself is one screen: set-up, then per epoch the steps, the schedule, validation, on_epoch)
     device = data.train_x.device
     part = distributed.shard if distributed.world() else None
     first = resume["epoch"] + 1 if resume is not None else 1

@@ -12,9 +12,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ttkd import cost, modelfile, modelstore, promotion, registry, serving, tracking
+from ttkd import cost, modelfile, serving, tracking
 from ttkd.errors import TTKDError
-from ttkd.registry import ModelRef, first_line
+from ttkd.tracking import modelstore, promotion, registry
+from ttkd.tracking.registry import ModelRef, first_line
 
 
 @dataclasses.dataclass

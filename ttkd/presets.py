@@ -28,17 +28,16 @@ from ttkd.config import (
     TRAIN,
     Param,
     TrainConfig,
-    axis_roles,
     check_processes,
     check_ray,
     method_param_names,
     method_uses,
     params,
-    parse,
     stage_params,
     under_torchrun,
 )
 from ttkd.errors import TTKDError
+from ttkd.parsing import axis_roles, parse
 
 SWEEP_FROM_STUDY = {"weight": "weights", "method": "methods"}  # a study preset's values in a sweep
 ROLES = ("student", "teacher")  # the per-role tables of a study preset

@@ -13,12 +13,13 @@ import logging
 import os
 import tempfile
 
-from ttkd import attempts, registry, tracking
+from ttkd import tracking
 from ttkd.config import TrainConfig
 from ttkd.errors import TTKDError
 from ttkd.presets import RunConfig, check_resume
 from ttkd.stages import TAG_STAGE, StageResult, run_stage
 from ttkd.step import Step
+from ttkd.tracking import attempts, registry
 
 log = logging.getLogger(__name__)
 

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from ttkd import attempts, console, cost, distributed, kd, models, modelstore, registry, serving, tracking
 from ttkd import callbacks as callbacks_
+from ttkd import console, cost, distributed, kd, models, serving, tracking
 from ttkd import data as datasets
 from ttkd.build import STAGES, Setup, Stage, build, stage_device
 from ttkd.callbacks import TEST_EPOCH_DELAY, TEST_FREEZE_FILE, Callback  # noqa: F401 (tests set them)
@@ -33,9 +33,10 @@ from ttkd.choice import StepChoice, choose_step
 from ttkd.config import PARAMS, TrainConfig, check_processes
 from ttkd.engine import EpochStats, Interrupted, NonFiniteLoss, accuracy, fit, predict
 from ttkd.errors import TTKDError
-from ttkd.registry import ModelRef
 from ttkd.signals import stop_on_signals
 from ttkd.step import Step, bf16_supported
+from ttkd.tracking import attempts, modelstore, registry
+from ttkd.tracking.registry import ModelRef
 
 log = logging.getLogger(__name__)  # shown by the entry points (entry/options.py)
 
@@ -300,7 +301,7 @@ def run_stage(stage: str, *, arch: str, train: TrainConfig, partner: str | None,
     ``tags`` go on the run and on the registered version; the run is a child of
     ``parent_run_id`` (or of the active run) if given. ``resume_from`` = (run id,
     checkpoint) continues that run in the ``step`` it started with. ``attempt`` is this
-    try's token (``ttkd.attempts``; given by a sweep, else the run's next): a newer attempt
+    try's token (``ttkd.tracking.attempts``; given by a sweep, else the run's next): a newer attempt
     at the run stops this one before its next write. ``callbacks`` run after each epoch's
     own (``ttkd.callbacks``). In a process group this is the leader's part; the followers
     train alongside in :func:`follow_stage`.

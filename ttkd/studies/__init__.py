@@ -15,8 +15,8 @@ import os
 import signal
 from collections.abc import Callable
 
-from ttkd import attempts, kd, models, promotion, registry, tracking
 from ttkd import data as datasets
+from ttkd import kd, models, tracking
 from ttkd.build import build_method
 from ttkd.config import TrainConfig
 from ttkd.errors import TTKDError
@@ -31,7 +31,7 @@ from ttkd.studies.schedulers import Scheduler
 from ttkd.studies.schedulers.local import LocalPool, WorkerDied
 from ttkd.studies.schedulers.ray import Placement, RayCluster
 from ttkd.studies.space import Axes, show
-from ttkd.tracking import log_params
+from ttkd.tracking import attempts, log_params, promotion, registry
 
 log = logging.getLogger(__name__)  # shown by the entry points (entry/options.py)
 TAG_FAR_OFF = "ttkd.far_off"  # a point whose val_acc lies far from its row's other seeds (a collapse)

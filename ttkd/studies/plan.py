@@ -15,10 +15,11 @@ import dataclasses
 import itertools
 from collections.abc import Callable
 
-from ttkd import attempts
-from ttkd.config import TRAIN, TrainConfig, axis_roles
+from ttkd.config import TRAIN, TrainConfig
+from ttkd.parsing import axis_roles
 from ttkd.stages import StageResult
 from ttkd.studies.space import Axes, Values, combinations, method_reads, own_axes, restrict, show
+from ttkd.tracking import attempts
 
 TAG_POINT = attempts.POINT_TAG
 
@@ -137,7 +138,7 @@ class Task:
     stage: str
     kwargs: dict
     resume_run: str | None = None   # an unfinished run of this point to continue
-    attempt: attempts.Token | None = None  # (the grid's generation, Ray's retry): ttkd.attempts
+    attempt: attempts.Token | None = None  # (the grid's generation, Ray's retry): ttkd.tracking.attempts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,6 +149,6 @@ class Outcome:
     result: StageResult | None = None
     error: str | None = None
     interrupted: int = 0        # the signal that stopped it, if one did
-    superseded: bool = False    # a newer attempt at the point took over (ttkd.attempts)
+    superseded: bool = False    # a newer attempt at the point took over (ttkd.tracking.attempts)
     seconds: float = 0.0
     reused: bool = False

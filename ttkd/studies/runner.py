@@ -18,11 +18,12 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from ttkd import attempts, distributed, registry, resuming, signals, stages, tracking
+from ttkd import distributed, resuming, signals, stages, tracking
 from ttkd.console import Terminal
 from ttkd.stages import TAG_PARTNER, StageInterrupted, StageResult
 from ttkd.studies.plan import TAG_POINT, Outcome, Plan, Point, Task
 from ttkd.studies.schedulers import Scheduler
+from ttkd.tracking import attempts, registry
 
 log = logging.getLogger(__name__)  # shown by the entry points (entry/options.py)
 
@@ -138,7 +139,7 @@ def run(plan: Plan, parent_run_id: str, found: dict[Point, StageResult | str], s
     ``scheduler`` (entered: connected, its resources checked).
 
     ``generation``: this start's (or resume's) count on the parent run, which makes its
-    points' attempts newer than any earlier one's (``ttkd.attempts``). ``found`` holds
+    points' attempts newer than any earlier one's (``ttkd.tracking.attempts``). ``found`` holds
     what an earlier attempt left: a point's :class:`StageResult` (reused
     as it is) or the id of its unfinished run (continued from its checkpoint). A point
     starts once the point it needs has registered its model; one whose partner failed

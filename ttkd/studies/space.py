@@ -1,7 +1,7 @@
 """The space of a sweep: seeds x weights x methods, crossed with any parameter of the study.
 
 An axis is a parameter and its values (``axes='kd_temperature=2,8;alpha=0.5,0.9'``). Each
-parameter feeds the stages that read it (``ttkd.config.axis_roles``) and everything
+parameter feeds the stages that read it (``ttkd.parsing.axis_roles``) and everything
 downstream of them: a student architecture changes the baseline student, the teachers trained
 against it and their KD students; a teacher's parameter its teacher and that teacher's KD
 students; a KD parameter only the KD students, and a method's own parameter only the KD
@@ -14,7 +14,8 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
-from ttkd.config import axis_roles, method_uses
+from ttkd.config import method_uses
+from ttkd.parsing import axis_roles
 
 Axes = tuple[tuple[str, tuple], ...]      # (name, its values), in the order they were given
 Values = tuple[tuple[str, Any], ...]      # (name, one value): a point's own, in axis order

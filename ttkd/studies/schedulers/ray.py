@@ -4,7 +4,7 @@ Ray is imported here only, and only when a sweep names a cluster. A cluster that
 for anyone who reaches its ports (Ray's token authentication off) is refused unless the user
 says ``cluster_auth=none``; ``cluster=local`` starts a Ray instance of the sweep's own that
 answers only a token it made. A point retried on another node fences the attempt it
-replaces (``ttkd.attempts``).
+replaces (``ttkd.tracking.attempts``).
 """
 
 from __future__ import annotations
@@ -272,7 +272,7 @@ def train_on_node(task: Task, threads: int, tracking_uri: str, env: dict, versio
     experiment, ``threads`` torch threads, the node's id and host name as tags; a run
     of this point that an earlier attempt left unfinished (its node died) is continued
     from its checkpoint instead of started again. Ray's attempt number for the task makes
-    this attempt newer than the ones before it (``ttkd.attempts``): an earlier attempt
+    this attempt newer than the ones before it (``ttkd.tracking.attempts``): an earlier attempt
     still alive behind a partition writes nothing more once this one has begun."""
     import ray
 

@@ -1,4 +1,4 @@
-"""MLflow model references and registration (promotion: ``ttkd.promotion``).
+"""MLflow model references and registration (promotion: ``ttkd.tracking.promotion``).
 
 A model reference is one of
     NAME                 the version holding alias ``champion``, else the newest version

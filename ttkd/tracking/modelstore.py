@@ -23,8 +23,8 @@ from torch import nn
 from ttkd import modelfile, models, serving
 from ttkd.data import ImageData
 from ttkd.errors import TTKDError
-from ttkd.registry import ModelRef, first_line
 from ttkd.tracking import download_checkpoint
+from ttkd.tracking.registry import ModelRef, first_line
 
 # on a run and its version: {every file in the model's folder: SHA-256}; the tag of the
 # same name without "files" (an older ttkd's, three files only) is not taken as a record

@@ -33,9 +33,9 @@ import uuid
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from ttkd import registry
 from ttkd.errors import TTKDError
-from ttkd.registry import ModelRef, retry_locked
+from ttkd.tracking import registry
+from ttkd.tracking.registry import ModelRef, retry_locked
 
 POINT_TAG = "ttkd.point"           # a sweep point's run: the point's name
 PREFIX = "ttkd.attempt."             # + G.R on a run; + p<point digest>.G.R on a sweep's parent run

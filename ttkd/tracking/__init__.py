@@ -1,6 +1,9 @@
-"""Everything a stage writes to or reads from MLflow, except the registry's references
-(``ttkd.registry``): parameters, metrics, data sets, models, checkpoints, and the frozen
-partner rebuilt from a registered version's weights."""
+"""The one door to MLflow. This module: runs opened and ended, parameters, metrics, tags, data
+sets, artifacts and checkpoints. Its rooms: ``registry`` (model references, registration, the
+store checked), ``modelstore`` (a model's files logged, digested and checked, the partner
+rebuilt), ``promotion`` (aliases moved by metric, students or budget) and ``attempts`` (the
+fence). Nothing outside this package calls MLflow, except ``ttkd.serving`` (an MLflow model
+itself) and ``ttkd.predict``'s scoring server."""
 
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from ttkd.data import ImageData
 from ttkd.engine import EpochStats
 from ttkd.errors import TTKDError
-from ttkd.registry import first_line, prepare_store, retry_locked
+from ttkd.tracking.registry import first_line, prepare_store, retry_locked
 
 CHECKPOINT_FORMAT = 3  # 3: no stage arguments inside (they are the run's tag TAG_STAGE_ARGS)
 TAG_CHECKPOINTS = "ttkd.checkpoint_sha256"  # on a run: {file: [SHA-256 of the newest, of the one before]}

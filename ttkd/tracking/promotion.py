@@ -15,7 +15,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from ttkd.errors import TTKDError
-from ttkd.registry import (
+from ttkd.tracking.registry import (
     DEFAULT_ALIAS,
     MAX_NAME,
     TAG_PARTNER,
