@@ -3,9 +3,13 @@ through the same wrapper as ``python -m entry.NAME``."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
+import shutil
+import sqlite3
 import tempfile
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -16,10 +20,27 @@ torch.set_num_threads(2)
 os.environ.setdefault("TTKD_CACHE_DIR", tempfile.mkdtemp(prefix="ttkd-test-cache-"))
 
 
+@pytest.fixture(scope="session")
+def empty_store(tmp_path_factory) -> Path:
+    """A SQLite tracking store as MLflow creates it, made once: creating its tables takes MLflow
+    about 2 s, copying the file a few milliseconds."""
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("empty-store") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path
+
+
 @pytest.fixture()
-def store(tmp_path, monkeypatch):
-    """A fresh SQLite tracking store and artifact folder under ``tmp_path``; cwd moves there."""
+def store(tmp_path, monkeypatch, empty_store):
+    """A fresh SQLite tracking store and artifact folder under ``tmp_path``; cwd moves there.
+    It is a copy of ``empty_store`` whose Default experiment keeps its artifacts under
+    ``tmp_path``, as one MLflow created here would."""
     monkeypatch.chdir(tmp_path)
+    shutil.copy(empty_store, tmp_path / "mlflow.db")
+    with contextlib.closing(sqlite3.connect(tmp_path / "mlflow.db")) as db, db:
+        db.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0",
+                   (str(tmp_path / "mlruns" / "0"),))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     mlflow.set_tracking_uri(uri)
