@@ -122,7 +122,7 @@ def test_a_database_store_that_cannot_be_used_is_one_line_naming_the_fix(databas
 @pytest.mark.slow
 def test_processes_that_start_on_a_fresh_postgresql_database_at_once_create_its_tables_once(database, tracking):
     uri = tracking(database.create_database("fresh"))
-    prepare = "from ttkd import registry; registry.prepare_store()"
+    prepare = "from ttkd.tracking import registry; registry.prepare_store()"
     procs = [subprocess.Popen([sys.executable, "-c", prepare], env={**os.environ, "PYTHONPATH": str(REPO)},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
     results = [p.communicate(timeout=120) for p in procs]
