@@ -55,7 +55,7 @@ def parse(param: Param, raw: Any) -> Any:
     return value
 
 
-ROLES = ("student", "teacher", "kd")  # a study's three kinds of stage: baseline, teach, distill
+STAGE_ROLES = ("student", "teacher", "kd")  # a study's three kinds of stage, in order: baseline, teach, distill
 _NO_AXIS = ("seed", "device", "milestones")  # seeds is an axis already; where, not what; a list
 
 
@@ -67,12 +67,18 @@ def axis_roles(name: str) -> frozenset[str]:
     named without a role all three. Empty: not a parameter a study's stages read."""
     role, _, bare = name.rpartition(".")
     if bare in TRAIN and bare not in _NO_AXIS and role in ("", "student", "teacher"):
-        return frozenset({"student": ("student", "kd"), "teacher": ("teacher",), "": ROLES}[role])
+        return frozenset({"student": ("student", "kd"), "teacher": ("teacher",), "": STAGE_ROLES}[role])
     if role:
         return frozenset()
     named = {"student_arch": ("student", "kd"), "teacher_arch": ("teacher",), "temperature": ("teacher",),
              "alpha": ("kd",), "kd_temperature": ("kd",)}
     return frozenset(named.get(name, ("kd",) if name in method_param_names() else ()))
+
+
+def axis_home(name: str) -> str:
+    """The first stage of a study that reads parameter ``name``: every point from there on
+    carries its value."""
+    return next(r for r in STAGE_ROLES if r in axis_roles(name))
 
 
 def axis_names() -> list[str]:
@@ -85,6 +91,18 @@ def axis_names() -> list[str]:
 def axis_param(name: str) -> Param:
     """The table's row for axis ``name`` (``student.lr`` is ``lr``'s)."""
     return params()[name.rpartition(".")[2]]
+
+
+def show(value: Any) -> str:
+    """A value as a point's key and a registered name write it: ``0.5``, ``resnet8``, ``true``."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def axes_text(axes: tuple[tuple[str, tuple], ...]) -> str:
+    """Axes as ``axes=`` takes them (``kd_temperature=2,8;alpha=0.5``): how a sweep logs them."""
+    return ";".join(f"{n}={','.join(map(show, v))}" for n, v in axes)
 
 
 def parse_axes(raw: Any) -> tuple[tuple[str, tuple], ...]:

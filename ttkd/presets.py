@@ -37,7 +37,7 @@ from ttkd.config import (
     under_torchrun,
 )
 from ttkd.errors import TTKDError
-from ttkd.parsing import axis_roles, parse
+from ttkd.parsing import axes_text, axis_home, axis_roles, parse
 
 SWEEP_FROM_STUDY = {"weight": "weights", "method": "methods"}  # a study preset's values in a sweep
 ROLES = ("student", "teacher")  # the per-role tables of a study preset
@@ -241,7 +241,7 @@ def resume_conflicts(cfg: RunConfig, logged: dict[str, str]) -> list[str]:
         for key, value in pairs:
             theirs = _logged_value(param, logged[key])
             if _canonical(name, theirs) != _canonical(name, value):
-                conflicts.append(f"{name}={_show(value)} (the run has {key}={logged[key]})")
+                conflicts.append(f"{name}={_show(name, value)} (the run has {key}={logged[key]})")
     return list(dict.fromkeys(conflicts))
 
 
@@ -267,7 +267,9 @@ def _canonical(name: str, value: Any) -> Any:
     return tuple(sorted(set(value) | {0.0})) if name == "weights" else value  # a sweep always has w = 0
 
 
-def _show(value: Any) -> str:
+def _show(name: str, value: Any) -> str:
+    if name == "axes":
+        return axes_text(value)
     return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 
@@ -282,12 +284,11 @@ def sweep_size(seeds, weights, methods, axes=()) -> int:
     """How many model versions a sweep registers: per seed a student, a teacher per weight
     and a KD student per weight and method, each times the values of the axes that feed it
     (a method's own parameter only for the methods that take it)."""
-    def count(axes_of) -> int:
-        return math.prod(len(v) for n, v in axes if axes_of(axis_roles(n), n))
-    students = count(lambda roles, n: "student" in roles)
-    teachers = count(lambda roles, n: "student" not in roles and "teacher" in roles)
-    kd = sum(count(lambda roles, n: roles == {"kd"} and n in method_params("sweep", m)) for m in methods)
-    return len(seeds) * students * (1 + len(weights) * teachers * (1 + kd))
+    def values(home: str, method: str | None = None) -> int:  # as ttkd.studies.space.own_axes crosses them
+        return math.prod(len(v) for n, v in axes
+                         if axis_home(n) == home and (method is None or n in method_params("sweep", method)))
+    kd = sum(values("kd", m) for m in methods)
+    return len(seeds) * values("student") * (1 + len(weights) * values("teacher") * (1 + kd))
 
 
 def _check_axes(values: dict, named: set[str]) -> None:

@@ -20,6 +20,7 @@ from ttkd import kd, models, tracking
 from ttkd.build import build_method
 from ttkd.config import TrainConfig
 from ttkd.errors import TTKDError
+from ttkd.parsing import axes_text, show
 from ttkd.presets import RunConfig, check_resume
 from ttkd.resuming import unfinished_run
 from ttkd.stages import STREAM_WORDS, TAG_STAGE, StageInterrupted, StageResult, default_method_params, teacher_kind
@@ -30,7 +31,7 @@ from ttkd.studies.runner import finished_result, run
 from ttkd.studies.schedulers import Scheduler
 from ttkd.studies.schedulers.local import LocalPool, WorkerDied
 from ttkd.studies.schedulers.ray import Placement, RayCluster
-from ttkd.studies.space import Axes, show
+from ttkd.studies.space import Axes
 from ttkd.tracking import attempts, log_params, promotion, registry
 
 log = logging.getLogger(__name__)  # shown by the entry points (entry/options.py)
@@ -165,7 +166,7 @@ def sweep(*, student_arch: str, teacher_arch: str, student_train: TrainConfig,
             "teacher_train": dataclasses.asdict(teacher_train)}
     params = ({k: (",".join(map(str, v)) if isinstance(v, list) else v) for k, v in args.items()
                if not k.endswith("_train") and k not in ("method_params", "axes")}
-              | {"axes": ";".join(f"{n}={','.join(map(show, v))}" for n, v in axes)}
+              | {"axes": axes_text(axes)}
               | {("kd_temperature" if k == "temperature" else f"{m}.{k}" if len(methods) > 1 else k): v
                  for m, p in method_params.items() for k, v in p.items()})
 
@@ -185,11 +186,8 @@ def _finish_sweep(plan: Plan, prefix: str, outcomes: dict[Point, Outcome]) -> st
     tracking.log_metrics(reports.headline_metrics(report))  # to sort and compare sweeps in mlflow ui
     tag_far_off(report)
     lines = []
-    names = {p.role: {} for p in plan.grid.points()}
-    for p in plan.grid.points():
-        names[p.role][sweep_name(prefix, p)] = "students" if p.role == "teacher" else "self"
-    for name, by in [*names.get("teacher", {}).items(), *names.get("student", {}).items(),
-                     *names.get("kd", {}).items()]:
+    first = sorted(plan.grid.points(), key=lambda p: ("teacher", "student", "kd").index(p.role))
+    for name, by in {sweep_name(prefix, p): "students" if p.role == "teacher" else "self" for p in first}.items():
         try:
             lines.append(str(promotion.promote(name, by=by)))
         except TTKDError as exc:

@@ -15,10 +15,11 @@ import dataclasses
 import itertools
 from collections.abc import Callable
 
-from ttkd.config import TRAIN, TrainConfig
-from ttkd.parsing import axis_roles
+from ttkd.config import TRAIN, TrainConfig, method_uses
+from ttkd.parsing import axis_roles, show
+from ttkd.presets import method_params
 from ttkd.stages import StageResult
-from ttkd.studies.space import Axes, Values, combinations, method_reads, own_axes, restrict, show
+from ttkd.studies.space import Axes, Values, combinations, own_axes, restrict
 from ttkd.tracking import attempts
 
 TAG_POINT = attempts.POINT_TAG
@@ -123,8 +124,8 @@ class Plan:
         if point.role == "teacher":
             kw |= dict(weight=point.weight, temperature=given.get("temperature", self.temperature))
         if point.role == "kd":
-            own = {("temperature" if n == "kd_temperature" else n): v for n, v in given.items()
-                   if method_reads(point.method, n)}
+            reads = dict(zip(method_params("sweep", point.method), method_uses(point.method)))  # study name: own
+            own = {reads[n]: v for n, v in given.items() if n in reads}
             kw |= dict(method=point.method, method_params=self.method_params[point.method] | own)
         stage = {"student": "baseline", "teacher": "teach", "kd": "distill"}[point.role]
         return Task(point, stage, kw, resume_run, (generation, 0))

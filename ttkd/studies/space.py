@@ -1,7 +1,7 @@
 """The space of a sweep: seeds x weights x methods, crossed with any parameter of the study.
 
 An axis is a parameter and its values (``axes='kd_temperature=2,8;alpha=0.5,0.9'``). Each
-parameter feeds the stages that read it (``ttkd.parsing.axis_roles``) and everything
+parameter feeds the stages that read it (``ttkd.parsing.axis_roles``; the first is its home) and everything
 downstream of them: a student architecture changes the baseline student, the teachers trained
 against it and their KD students; a teacher's parameter its teacher and that teacher's KD
 students; a KD parameter only the KD students, and a method's own parameter only the KD
@@ -14,8 +14,8 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
-from ttkd.config import method_uses
-from ttkd.parsing import axis_roles
+from ttkd.parsing import axis_home
+from ttkd.presets import method_params
 
 Axes = tuple[tuple[str, tuple], ...]      # (name, its values), in the order they were given
 Values = tuple[tuple[str, Any], ...]      # (name, one value): a point's own, in axis order
@@ -23,21 +23,11 @@ Values = tuple[tuple[str, Any], ...]      # (name, one value): a point's own, in
 UPSTREAM = {"student": ("student",), "teacher": ("student", "teacher"), "kd": ("student", "teacher", "kd")}
 
 
-def method_reads(method: str, name: str) -> bool:
-    """Whether ``method``'s KD students read KD parameter ``name`` (``kd_temperature`` is T)."""
-    return ("temperature" if name == "kd_temperature" else name) in method_uses(method)
-
-
-def home(name: str) -> str:
-    """The first stage that reads parameter ``name``: every point from there on carries it."""
-    return next(r for r in ("student", "teacher", "kd") if r in axis_roles(name))
-
-
 def own_axes(axes: Axes, role: str, method: str | None = None) -> Axes:
     """The axes a point of ``role`` (a KD point: of ``method``) adds to the point it needs:
     those whose home is ``role`` (and, for a KD point, that its method reads)."""
     return tuple((n, v) for n, v in axes
-                 if home(n) == role and (role != "kd" or method is None or method_reads(method, n)))
+                 if axis_home(n) == role and (role != "kd" or method is None or n in method_params("sweep", method)))
 
 
 def combinations(axes: Axes) -> list[Values]:
@@ -48,11 +38,4 @@ def combinations(axes: Axes) -> list[Values]:
 def restrict(values: Values, role: str) -> Values:
     """The part of ``values`` that a point of ``role`` carries: the axes whose home is ``role``
     or a role upstream of it."""
-    return tuple((n, v) for n, v in values if home(n) in UPSTREAM[role])
-
-
-def show(value: Any) -> str:
-    """A value as a point's key and a registered name write it: ``0.5``, ``resnet8``, ``true``."""
-    if isinstance(value, bool):
-        return str(value).lower()
-    return f"{value:g}" if isinstance(value, float) else str(value)
+    return tuple((n, v) for n, v in values if axis_home(n) in UPSTREAM[role])

@@ -15,6 +15,7 @@ import re
 
 import numpy as np
 
+from ttkd.parsing import show
 from ttkd.stages import teacher_kind as kind
 from ttkd.studies.plan import Grid, Point
 from ttkd.studies.report.figures import figures  # noqa: F401 (part of the report's interface)
@@ -29,7 +30,6 @@ from ttkd.studies.report.statistics import (  # noqa: F401 (part of the report's
     paired_robust,
     robust,
 )
-from ttkd.studies.space import show
 
 
 @dataclasses.dataclass(frozen=True)

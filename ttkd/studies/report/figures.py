@@ -9,8 +9,8 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from ttkd.parsing import show
 from ttkd.stages import teacher_kind as kind
-from ttkd.studies.space import show
 
 
 def figures(report: dict) -> dict[str, Figure]:
