@@ -100,8 +100,8 @@ def test_a_superseded_stage_writes_nothing_more_and_leaves_the_run_to_the_newer_
     checkpoint, writes no metric, model, registration or status, and says why in one line."""
     log_epoch = tracking.log_epoch
 
-    def then_a_retry(s, partner_acc):
-        log_epoch(s, partner_acc)
+    def then_a_retry(s, partner_acc, split):
+        log_epoch(s, partner_acc, split)
         if s.epoch == 1:
             attempts.begin(mlflow.active_run().info.run_id)
 

@@ -73,6 +73,7 @@ class Setup:
     partner_state: dict | None = None  # the pinned partner version's weights
     ckpt: dict | None = None           # the checkpoint a resumed run continues from
     step: Step = Step()                # how the step runs, chosen once by the leader (prepare)
+    holdout: float = 0.0               # the fraction of the training split it is evaluated on (a trial)
 
 
 def stage_device(name: str) -> torch.device:
@@ -89,7 +90,9 @@ def build(setup: Setup, data: datasets.ImageData | None = None):
     builds the same: the partner rebuilt from ``setup``'s weights, a resumed model with its
     checkpoint's weights; ``data`` if it was loaded already. Nothing is on the device yet."""
     spec = STAGES[setup.stage]
-    data = data or datasets.load(setup.dataset, setup.data_dir, setup.stream)
+    if data is None:
+        data = datasets.load(setup.dataset, setup.data_dir, setup.stream)
+        data = data.holdout(setup.holdout) if setup.holdout else data
     check_batch(len(data.train_y), len(data.val_y), setup.train.batch_size, distributed.size())
     set_deterministic(setup.train.deterministic)
     seed_everything(setup.train.seed)

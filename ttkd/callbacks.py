@@ -5,7 +5,8 @@ engine state a checkpoint keeps. A stage runs its own in this order: the fence (
 attempt at the run writes from now on), the calibration's check, the checkpoint, the epoch's
 metrics (after its checkpoint: an epoch with metrics always has one), the console line; then
 the caller's (``run_stage(callbacks=...)``: a search's pruner). A callback that raises stops
-training, and the stage ends its run FAILED with that error.
+training, and the stage ends its run FAILED with that error; one that raises
+:class:`StopTraining` ends it FINISHED, with the tags it gives.
 """
 
 from __future__ import annotations
@@ -27,6 +28,15 @@ from ttkd.engine import EpochStats
 log = logging.getLogger(__name__)  # shown by the entry points (entry/options.py)
 
 Callback = Callable[[EpochStats, dict], None]
+
+
+class StopTraining(Exception):
+    """Raised by a callback to end training after epoch ``epoch`` as planned (a search's pruner
+    stops a hopeless trial): the stage ends its run FINISHED with ``tags`` and raises this on."""
+
+    def __init__(self, message: str, epoch: int, tags: dict[str, str]):
+        super().__init__(message)
+        self.epoch, self.tags = epoch, tags
 
 # tests only: seconds each epoch waits after its metrics, so that a test on a real cluster sees a
 # run mid-way whatever the machine's speed (set in the environment of the nodes' processes)
@@ -58,14 +68,15 @@ class Checkpoints:
         tracking.log_checkpoints(files, self.written)
 
 
-def metrics(partner_acc: float | None) -> Callback:
-    """Log the epoch's metrics (and the partner's accuracy beside them) at step = epoch."""
-    return lambda s, engine: tracking.log_epoch(s, partner_acc)
+def metrics(partner_acc: float | None, split: str = "val") -> Callback:
+    """Log the epoch's metrics (and the partner's accuracy beside them) at step = epoch,
+    named by the ``split`` they were measured on."""
+    return lambda s, engine: tracking.log_epoch(s, partner_acc, split)
 
 
-def console(epochs: int) -> Callback:
+def console(epochs: int, split: str = "val") -> Callback:
     """One line per epoch on the log."""
-    return lambda s, engine: log.info(summary(s, epochs))
+    return lambda s, engine: log.info(summary(s, epochs, split))
 
 
 def recheck(choice: StepChoice) -> Callback:
@@ -99,11 +110,11 @@ def run_all(callbacks: Iterable[Callback]) -> Callback:
     return on_epoch
 
 
-def summary(s: EpochStats, epochs: int) -> str:
-    """One line per epoch for the terminal."""
+def summary(s: EpochStats, epochs: int, split: str = "val") -> str:
+    """One line per epoch for the terminal, the evaluation figures named by their ``split``."""
     parts = " ".join(f"{k} {v:.4f}" for k, v in s.train.items() if k != "loss")
     agree = f"  agreement {s.agreement:.1f}%" if s.agreement is not None else ""
     return (f"epoch {s.epoch:>3}/{epochs}  loss {s.train['loss']:.4f} ({parts})  "
-            f"val_loss {s.val_loss:.4f}  val_acc {s.val_acc:.2f}%{agree}  "
+            f"{split}_loss {s.val_loss:.4f}  {split}_acc {s.val_acc:.2f}%{agree}  "
             f"lr {s.lr:.4g}  {s.throughput:,.0f} img/s")
 

@@ -84,11 +84,18 @@ class EpochStats:
     throughput: float          # training images per second
     agreement: float | None    # top-1 agreement with the partner on validation; None without one
 
-    def metrics(self) -> dict[str, float]:
-        """The figures as MLflow metrics: the one place their names are set."""
+    def metrics(self, split: str = "val") -> dict[str, float]:
+        """The figures as MLflow metrics: the one place their names are set. ``split`` names
+        the split the evaluation figures were measured on: ``val`` (``val_acc``, ``val_loss``,
+        ``agreement``) or ``holdout`` (``holdout_acc``, ``holdout_loss``, ``holdout_agreement``)."""
         figures = {k: v for k, v in dataclasses.asdict(self).items()
                    if k not in ("epoch", "train") and v is not None}
+        if split != "val":
+            figures = {(f"{split}_{k.removeprefix('val_')}" if k in EVALUATED else k): v for k, v in figures.items()}
         return {f"train_{k}": v for k, v in self.train.items()} | figures
+
+
+EVALUATED = ("val_loss", "val_acc", "agreement")  # the figures measured on the evaluated split
 
 
 def seed_everything(seed: int) -> None:

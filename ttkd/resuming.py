@@ -12,8 +12,10 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Sequence
 
 from ttkd import tracking
+from ttkd.callbacks import Callback
 from ttkd.config import TrainConfig
 from ttkd.errors import TTKDError
 from ttkd.presets import RunConfig, check_resume
@@ -31,11 +33,12 @@ class NoCheckpoint(TTKDError):
 
 
 def resume(stage: str, reference: str, cfg: RunConfig | None = None,
-           tags: dict[str, str] | None = None, attempt: attempts.Token | None = None) -> StageResult:
+           tags: dict[str, str] | None = None, attempt: attempts.Token | None = None,
+           callbacks: Sequence[Callback] = ()) -> StageResult:
     """Continue an unfinished ``stage`` run (its id, or ``last`` for the newest one) from
     its last checkpoint, in the same MLflow run; the values ``cfg`` was given must be the
     run's own. ``tags`` (where it trains now) are added to the run's and its version's;
-    ``attempt``: as in :func:`run_stage`."""
+    ``attempt``, ``callbacks``: as in :func:`run_stage`."""
     registry.prepare_store()
     run = unfinished_run(stage, reference)
     run_id = run.info.run_id
@@ -67,7 +70,7 @@ def resume(stage: str, reference: str, cfg: RunConfig | None = None,
                      tags=(kw.get("tags") or {}) | (tags or {}), resume_from=(run_id, ckpt),
                      step=Step(**kw["step"]) if "step" in kw else None,  # older records: train has it
                      partner_data=kw.get("partner_data", "same"), trust_unverified=kw.get("trust_unverified", False),
-                     attempt=attempt)
+                     attempt=attempt, holdout=kw.get("holdout", 0.0), callbacks=callbacks)
 
 
 def unfinished_run(stage: str, reference: str):

@@ -51,11 +51,12 @@ TAG_PARTNER_DATA = "ttkd.partner_data"  # "foreign": the partner was trained on 
 @dataclasses.dataclass(frozen=True)
 class StageResult:
     run_id: str
-    model: ModelRef            # the registered version this stage made
-    val_acc: float             # of the registered (last-epoch) weights, percent
-    agreement: float | None    # top-1 agreement with the partner, percent
+    model: ModelRef | None     # the registered version this stage made (None: a search's trial registers none)
+    val_acc: float             # of the last epoch's weights (the registered ones), percent, on ``split``
+    agreement: float | None    # top-1 agreement with the partner, percent, on ``split``
     partner: ModelRef | None
     partner_val_acc: float | None
+    split: str = "val"         # what val_acc was measured on: the validation split, or the holdout
 
 
 def default_method_params(method: str) -> dict:
@@ -104,6 +105,12 @@ def distill(*, teacher: str, arch: str, train: TrainConfig, method: str = "kd",
                      register_as=register_as or f"{dataset}-{arch}-{method}", **run)
 
 
+def trial(*, stage: str, **kw) -> StageResult:
+    """A search's trial: ``stage`` (baseline or distill) with ``run_stage``'s arguments ``kw``,
+    evaluated on its ``holdout`` of the training split; it logs no model and registers nothing."""
+    return run_stage(stage, register_as=None, **kw)
+
+
 class StageInterrupted(TTKDError):
     """A stage stopped by SIGINT or SIGTERM; its run is marked KILLED and can be resumed."""
 
@@ -124,7 +131,7 @@ class Prepared:
     objective: torch.nn.Module
     device: torch.device
     choice: StepChoice         # the step and why (a resumed run's: the one it started with)
-    register_as: str
+    register_as: str | None    # None: a trial, which registers nothing
     tags: dict[str, str]
     partner: ModelRef | None   # the partner pinned to one version
     partner_asked: str | None  # the partner's reference as given (an alias, a name...)
@@ -138,25 +145,33 @@ class Prepared:
 
 def prepare(stage: str, *, arch: str, train: TrainConfig, partner: str | None, method: str,
             method_params: dict, dataset: str, data_dir: str | None, stream: bool | None,
-            register_as: str, tags: dict[str, str] | None = None, resume_from: tuple[str, dict] | None = None,
-            step: Step | None = None, partner_data: str = "same", trust_unverified: bool = False) -> Prepared:
+            register_as: str | None, tags: dict[str, str] | None = None, resume_from: tuple[str, dict] | None = None,
+            step: Step | None = None, partner_data: str = "same", trust_unverified: bool = False,
+            holdout: float = 0.0, param_names: dict[str, str] | None = None) -> Prepared:
     """Everything a user can get wrong, checked before a run is opened; the partner fetched
-    and verified; the networks and the objective built; the step (precision, compile)
-    decided here once, or ``step`` as a resumed run started with."""
+    and verified (against the whole data set it was trained on); with ``holdout``, the training
+    split cut into what trains and the holdout it is evaluated on (``ImageData.holdout``); the
+    networks and the objective built; the step (precision, compile) decided here once, or
+    ``step`` as a resumed run started with."""
     spec = STAGES[stage]
-    registry.check_model_name(register_as)
+    if holdout and register_as is not None:
+        raise TTKDError("a stage evaluated on a holdout is a search's trial and registers nothing; "
+                        "give register_as=None")
+    if register_as is not None:
+        registry.check_model_name(register_as)
     registry.prepare_store()
     device = stage_device(train.device)
     kd.get(method, spec.role)
     check_processes((method,), several=distributed.world() is not None)
-    setup = Setup(stage, arch, train, method, method_params, dataset, data_dir, stream,
+    setup = Setup(stage, arch, train, method, method_params, dataset, data_dir, stream, holdout=holdout,
                   ckpt=resume_from[1] if resume_from else None)
-    data = datasets.load(dataset, data_dir, stream)
+    whole = datasets.load(dataset, data_dir, stream)
+    data = whole.holdout(holdout) if holdout else whole
     partner_ref = found = None
     if partner is not None:
         partner_ref = registry.resolve(partner)  # pinned to one version for every process
         with tempfile.TemporaryDirectory() as tmp:
-            found = modelstore.load_partner(partner_ref, data, spec.partner, tmp, partner_data, trust_unverified)
+            found = modelstore.load_partner(partner_ref, whole, spec.partner, tmp, partner_data, trust_unverified)
         for warning in (found.unverified, found.unchecked):
             if warning:
                 log.warning(warning)
@@ -180,7 +195,8 @@ def prepare(stage: str, *, arch: str, train: TrainConfig, partner: str | None, m
               "register_as": register_as, "train": dataclasses.asdict(train),
               "step": dataclasses.asdict(choice.step), "method": method, "method_params": method_params,
               "partner": partner_ref.uri if partner_ref else None, "partner_data": partner_data,
-              "trust_unverified": trust_unverified, "tags": tags or {}}
+              "trust_unverified": trust_unverified, "tags": tags or {}, "holdout": holdout,
+              "param_names": param_names or {}}
     return Prepared(setup, data, model, partner_net, objective, device, choice, register_as, tags or {},
                     partner_ref, partner, found, record)
 
@@ -200,8 +216,10 @@ def record_start(p: Prepared) -> None:
                       | {tracking.TAG_STAGE_ARGS: json.dumps(p.record, sort_keys=True)})
     tracking.log_params({
         "dataset": s.dataset, "data_dir": s.data_dir or "", "stream": STREAM_WORDS[s.stream],
-        "streamed": p.data.streamed, "arch": s.arch, "register_as": p.register_as, **dataclasses.asdict(train),
-        **({"method": s.method} if s.stage == "distill" else {}), **s.method_params,
+        "streamed": p.data.streamed, "arch": s.arch, **({"register_as": p.register_as} if p.register_as else {}),
+        **({"holdout": s.holdout} if s.holdout else {}), **dataclasses.asdict(train),
+        **({"method": s.method} if s.stage == "distill" else {}),
+        **{p.record["param_names"].get(k, k): v for k, v in s.method_params.items()},
         **({p.spec.partner: p.partner_asked, "partner_data": p.record["partner_data"],
             "trust_unverified": p.record["trust_unverified"]} if p.partner else {}),
         "num_params": models.num_parameters(p.model), "device_used": str(p.device),
@@ -221,21 +239,21 @@ def train_stage(p: Prepared, run_id: str, fence: attempts.Attempt, callbacks: Se
     """Train ``p`` in run ``run_id`` with the stage's callbacks and then ``callbacks``;
     returns the last epoch's stats (as a dict), the best val_acc and the partner's val_acc.
     A stop request ends it with :class:`StageInterrupted`, a lost peer with ``distributed.Lost``."""
-    ckpt, s = p.setup.ckpt, p.setup
+    ckpt, s, split = p.setup.ckpt, p.setup, p.data.evaluated_on
     partner_acc = None
-    if p.partner_net is not None:
+    if p.partner_net is not None and split == "val":  # (the partner trained on the holdout's images)
         partner_acc = accuracy(predict(p.partner_net, p.data, s.train.batch_size), p.data.val_y)
         log.info(f"{p.spec.partner} {p.partner.uri}: val_acc {partner_acc:.2f}%")
-    if ckpt is not None and ckpt["epoch"] not in tracking.logged_steps(run_id, "val_acc"):
-        tracking.log_epoch(EpochStats(**ckpt["stats"]), partner_acc)  # killed between its checkpoint and metrics
+    if ckpt is not None and ckpt["epoch"] not in tracking.logged_steps(run_id, f"{split}_acc"):
+        tracking.log_epoch(EpochStats(**ckpt["stats"]), partner_acc, split)  # killed between its checkpoint and metrics
     meta = {"format": tracking.CHECKPOINT_FORMAT, "stage": s.stage, "arch": s.arch,
             "num_classes": p.data.num_classes, "image_shape": list(p.data.image_shape)}
     with tempfile.TemporaryDirectory() as tmp, stop_on_signals() as stop:
         keep = callbacks_.Checkpoints(run_id, p.model, Path(tmp), meta, ckpt["best_val_acc"] if ckpt else -1.0,
                                       resumed=ckpt is not None)
         on_epoch = callbacks_.run_all([lambda stats, engine: fence.check(), callbacks_.recheck(p.choice), keep,
-                                       callbacks_.metrics(partner_acc), callbacks_.console(s.train.epochs),
-                                       callbacks_.test_hooks, *callbacks])
+                                       callbacks_.metrics(partner_acc, split),
+                                       callbacks_.console(s.train.epochs, split), callbacks_.test_hooks, *callbacks])
         try:
             history = fit(p.model, p.data, p.objective, s.train, partner=p.partner_net, step=s.step,
                           on_epoch=on_epoch, resume=ckpt["engine"] if ckpt else None, stop=stop,
@@ -258,7 +276,7 @@ def train_stage(p: Prepared, run_id: str, fence: attempts.Attempt, callbacks: Se
                 f"and keeps its last finished epoch: continue it with resume={run_id}") from None
         distributed.done()
     last = dataclasses.asdict(history[-1]) if history else dict(ckpt["stats"])
-    tracking.log_metrics({"best_val_acc": keep.best})
+    tracking.log_metrics({f"best_{split}_acc": keep.best})
     return last, keep.best, partner_acc
 
 
@@ -293,11 +311,15 @@ def run_stage(stage: str, *, arch: str, train: TrainConfig, partner: str | None,
               register_as: str, tags: dict[str, str] | None = None, parent_run_id: str | None = None,
               resume_from: tuple[str, dict] | None = None, step: Step | None = None, partner_data: str = "same",
               trust_unverified: bool = False, attempt: attempts.Token | None = None,
-              callbacks: Sequence[Callback] = ()) -> StageResult:
+              callbacks: Sequence[Callback] = (), holdout: float = 0.0, run_name: str | None = None,
+              param_names: dict[str, str] | None = None) -> StageResult:
     """Run ``stage`` (a name in ``STAGES``): train ``arch`` with ``method`` beside the
     frozen ``partner`` reference (trained on this stage's data set unless ``partner_data``
     is ``any``; its files verified against the registry's digests unless ``trust_unverified``),
-    log everything to an MLflow run and register the result as ``register_as``.
+    log everything to an MLflow run and register the result as ``register_as`` (None: a
+    search's trial, which logs no model and registers nothing; with ``holdout``, the fraction of
+    the training split it is evaluated on instead of the validation split; ``param_names``: the
+    names its method's parameters are logged under, a search's for its trials: kd_temperature).
     ``tags`` go on the run and on the registered version; the run is a child of
     ``parent_run_id`` (or of the active run) if given. ``resume_from`` = (run id,
     checkpoint) continues that run in the ``step`` it started with. ``attempt`` is this
@@ -309,10 +331,11 @@ def run_stage(stage: str, *, arch: str, train: TrainConfig, partner: str | None,
     Three steps: :func:`prepare` (before any run is opened), :func:`train_stage`, :func:`publish`."""
     p = prepare(stage, arch=arch, train=train, partner=partner, method=method, method_params=method_params,
                 dataset=dataset, data_dir=data_dir, stream=stream, register_as=register_as, tags=tags,
-                resume_from=resume_from, step=step, partner_data=partner_data, trust_unverified=trust_unverified)
+                resume_from=resume_from, step=step, partner_data=partner_data, trust_unverified=trust_unverified,
+                holdout=holdout, param_names=param_names)
     if distributed.world() is not None:
         distributed.lead(p.setup)
-    run = tracking.start_run(resume_from[0] if resume_from else None, name=f"{stage} {arch}",
+    run = tracking.start_run(resume_from[0] if resume_from else None, name=run_name or f"{stage} {arch}",
                              parent_run_id=parent_run_id)
     run_id, status, fence = run.info.run_id, "FAILED", None
     try:
@@ -328,18 +351,26 @@ def run_stage(stage: str, *, arch: str, train: TrainConfig, partner: str | None,
                      + (f", with {_processes(distributed.size())} instead of {before}"
                         if before != distributed.size() else ""))
         last, _, partner_acc = train_stage(p, run_id, fence, callbacks)
-        ref = publish(p, run_id, fence)
-        log.info(f"registered {ref.uri} (val_acc {last['val_acc']:.2f}%, run {run_id})")
+        split, ref = p.data.evaluated_on, None
+        if p.register_as is not None:
+            ref = publish(p, run_id, fence)
+            log.info(f"registered {ref.uri} (val_acc {last['val_acc']:.2f}%, run {run_id})")
+        else:
+            log.info(f"run {run_id}: {split}_acc {last['val_acc']:.2f}% (a trial: nothing registered)")
         status = "FINISHED"
     except StageInterrupted:
         status = "KILLED"
+        raise
+    except callbacks_.StopTraining as exc:  # ended early as planned: a pruned trial
+        tracking.set_tags(exc.tags)
+        status = "FINISHED"
         raise
     finally:
         if fence is not None and fence.current():
             tracking.end_run(status)
         else:  # a newer attempt owns the run (or this one could not claim it): its state is not ours
             tracking.leave_run()
-    return StageResult(run_id, ref, last["val_acc"], last["agreement"], p.partner, partner_acc)
+    return StageResult(run_id, ref, last["val_acc"], last["agreement"], p.partner, partner_acc, split)
 
 
 def step_line(c: StepChoice, device: torch.device) -> str:

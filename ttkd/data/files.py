@@ -48,6 +48,12 @@ class ImageFiles(torch.utils.data.Dataset):
         moved.device = torch.device(device)
         return moved
 
+    def subset(self, rows: list[int]) -> ImageFiles:
+        """The images at ``rows``, in that order."""
+        part = copy.copy(self)
+        part.paths = [self.paths[i] for i in rows]
+        return part
+
     def fingerprint(self) -> bytes:
         """File names, sizes and modification times: changes when any file does."""
         lines = []

@@ -5,11 +5,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 
+import numpy as np
 import torch
 
 from ttkd.data.files import ImageFiles
+from ttkd.errors import TTKDError
 
 SPLIT_SEED = 0  # the train/validation split of data sets that ship without one never moves
+HOLDOUT_SEED = 0  # nor does the holdout carved from a training split
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +41,7 @@ class ImageData:
     rotation: float = 20.0      # degrees, for "rotate_flip"
     source: str = ""            # where the data came from, for the run's dataset record
     classes: tuple[str, ...] = ()  # class names by index; empty: the indices themselves
+    evaluated_on: str = "val"   # the split val_x and val_y hold: "val" or "holdout"
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -64,6 +68,35 @@ class ImageData:
         for t in (self.train_x, self.train_y, self.val_x, self.val_y):
             h.update(t.fingerprint() if isinstance(t, ImageFiles) else t.cpu().contiguous().numpy().tobytes())
         return h.hexdigest()[:16]
+
+    def holdout(self, fraction: float) -> ImageData:
+        """The training split cut in two, stratified by class with a fixed seed: the data
+        trains on ``1 - fraction`` of it and is evaluated on the rest, the holdout; the
+        validation split is not in the answer at all, so nothing trained or chosen on it can
+        see it. A class left without an image on either side is a one-line error."""
+        from sklearn.model_selection import train_test_split
+
+        if not 0 < fraction < 0.5:
+            raise TTKDError(f"invalid holdout: {fraction}; holdout must be a fraction of the training split "
+                            f"above 0 and below 0.5, like 0.1")
+        labels = self.train_y.cpu().numpy()
+        counts = np.bincount(labels, minlength=self.num_classes)
+        n_holdout = max(1, round(fraction * len(labels)))
+        if counts.min() < 2 or n_holdout < self.num_classes or len(labels) - n_holdout < self.num_classes:
+            scarce = int(counts.argmin())
+            raise TTKDError(f"holdout={fraction:g} of {len(labels):,} training images leaves a class of "
+                            f"{self.name} with no image on one side (class {self.class_names[scarce]} has "
+                            f"{counts[scarce]}, and there are {self.num_classes} classes); use a larger holdout "
+                            f"or a data set with more images per class")
+        kept, held = train_test_split(np.arange(len(labels)), test_size=n_holdout, stratify=labels,
+                                      random_state=HOLDOUT_SEED)
+        kept, held = np.sort(kept), np.sort(held)
+
+        def take(x, rows):
+            return x.subset(rows.tolist()) if isinstance(x, ImageFiles) else x[torch.from_numpy(rows).to(x.device)]
+        return dataclasses.replace(self, train_x=take(self.train_x, kept), train_y=take(self.train_y, kept),
+                                   val_x=take(self.train_x, held), val_y=take(self.train_y, held),
+                                   evaluated_on="holdout")
 
     def to(self, device: torch.device | str) -> ImageData:
         """The same data with every tensor moved to ``device``."""

@@ -235,11 +235,11 @@ def log_params(params: dict) -> None:
     mlflow.log_params({k: v for k, v in params.items() if k not in logged})
 
 
-def log_epoch(s: EpochStats, partner_acc: float | None) -> None:
-    """Log one epoch's metrics at step = epoch."""
-    metrics = s.metrics()
+def log_epoch(s: EpochStats, partner_acc: float | None, split: str = "val") -> None:
+    """Log one epoch's metrics at step = epoch, named by the ``split`` they were measured on."""
+    metrics = s.metrics(split)
     if partner_acc is not None:
-        metrics["partner_val_acc"] = partner_acc
+        metrics[f"partner_{split}_acc"] = partner_acc
     mlflow.log_metrics(metrics, step=s.epoch)
 
 
@@ -336,7 +336,8 @@ def log_dataset(data: ImageData) -> None:
     with warnings.catch_warnings():  # MLflow registers its local file source twice
         warnings.filterwarnings("ignore", message="The specified dataset source")
         source = resolve_dataset_source(Path(data.source).resolve().as_uri())
-    for context, x, y in (("training", data.train_x, data.train_y), ("validation", data.val_x, data.val_y)):
+    evaluated = {"val": "validation"}.get(data.evaluated_on, data.evaluated_on)
+    for context, x, y in (("training", data.train_x, data.train_y), (evaluated, data.val_x, data.val_y)):
         name = f"{data.name}-{context}"
         if data.streamed:  # the same digest as training_digest's
             record = MetaDataset(source, name=name, digest=data.digest())
@@ -385,5 +386,13 @@ def log_report(text: str, report: dict, figures: dict) -> None:
     figure (a matplotlib Figure) as a PNG under its name."""
     mlflow.log_text(text, "report.md")
     mlflow.log_dict(report, "report.json")
+    log_figures(figures)
+
+
+def log_figures(figures: dict) -> None:
+    """Log each figure (a matplotlib Figure) on the active run as a PNG under its name, then close it."""
+    import matplotlib.pyplot as plt
+
     for name, fig in figures.items():
         mlflow.log_figure(fig, name)
+        plt.close(fig)
