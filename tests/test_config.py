@@ -135,9 +135,9 @@ def test_parse_refuses(name, raw):
 
 def test_mlproject_has_every_entry_point_and_passes_parameters_through():
     spec = yaml.safe_load((REPO / "MLproject").read_text())
-    assert set(spec["entry_points"]) == {"main", "baseline", "teach", "distill", "sweep", "promote", "predict",
-                                          "serve"}
-    for stage in ("main", "baseline", "teach", "distill", "sweep"):
+    assert set(spec["entry_points"]) == {"main", "baseline", "teach", "distill", "sweep", "search", "promote",
+                                          "predict", "serve"}
+    for stage in ("main", "baseline", "teach", "distill", "sweep", "search"):
         entry = spec["entry_points"][stage]
         assert "parameters" not in entry  # so MLflow passes -P values through as --NAME VALUE
         assert entry["command"] == f"python -m entry.{stage}"

@@ -21,7 +21,9 @@ from typing import Any
 
 from ttkd.errors import TTKDError
 
-STAGES = ("baseline", "teach", "distill", "main", "sweep")
+STAGES = ("baseline", "teach", "distill", "main", "sweep", "search")
+SAMPLERS = ("tpe", "random", "cmaes", "grid")  # Optuna's samplers a search takes
+PRUNERS = ("median", "halving", "none")        # and its pruners
 MAX_MODELS = 100  # a sweep that would register more model versions needs force=true
 MAX_SEED = 2**32 - 1  # what numpy's generator takes
 MAX_WEIGHT = 100.0  # |w|: the papers use 0.005 to 0.1; beyond this, w·T²·KL overflows float32 long before
@@ -184,7 +186,7 @@ _TABLE: dict[str, Param] = {p.name: p for p in [
     Param("methods", "strs", ("kd",), "the sweep's distillation methods",
           "a comma-separated list of distinct methods among {method}",
           lambda v: len(v) >= 1 and len(set(v)) == len(v) and all(map(_registered("method"), v))),
-    Param("jobs", "int", 2, "points of the sweep trained at once, each in its own worker process "
+    Param("jobs", "int", 2, "points of a sweep (trials of a search) trained at once, each in its own worker process "
           "(2 jobs of 1 thread beat 1 job of 2 threads by 1.47x on a 2-core CPU)",
           "an integer >= 1", lambda v: v >= 1),
     Param("threads", "int", 0, "CPU threads per point (0: this process's torch threads / jobs; with "
@@ -243,6 +245,28 @@ _TABLE: dict[str, Param] = {p.name: p for p in [
     Param("kd_temperature", "float", 4.0, "T of the study's distill stages", "a number > 0",
           lambda v: v > 0),
     Param("register_as", "str", "", "registered model name (main: prefix of the five names)"),
+    Param("space", "space", (), "what a search tunes: NAME=LOW:HIGH (a range; whole numbers for an integer "
+          "parameter), NAME=LOW:HIGH:log (on a log scale) or NAME=V1,V2 (a choice), separated by ';', over the "
+          "parameters of the study that the search's trials train (student_arch, the training parameters, alpha, "
+          "kd_temperature, method, a method's own)",
+          "NAME=LOW:HIGH;NAME=LOW:HIGH:log;NAME=V1,V2 with each NAME a parameter the trials train",
+          lambda v: len(v) >= 1),
+    Param("trials", "int", 20, "trials of a search: each trains one configuration the sampler asks for",
+          "an integer >= 1", lambda v: v >= 1),
+    Param("sampler", "str", "tpe", "Optuna's sampler: tpe, random, cmaes or grid (every combination of "
+          "the space's choices, which must then all be lists)", "tpe, random, cmaes or grid",
+          _choice(lambda: list(SAMPLERS))),
+    Param("prune", "str", "median", "stop a trial whose holdout accuracy after an epoch is hopeless: median "
+          "(Optuna's MedianPruner), halving (SuccessiveHalvingPruner) or none", "median, halving or none",
+          _choice(lambda: list(PRUNERS))),
+    Param("holdout", "float", 0.1, "the fraction of the training split a search's trials are evaluated on "
+          "(stratified, fixed seed) and leave out of their training; the validation split is never computed "
+          "for a trial", "a number above 0 and below 0.5", lambda v: 0 < v < 0.5),
+    Param("name", "str", "", "the search's name in its Optuna storage (default: its run's id); two searches "
+          "of one name on one storage are refused", "a name of at most 256 characters", lambda v: len(v) <= 256),
+    Param("storage", "str", "", "where the search's Optuna study lives (default: optuna.log beside a "
+          "file or SQLite tracking store): a journal file path, sqlite:///PATH or postgresql://... "
+          "(a database of its own, not MLflow's)"),
     Param("method", "str", "kd", "distillation method", "one of {method}", _registered("method")),
 ]}
 
@@ -305,6 +329,10 @@ def stage_params() -> dict[str, tuple[str, ...]]:
         "main": COMMON + study + ("weight", "method", "resume"),
         "sweep": tuple(n for n in COMMON if n != "seed") + study + ("seeds", "weights", "methods", "axes", "jobs",
                                                                      "threads") + CLUSTER + ("force", "resume"),
+        "search": tuple(n for n in COMMON if n != "register_as") + (
+            "student_arch", "teacher", "partner_data", "trust_unverified", "method", "alpha", "kd_temperature") + own
+        + ("space", "trials", "sampler", "prune", "holdout", "name", "storage", "jobs", "threads") + CLUSTER
+        + ("resume",),
     }
 
 
@@ -326,6 +354,12 @@ def check_ray() -> None:
     """Ray, the optional extra that ``cluster=`` needs, is installed."""
     if importlib.util.find_spec("ray") is None:
         raise TTKDError("cluster= needs Ray, an optional extra: pip install -e '.[cluster]'")
+
+
+def check_optuna() -> None:
+    """Optuna, the optional extra that a search needs, is installed."""
+    if importlib.util.find_spec("optuna") is None:
+        raise TTKDError("a search needs Optuna, an optional extra: pip install -e '.[search]'")
 
 
 def check_processes(methods, several: bool) -> None:

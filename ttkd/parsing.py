@@ -1,6 +1,7 @@
 """A parameter's value as the command line or a preset gives it, parsed and checked by its
-row of the table (``ttkd.config``); and the sweep's axes: which stage of a study reads each
-parameter, and ``axes=`` parsed value by value."""
+row of the table (``ttkd.config``); the sweep's axes: which stage of a study reads each
+parameter, and ``axes=`` parsed value by value; and a search's space (``space=``), each
+range or choice checked by its parameter's row."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ def parse(param: Param, raw: Any) -> Any:
     """Turn ``raw`` (a command-line string or a TOML value) into the parameter's type and check it."""
     if param.kind == "axes":
         return parse_axes(raw)  # each value checked by its own row, each mistake said in its own words
+    if param.kind == "space":
+        return parse_space(raw)
     try:
         if param.kind == "int":
             number = float(raw) if isinstance(raw, str) else raw
@@ -128,3 +131,79 @@ def parse_axes(raw: Any) -> tuple[tuple[str, tuple], ...]:
             raise TTKDError(f"invalid axes: {item!r}; give each NAME once, with one value or more, each once")
         axes.append((name, parsed))
     return tuple(axes)
+
+
+@dataclasses.dataclass(frozen=True)
+class Dist:
+    """One parameter's range in a search's space: ``low``..``high`` (``log``: evenly on a log
+    scale; whole numbers for an integer parameter), or one of ``choices``."""
+
+    low: Any = None
+    high: Any = None
+    log: bool = False
+    choices: tuple = ()
+    integer: bool = False
+
+    def text(self) -> str:
+        """As ``space=`` takes it: ``0.1:0.99``, ``1:16:log``, ``kd,dkd``."""
+        if self.choices:
+            return ",".join(map(show, self.choices))
+        return f"{show(self.low)}:{show(self.high)}" + (":log" if self.log else "")
+
+
+Space = tuple[tuple[str, Dist], ...]
+
+
+def space_names() -> list[str]:
+    """Every parameter a search's space can hold: the study's (``axis_names``) and ``method``."""
+    return ["method", *axis_names()]
+
+
+def space_text(space: Space) -> str:
+    """A space as ``space=`` takes it: how a search logs it."""
+    return ";".join(f"{n}={d.text()}" for n, d in space)
+
+
+def parse_space(raw: Any) -> Space:
+    """``NAME=A:B;NAME=A:B:log;NAME=X,Y,Z`` (or pairs of name and text) as ``((NAME, Dist), ...)``:
+    a range for a number (``log``: sampled on a log scale; whole numbers for an integer
+    parameter), a choice of values otherwise. Each end and each value is checked by its
+    parameter's row; a reversed range, a log range through 0, a range over a word, an unknown or
+    repeated name is one line naming what to write instead."""
+    items = [i for i in raw.split(";") if i.strip()] if isinstance(raw, str) else list(raw)
+    space: list[tuple[str, Dist]] = []
+    for item in items:
+        name, sep, text = item.partition("=") if isinstance(item, str) else (item[0], "=", item[1])
+        name, text = name.strip(), str(text).strip()
+        if name in ("seed", "seeds"):
+            raise TTKDError(f"invalid space: {name} is not searched; a search trains every trial with one seed "
+                            f"(seed=), and a verdict compares on fresh seeds (seeds=)")
+        if not sep or not text or (name != "method" and not axis_roles(name)):
+            raise TTKDError(f"invalid space: {item!r}; write NAME=LOW:HIGH, NAME=LOW:HIGH:log or NAME=V1,V2 "
+                            f"separated by ';', with each NAME one of {', '.join(space_names())}")
+        if name in dict(space):
+            raise TTKDError(f"invalid space: {name} is given twice; give each parameter once")
+        param = dataclasses.replace(params()["method"] if name == "method" else axis_param(name), name=name)
+        space.append((name, _dist(name, param, text)))
+    return tuple(space)
+
+
+def _dist(name: str, param: Param, text: str) -> Dist:
+    ends = [e.strip() for e in text.split(":")]
+    if len(ends) == 1:
+        values = tuple(parse(param, v.strip()) for v in text.split(",") if v.strip())
+        if not values or len(set(values)) != len(values):
+            raise TTKDError(f"invalid space: {name}={text}; give each value once")
+        return Dist(choices=values)
+    log = len(ends) == 3 and ends[2] == "log"
+    if len(ends) > 3 or (len(ends) == 3 and not log) or param.kind not in ("int", "float"):
+        what = "a number" if param.kind in ("int", "float") else "a word"
+        raise TTKDError(f"invalid space: {name}={text}; {name} is {what}: write "
+                        + (f"{name}=LOW:HIGH or {name}=LOW:HIGH:log" if what == "a number" else f"{name}=V1,V2"))
+    low, high = parse(param, ends[0]), parse(param, ends[1])
+    if low >= high:
+        raise TTKDError(f"invalid space: {name}={text}; a range goes from its low end to a higher one "
+                        f"(write {name}={ends[1]}:{ends[0]}, or one value as {name}={ends[0]},)")
+    if log and low <= 0:
+        raise TTKDError(f"invalid space: {name}={text}; a log range cannot reach 0 or below it: start it above 0")
+    return Dist(low, high, log, integer=param.kind == "int")

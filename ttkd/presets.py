@@ -28,6 +28,7 @@ from ttkd.config import (
     TRAIN,
     Param,
     TrainConfig,
+    check_optuna,
     check_processes,
     check_ray,
     method_param_names,
@@ -37,7 +38,7 @@ from ttkd.config import (
     under_torchrun,
 )
 from ttkd.errors import TTKDError
-from ttkd.parsing import axes_text, axis_home, axis_roles, parse
+from ttkd.parsing import Dist, axes_text, axis_home, axis_roles, parse, space_text
 
 SWEEP_FROM_STUDY = {"weight": "weights", "method": "methods"}  # a study preset's values in a sweep
 ROLES = ("student", "teacher")  # the per-role tables of a study preset
@@ -59,19 +60,23 @@ class RunConfig:
         kw = {k: v for k, v in self.values.items() if k not in TRAIN + LAUNCH + ("resume", "experiment")}
         kw["data_dir"] = kw["data_dir"] or None
         kw["stream"] = {"auto": None, "true": True, "false": False}[kw["stream"]]
-        kw["register_as"] = kw["register_as"] or None
+        if "register_as" in kw:
+            kw["register_as"] = kw["register_as"] or None
         if "method" in kw or "methods" in kw:  # a method's own parameters travel as one dict
             distill_t = ("temperature",) if self.stage == "distill" else ()
             for name in ("alpha", "kd_temperature", *method_param_names(), *distill_t):
                 kw.pop(name, None)
             params = {m: {n: self.values[k] for n, k in zip(method_uses(m), method_params(self.stage, m))}
-                      for m in kw.get("methods", (kw.get("method"),))}
-            kw["method_params"] = params[kw["method"]] if "method" in kw else params
+                      for m in run_methods(self.stage, self.values)}
+            kw["method_params"] = params[kw["method"]] if "method" in kw and self.stage != "search" else params
         if self.stage == "sweep":
             kw.pop("force")
             kw["weights"] = tuple(sorted(set(kw["weights"]) | {0.0}))
         if self.stage in ("main", "sweep"):
             return kw | {"student_train": self.train["student"], "teacher_train": self.train["teacher"]}
+        if self.stage == "search":
+            kw["teacher"] = kw["teacher"] or None
+            kw["methods"] = run_methods(self.stage, self.values)
         return kw | {"train": self.train[""]}
 
 
@@ -201,11 +206,13 @@ def resolve(stage: str, given: dict[str, Any], preset: str | None = None) -> Run
 
     values = {name: value(name) for name in stage_params()[stage]}
     if "method" in values or "methods" in values:
-        _check_method_params(stage, values.get("methods", (values.get("method"),)), set(cli) | set(settings))
+        _check_method_params(stage, run_methods(stage, values), set(cli) | set(settings))
     several = values["nproc"] * values["nnodes"] > 1 or under_torchrun()
     if stage == "sweep":
         _check_sweep(values, set(cli) | set(settings), several)
-    check_processes(values.get("methods", (values.get("method"),)), several)
+    if stage == "search":
+        _check_search(values, set(cli) | set(settings), several)
+    check_processes(run_methods(stage, values), several)
     if stage in ("main", "sweep"):  # (a sweep sets each point's seed itself)
         train = {role: _train_config({n: value(n, role) for n in TRAIN}) for role in ROLES}
         for role in ROLES:  # a role table may name the architecture as `arch`
@@ -270,14 +277,28 @@ def _canonical(name: str, value: Any) -> Any:
 def _show(name: str, value: Any) -> str:
     if name == "axes":
         return axes_text(value)
+    if name == "space":
+        return space_text(value)
     return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 
 def method_params(stage: str, method: str) -> tuple[str, ...]:
-    """The parameters of ``stage`` that ``method`` reads (in main, kd_temperature is the
-    distill stages' temperature)."""
+    """The parameters of ``stage`` that ``method`` reads (in main, a sweep and a search,
+    kd_temperature is the distill stages' temperature)."""
     names = method_uses(method)
-    return tuple("kd_temperature" if stage in ("main", "sweep") and n == "temperature" else n for n in names)
+    return tuple("kd_temperature" if stage in ("main", "sweep", "search") and n == "temperature" else n
+                 for n in names)
+
+
+def run_methods(stage: str, values: dict) -> tuple[str, ...]:
+    """The KD methods a run of ``stage`` with ``values`` may train: a sweep's ``methods``, a
+    search's choices of ``method`` in its space, else ``method``; none for a search without
+    a teacher (its trials train the student alone)."""
+    if stage == "search":
+        if not values["teacher"] and not values.get("resume"):
+            return ()
+        return dict(values["space"]).get("method", Dist(choices=(values["method"],))).choices
+    return values.get("methods", (values.get("method"),))
 
 
 def sweep_size(seeds, weights, methods, axes=()) -> int:
@@ -302,6 +323,50 @@ def _check_axes(values: dict, named: set[str]) -> None:
         if axis_roles(name) == {"kd"} and not any(name in method_params("sweep", m) for m in values["methods"]):
             raise TTKDError(f"axis {name}: none of the methods {', '.join(values['methods'])} takes it; add a "
                             f"method that does to methods, or drop the axis")
+
+
+def _check_search(values: dict, named: set[str], several: bool) -> None:
+    """A search's own checks, before anything trains: its space against what its trials train
+    (a KD student from ``teacher``, or without one the student alone) and against the values
+    given, its sampler against its space, where it runs; Optuna, its optional extra."""
+    check_optuna()
+    if values["resume"]:
+        return  # the search's own values, read back from its run
+    if not values["space"]:
+        raise TTKDError("missing space: what the search tunes, like space='alpha=0.1:0.99;kd_temperature=1:16:log' "
+                        "(-P space=...)")
+    kd = bool(values["teacher"])
+    space = dict(values["space"])
+    for name, _ in values["space"]:
+        roles = {"kd"} if name == "method" else axis_roles(name)
+        if "teacher" in roles and "student" not in roles or name.startswith("teacher."):
+            raise TTKDError(f"space: {name} feeds the teacher, which a search does not train; search it over a "
+                            f"sweep's axes (axes={name}=…), or search the student's parameters")
+        if roles == {"kd"} and not kd:
+            raise TTKDError(f"space: {name} is a distillation parameter, and no teacher is given: give "
+                            f"teacher=NAME@ALIAS to search a KD student, or search the student's own parameters")
+        fixed = named & ({name, name.rpartition(".")[2]} if name != "method" else {"method"})
+        if fixed:
+            raise TTKDError(f"{name} is both in the space and a parameter ({next(iter(fixed))}=); drop one of them")
+        if roles == {"kd"} and name not in ("method", "alpha", "kd_temperature") and not any(
+                name in method_params("search", m) for m in run_methods("search", values)):
+            raise TTKDError(f"space: {name} is read by none of the methods "
+                            f"{', '.join(run_methods('search', values))}; add a method that reads it "
+                            f"(space method=…, or method=), or drop it")
+    if values["sampler"] == "grid":
+        ranges = [n for n, d in values["space"] if not d.choices]
+        if ranges:
+            raise TTKDError(f"sampler=grid tries every combination of values, and {', '.join(ranges)} "
+                            f"{'is a range' if len(ranges) == 1 else 'are ranges'}: list the values "
+                            f"(NAME=V1,V2), or use sampler=tpe|random|cmaes")
+        size = math.prod(len(d.choices) for d in space.values())
+        if values["trials"] > size:
+            raise TTKDError(f"sampler=grid has {size} combinations and trials={values['trials']}: ask for at "
+                            f"most {size} trials, or use another sampler")
+    _check_cluster(values, named, several)
+    if several:
+        raise TTKDError(f"a search trains each trial as one process; drop nproc={values['nproc']} (run trials in "
+                        f"parallel with jobs=, or on a Ray cluster with cluster=)")
 
 
 def _check_cluster(values: dict, given: set[str], several: bool) -> None:
@@ -340,6 +405,13 @@ def _check_store(cluster: str) -> None:
 def _check_method_params(stage: str, methods: tuple[str, ...], given: set[str]) -> None:
     """Refuse a method parameter that the chosen method(s) would silently ignore."""
     own = {"alpha", "kd_temperature"} | set(method_param_names()) | ({"temperature"} if stage == "distill" else set())
+    if not methods:  # a search without a teacher
+        stray = sorted(given & (own | {"method"}))
+        if stray:
+            raise TTKDError(f"{', '.join(stray)} configure{'s' if len(stray) == 1 else ''} distillation, and no "
+                            f"teacher is given: give teacher=NAME@ALIAS to search a KD student, or drop "
+                            f"{'it' if len(stray) == 1 else 'them'}")
+        return
     used = {n for m in methods for n in method_params(stage, m)}
     stray = sorted((given & own) - used)
     if stray:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 from collections.abc import Callable
+from typing import Any
 
 from ttkd.config import TRAIN, TrainConfig, method_uses
 from ttkd.parsing import axis_roles, show
@@ -132,24 +133,46 @@ class Plan:
 
 
 @dataclasses.dataclass(frozen=True)
+class TrialPoint:
+    """One trial of a search (``ttkd.studies.search``): its number in the Optuna study and
+    the values the sampler asked for; it needs no other point."""
+
+    number: int
+    values: Values = ()
+    needs = None
+
+    @property
+    def key(self) -> str:
+        return f"trial {self.number}"
+
+    def tags(self) -> dict[str, str]:
+        return {TAG_POINT: self.key, TAG_TRIAL: str(self.number)}
+
+
+TAG_TRIAL = "ttkd.trial"  # a search's trial: its number in the Optuna study
+
+
+@dataclasses.dataclass(frozen=True)
 class Task:
     """A point's stage call, as plain data that a worker process can receive."""
 
-    point: Point
+    point: Point | TrialPoint
     stage: str
     kwargs: dict
     resume_run: str | None = None   # an unfinished run of this point to continue
     attempt: attempts.Token | None = None  # (the grid's generation, Ray's retry): ttkd.tracking.attempts
+    report: Any = None              # a trial's line to its Optuna study (ttkd.studies.trials.Report)
 
 
 @dataclasses.dataclass(frozen=True)
 class Outcome:
     """How a point ended: ``result`` when it registered its model, else ``error``."""
 
-    point: Point
+    point: Point | TrialPoint
     result: StageResult | None = None
     error: str | None = None
     interrupted: int = 0        # the signal that stopped it, if one did
+    pruned: int = 0             # a trial: the epoch after which its pruner stopped it
     superseded: bool = False    # a newer attempt at the point took over (ttkd.tracking.attempts)
     seconds: float = 0.0
     reused: bool = False

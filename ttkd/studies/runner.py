@@ -17,10 +17,13 @@ import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 from ttkd import distributed, resuming, signals, stages, tracking
+from ttkd.callbacks import StopTraining
 from ttkd.console import Terminal
 from ttkd.stages import TAG_PARTNER, StageInterrupted, StageResult
+from ttkd.studies import trials
 from ttkd.studies.plan import TAG_POINT, Outcome, Plan, Point, Task
 from ttkd.studies.schedulers import Scheduler
 from ttkd.tracking import attempts, registry
@@ -69,16 +72,21 @@ def log_to_output():
 def _run_task(task: Task, extra_tags: dict[str, str] | None) -> Outcome:
     start = time.perf_counter()
     try:
+        callbacks = (trials.reporter(task.report),) if task.report is not None else ()
+        stage = task.kwargs["stage"] if task.stage == "trial" else task.stage
         if task.resume_run:
             try:
-                result = resuming.resume(task.stage, task.resume_run, tags=extra_tags, attempt=task.attempt)
+                result = resuming.resume(stage, task.resume_run, tags=extra_tags, attempt=task.attempt,
+                                         callbacks=callbacks)
             except resuming.NoCheckpoint:  # stopped in its first epoch: start it again
                 if tracking.get_run(task.resume_run).info.status == "RUNNING":  # its process died
                     tracking.terminate(task.resume_run, "KILLED")
-                result = getattr(stages, task.stage)(**task.kwargs, attempt=task.attempt)
+                result = getattr(stages, task.stage)(**task.kwargs, attempt=task.attempt, callbacks=callbacks)
         else:
-            result = getattr(stages, task.stage)(**task.kwargs, attempt=task.attempt)
+            result = getattr(stages, task.stage)(**task.kwargs, attempt=task.attempt, callbacks=callbacks)
         return Outcome(task.point, result, seconds=time.perf_counter() - start)
+    except StopTraining as exc:  # a trial its pruner stopped
+        return Outcome(task.point, error=str(exc), pruned=exc.epoch, seconds=time.perf_counter() - start)
     except StageInterrupted as exc:
         return Outcome(task.point, error=str(exc), interrupted=exc.exit_code - 128,
                        seconds=time.perf_counter() - start)
@@ -131,6 +139,73 @@ def latest_attempt(task: Task) -> str | Outcome | None:
     return None if run.info.status == "FINISHED" else run.info.run_id
 
 
+class Source(Protocol):
+    """What a study hands the scheduler, one point at a time: a grid's points as their partners
+    are registered, or a search's trials as Optuna asks for them (``ttkd.studies.search``)."""
+
+    verbose: bool  # the points' stages print to the terminal (else each to its run's log file)
+
+    def ask(self) -> Task | None:
+        """The next point to train now; None: none now (the runner waits for one to finish)."""
+
+    def tell(self, outcome: Outcome) -> None:
+        """How a point handed out by ``ask`` ended."""
+
+
+def drive(source: Source, scheduler: Scheduler) -> int | None:
+    """Hand ``source``'s points to ``scheduler`` (entered: connected, its resources checked)
+    while it has room, and tell the source how each ended, until the source asks for nothing
+    more and nothing is running. SIGINT or SIGTERM stops every running point after its current
+    step (its run is marked KILLED) and starts no new one; a point stopped by a signal stops
+    the rest alike. Returns the signal that stopped it, if any."""
+    with signals.stop_on_signals(scheduler.stop) as stop:
+        while True:
+            while not stop() and scheduler.free():
+                task = source.ask()
+                if task is None:
+                    break
+                scheduler.submit(task, source.verbose)
+            if not scheduler.running:
+                break
+            for outcome in scheduler.wait():
+                source.tell(outcome)
+                if outcome.interrupted and not stop():
+                    stop.signum = outcome.interrupted
+    return stop.signum
+
+
+class GridSource:
+    """A grid's points in order, each once the point it needs has registered its model; one
+    whose partner failed is skipped. ``found``, ``generation``: as in :func:`run`."""
+
+    def __init__(self, plan: Plan, parent_run_id: str, found: dict[Point, StageResult | str], generation: int,
+                 verbose: bool, on_outcome: Callable[[Outcome, int, int], None]):
+        self.plan, self.parent, self.found, self.generation = plan, parent_run_id, found, generation
+        self.verbose, self.on_outcome = verbose, on_outcome
+        self.points = plan.grid.points()
+        self.done: dict[Point, Outcome] = {}
+        for p in self.points:
+            if isinstance(found.get(p), StageResult):
+                self.tell(Outcome(p, found[p], reused=True))
+        self.pending = [p for p in self.points if p not in self.done]
+
+    def ask(self) -> Task | None:
+        for point in list(self.pending):
+            if point.needs is not None and point.needs not in self.done:
+                continue  # its partner is still training
+            self.pending.remove(point)
+            if point.needs is not None and self.done[point.needs].result is None:
+                self.tell(Outcome(point, error=f"skipped: {point.needs.key} did not finish"))
+                continue
+            resume = self.found.get(point) if isinstance(self.found.get(point), str) else None
+            return self.plan.task(point, self.done, self.parent, resume, self.generation)
+        return None
+
+    def tell(self, outcome: Outcome) -> None:
+        self.done[outcome.point] = outcome
+        self.on_outcome(outcome, len(self.done), len(self.points))
+
+
 def run(plan: Plan, parent_run_id: str, found: dict[Point, StageResult | str], scheduler: Scheduler, *,
         generation: int = 1, verbose: bool = False,
         on_outcome: Callable[[Outcome, int, int], None] = lambda o, i, n: None
@@ -143,36 +218,9 @@ def run(plan: Plan, parent_run_id: str, found: dict[Point, StageResult | str], s
     what an earlier attempt left: a point's :class:`StageResult` (reused
     as it is) or the id of its unfinished run (continued from its checkpoint). A point
     starts once the point it needs has registered its model; one whose partner failed
-    is skipped. SIGINT or SIGTERM stops every running point after its current step (its
-    run is marked KILLED) and starts no new one. Returns the outcomes (points never
-    started are missing) and the signal that stopped the grid, if any.
+    is skipped. Returns the outcomes (points never started are missing) and the signal that
+    stopped the grid, if any (:func:`drive`).
     """
-    points = plan.grid.points()
-    done = {}
-    for p in points:
-        if isinstance(found.get(p), StageResult):
-            done[p] = Outcome(p, found[p], reused=True)
-            on_outcome(done[p], len(done), len(points))
-    pending = [p for p in points if p not in done]
-    with signals.stop_on_signals(scheduler.stop) as stop:
-        while pending or scheduler.running:
-            for point in list(pending):
-                if stop() or not scheduler.free():
-                    break
-                if point.needs is not None and point.needs not in done:
-                    continue  # its partner is still training
-                pending.remove(point)
-                if point.needs is not None and done[point.needs].result is None:
-                    done[point] = Outcome(point, error=f"skipped: {point.needs.key} did not finish")
-                    on_outcome(done[point], len(done), len(points))
-                    continue
-                resume = found.get(point) if isinstance(found.get(point), str) else None
-                scheduler.submit(plan.task(point, done, parent_run_id, resume, generation), verbose)
-            if not scheduler.running:
-                break
-            for outcome in scheduler.wait():
-                done[outcome.point] = outcome
-                on_outcome(outcome, len(done), len(points))
-                if outcome.interrupted and not stop():
-                    stop.signum = outcome.interrupted  # a point stopped by a signal stops the grid
-    return done, stop.signum
+    source = GridSource(plan, parent_run_id, found, generation, verbose, on_outcome)
+    signum = drive(source, scheduler)
+    return source.done, signum

@@ -1,0 +1,249 @@
+"""Searches: the space, the holdout split a trial is evaluated on, Optuna's trials as nested
+runs, pruning, and kill -9 then resume."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import mlflow
+import numpy as np
+import optuna
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from ttkd import data as datasets
+from ttkd import engine
+from ttkd.engine import EpochStats
+from ttkd.errors import TTKDError
+from ttkd.parsing import Dist, parse_space, space_text
+from ttkd.studies import search, trials
+
+from .test_resume import env_for
+
+# ---- the space --------------------------------------------------------------------------------
+
+def test_a_space_takes_ranges_log_ranges_integers_and_choices_checked_by_each_parameters_row():
+    space = parse_space("alpha=0.1:0.99;kd_temperature=1:16:log;epochs=2:5;method=kd,dkd;dkd_beta=2,8")
+    assert dict(space) == {"alpha": Dist(0.1, 0.99), "kd_temperature": Dist(1.0, 16.0, log=True),
+                           "epochs": Dist(2, 5, integer=True), "method": Dist(choices=("kd", "dkd")),
+                           "dkd_beta": Dist(choices=(2.0, 8.0))}
+    assert parse_space(space_text(space)) == space  # what a search logs reads back as it was
+
+
+@pytest.mark.parametrize("raw, message", [
+    ("alpha=0.9:0.1", "invalid space: alpha=0.9:0.1; a range goes from its low end to a higher one"),
+    ("lr=0:0.1:log", "invalid lr: '0'; lr must be a number > 0"),
+    ("alpha=0:1:log", "a log range cannot reach 0 or below it"),
+    ("alpha=0.1:1.5", "invalid alpha: '1.5'; alpha must be a number in [0, 1]"),
+    ("temprature=1:4", "invalid space: 'temprature=1:4'; write NAME=LOW:HIGH"),
+    ("method=kd:dkd", "method is a word: write method=V1,V2"),
+    ("alpha=0.1:0.5;alpha=0.7,", "alpha is given twice"),
+    ("lr=0.1:0.2:lin", "lr is a number: write lr=LOW:HIGH or lr=LOW:HIGH:log"),
+    ("seed=0:4", "seed is not searched"),
+])
+def test_a_bad_space_is_one_line_naming_what_to_write(raw, message):
+    with pytest.raises(TTKDError) as exc:
+        parse_space(raw)
+    assert message in str(exc.value) and "\n" not in str(exc.value)
+
+
+@pytest.mark.parametrize("given, message", [
+    ({}, "missing space: what the search tunes"),
+    ({"space": "alpha=0.1:0.9"}, "space: alpha is a distillation parameter, and no teacher is given"),
+    ({"space": "lr=0.01:0.1", "alpha": "0.5"}, "alpha configures distillation, and no teacher is given"),
+    ({"space": "temperature=1:8", "teacher": "t"}, "space: temperature feeds the teacher"),
+    ({"space": "dkd_beta=1:8", "teacher": "t"}, "space: dkd_beta is read by none of the methods kd"),
+    ({"space": "alpha=0.1:0.9", "teacher": "t", "alpha": "0.5"}, "alpha is both in the space and a parameter"),
+    ({"space": "lr=0.01:0.1", "sampler": "grid"}, "sampler=grid tries every combination of values, and lr is a range"),
+    ({"space": "lr=0.01,0.1", "sampler": "grid", "trials": "3"}, "sampler=grid has 2 combinations and trials=3"),
+    ({"space": "lr=0.01:0.1", "trials": "0"}, "invalid trials: '0'; trials must be an integer >= 1"),
+    ({"space": "lr=0.01:0.1", "holdout": "0.5"}, "invalid holdout: '0.5'; holdout must be a number above 0 and below 0.5"),
+    ({"space": "lr=0.01:0.1", "holdout": "0"}, "invalid holdout: '0'"),
+    ({"space": "lr=0.01:0.1", "nproc": "2"}, "a search trains each trial as one process; drop nproc=2"),
+    ({"space": "lr=0.01:0.1", "sampler": "bayes"}, "invalid sampler: 'bayes'; sampler must be tpe, random, cmaes or grid"),
+])
+def test_bad_search_input_is_one_line_and_opens_nothing(store, cli, given, message):
+    status, out, err = cli("search", *[a for k, v in given.items() for a in (f"--{k}", v)], "--epochs", "1")
+    assert status == 1 and err.count("\n") == 1 and message in err, err
+    assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
+
+
+def test_a_search_without_optuna_names_the_extra(store, cli, monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "optuna" else real(name, *a))
+    status, _, err = cli("search", "--space", "lr=0.01:0.1")
+    assert status == 1 and err == "ttkd search: error: a search needs Optuna, an optional extra: " \
+                                  "pip install -e '.[search]'\n"
+
+
+def test_a_trial_asks_a_methods_own_parameters_only_when_it_trains_that_method():
+    space = parse_space("alpha=0.1:0.9;dkd_beta=1:8;kd_temperature=1:8:log;method=kd,dkd")
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    asked = [search.asked(study.ask(), space, "kd") for _ in range(12)]
+    assert {v["method"] for v in asked} == {"kd", "dkd"}
+    for values in asked:
+        own = {"kd": {"alpha"}, "dkd": {"dkd_beta"}}[values["method"]]
+        assert set(values) == {"method", "kd_temperature"} | own, values
+    plan = search.Trials("distill", "mlp", engine.TrainConfig(lr=0.05), "t/1", "kd",
+                         {"kd": {"alpha": 0.9, "temperature": 4.0}, "dkd": {"dkd_beta": 8.0, "temperature": 4.0,
+                                                                            "dkd_alpha": 1.0, "dkd_warmup": 20}},
+                         {"dataset": "digits", "data_dir": None, "stream": None}, 0.1)
+    point = search.TrialPoint(3)
+    kw = plan.kwargs({"method": "dkd", "dkd_beta": 2.0, "kd_temperature": 2.5, "lr": 0.2}, "parent", point)
+    assert kw["method_params"] == {"dkd_beta": 2.0, "temperature": 2.5, "dkd_alpha": 1.0, "dkd_warmup": 20}
+    assert (kw["train"].lr, kw["partner"], kw["holdout"], kw["tags"]["ttkd.trial"]) == (0.2, "t/1", 0.1, "3")
+
+
+# ---- the holdout split ------------------------------------------------------------------------
+
+def test_the_holdout_is_carved_from_training_stratified_and_fixed_and_the_validation_split_is_gone():
+    data = datasets.load("digits")
+    a, b = data.holdout(0.1), data.holdout(0.1)
+    assert a.evaluated_on == "holdout" and len(a.val_y) == round(0.1 * len(data.train_y))
+    assert len(a.train_y) + len(a.val_y) == len(data.train_y)
+    assert torch.equal(a.val_x, b.val_x) and torch.equal(a.train_y, b.train_y)  # the same cut every time
+    rows = {bytes(x.numpy()) for x in data.train_x}
+    assert all(bytes(x.numpy()) in rows for x in (*a.val_x, *a.train_x))  # both halves are training images
+    assert torch.equal(torch.sort(torch.cat([a.train_y, a.val_y])).values, torch.sort(data.train_y).values)
+    counts = np.bincount(a.val_y.numpy(), minlength=10) / len(a.val_y)
+    whole = np.bincount(data.train_y.numpy(), minlength=10) / len(data.train_y)
+    assert np.abs(counts - whole).max() < 0.01  # stratified: each class in its share
+
+
+def test_a_holdout_that_leaves_a_class_empty_is_one_line():
+    data = datasets.load("digits")
+    few = data.__class__(**{**data.__dict__, "train_x": data.train_x[:40], "train_y": data.train_y[:40]})
+    with pytest.raises(TTKDError, match=r"^holdout=0\.1 of 40 training images leaves a class of digits with no image"):
+        few.holdout(0.1)
+    with pytest.raises(TTKDError, match="holdout must be a fraction of the training split above 0 and below 0.5"):
+        data.holdout(0.5)
+
+
+def test_metrics_measured_on_the_holdout_are_named_by_it():
+    s = EpochStats(2, {"loss": 1.0}, 0.5, 90.0, 0.1, 1.0, 100.0, 80.0)
+    assert set(s.metrics("holdout")) == {"train_loss", "holdout_loss", "holdout_acc", "holdout_agreement", "lr",
+                                         "epoch_time_s", "throughput"}
+    assert {"val_acc", "val_loss", "agreement"} <= set(s.metrics())
+
+
+# ---- the study's storage ----------------------------------------------------------------------
+
+def test_the_study_lives_beside_a_local_store_and_never_in_mlflows_database(store, tmp_path):
+    assert search.storage_url("") == str(tmp_path / "optuna.log")
+    with pytest.raises(TTKDError, match="holds MLflow's tracking tables, and Optuna and MLflow each keep an "
+                                        "Alembic version table there; give the search a database of its own"):
+        search.check_storage(store)
+    search.check_storage(f"sqlite:///{tmp_path / 'optuna.db'}")  # a database of its own is fine
+
+
+def test_two_searches_of_one_name_on_one_storage_are_one_line(store, cli, tmp_path):
+    optuna.create_study(study_name="lr", storage=trials.storage(str(tmp_path / "optuna.log")))
+    status, _, err = cli("search", "--space", "lr=0.01:0.1", "--name", "lr", "--epochs", "1")
+    assert status == 1 and err.count("\n") == 1, err
+    assert f"a search named 'lr' already lives in {tmp_path / 'optuna.log'}" in err
+    assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
+
+
+# ---- searches end to end ----------------------------------------------------------------------
+
+KD_SPACE = "alpha=0.1:0.99;kd_temperature=1:16:log;method=kd,dkd"
+
+
+def trials_of(client: MlflowClient, parent_id: str) -> list:
+    return client.search_runs([client.get_run(parent_id).info.experiment_id],
+                              f"tags.`mlflow.parentRunId` = '{parent_id}'")
+
+
+def search_run():
+    return mlflow.search_runs(output_format="list", filter_string="tags.`ttkd.stage` = 'search'",
+                              order_by=["attributes.start_time DESC"])[0]
+
+
+@pytest.mark.slow
+def test_a_kd_search_with_two_jobs_nests_its_trials_under_one_run_registers_nothing_and_logs_the_best(
+        store, cli, tmp_path):
+    status, _, err = cli("baseline", "--epochs", "1", "--register_as", "t", "--amp", "false", "--compile", "false")
+    assert status == 0, err
+    status, out, err = cli("search", "--teacher", "t", "--space", KD_SPACE, "--trials", "8", "--jobs", "2",
+                           "--epochs", "2", "--amp", "false", "--compile", "false")
+    assert status == 0, err
+    parent = search_run()
+    client = MlflowClient()
+    runs = trials_of(client, parent.info.run_id)
+    assert sorted(int(r.data.tags["ttkd.trial"]) for r in runs) == list(range(8))
+    assert all(r.info.status == "FINISHED" and r.info.run_name.startswith("trial ") for r in runs)
+    for r in runs:  # evaluated on the holdout alone, and its values logged once under the study's names
+        assert "holdout_acc" in r.data.metrics and not {"val_acc", "partner_val_acc"} & set(r.data.metrics)
+        assert "kd_temperature" in r.data.params and "temperature" not in r.data.params
+        assert ("alpha" in r.data.params) == (r.data.params["method"] == "kd")
+        assert r.data.params["holdout"] == "0.1" and r.data.tags["ttkd.partner_model"] == "models:/t/1"
+        assert r.data.tags["ttkd.trial_state"] in ("COMPLETE", "PRUNED")
+        assert [i.tags[0].value for i in r.inputs.dataset_inputs] == ["training", "holdout"]
+    assert [m.name for m in client.search_registered_models()] == ["t"]  # trials register nothing
+    study = optuna.load_study(study_name=parent.info.run_id,
+                              storage=trials.storage(str(tmp_path / "optuna.log")))
+    assert len(study.trials) == 8 and all(t.state.is_finished() for t in study.trials)
+    best = json.loads(open(mlflow.artifacts.download_artifacts(run_id=parent.info.run_id,
+                                                               artifact_path="best.json")).read())
+    assert best["holdout_acc"] == study.best_value == parent.data.metrics["best_holdout_acc"]
+    assert parent.data.params["best.method"] == study.best_params["method"]
+    assert {"trials.md", "trials.csv", "optimization_history.png", "intermediate_values.png",
+            "param_importances.png", "search.json"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert f"best: trial {study.best_trial.number}, holdout_acc {study.best_value:.2f}%" in out
+    assert out.count("] trial ") == 8
+
+
+def outcome(study) -> list:
+    return [(t.number, t.params, t.state.name, t.value) for t in study.trials]
+
+
+@pytest.mark.slow
+def test_kill_9_mid_search_then_resume_gives_the_same_trials_as_an_uninterrupted_search_and_never_the_test_split(
+        store, cli, tmp_path, monkeypatch):
+    status, _, err = cli("baseline", "--epochs", "1", "--register_as", "t", "--amp", "false", "--compile", "false")
+    assert status == 0, err
+    val = datasets.load("digits").val_x
+    seen = []
+    real = engine.batches
+    monkeypatch.setattr(engine, "batches", lambda data, split, *a, **k: seen.append(
+        (data.evaluated_on, split, data.val_x.data_ptr() if split == "val" else None)) or real(data, split, *a, **k))
+    args = ["--teacher", "t", "--space", "alpha=0.1:0.99;kd_temperature=1:16:log", "--trials", "8",
+            "--jobs", "1", "--epochs", "3", "--amp", "false", "--compile", "false", "--deterministic", "true"]
+    status, out, err = cli("search", *args, "--name", "whole")  # in this process: its batches are seen
+    assert status == 0, err
+    assert seen and all(on == "holdout" for on, _, _ in seen) and val.data_ptr() not in {p for *_, p in seen}
+    storage = trials.storage(str(tmp_path / "optuna.log"))
+    whole = optuna.load_study(study_name="whole", storage=storage)
+
+    env = env_for(store) | {"TTKD_TEST_EPOCH_DELAY_S": "0.3"}  # time to see trial 3 mid-way
+    proc = subprocess.Popen([sys.executable, "-m", "entry.search", *args, "--name", "cut"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    client, deadline = MlflowClient(), time.time() + 240
+    while time.time() < deadline and proc.poll() is None:  # once trial 3 of the new search has an epoch
+        parent = search_run()
+        trial = mlflow.search_runs(output_format="list", filter_string=(
+            f"tags.`ttkd.trial` = '3' and tags.`mlflow.parentRunId` = '{parent.info.run_id}'"))
+        if parent.data.params.get("name") == "cut" and trial and trial[0].data.metrics.get("holdout_acc"):
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    _, err = proc.communicate()
+    parent = search_run()
+    assert parent.data.params["name"] == "cut" and parent.info.status == "RUNNING", err
+    [cut_run] = mlflow.search_runs(output_format="list", filter_string=(
+        f"tags.`ttkd.trial` = '3' and tags.`mlflow.parentRunId` = '{parent.info.run_id}'"))
+    assert cut_run.info.status == "RUNNING"  # killed mid-trial: nobody could close it
+    status, out, err = cli("search", "--resume", "last")
+    assert status == 0, err
+    cut = optuna.load_study(study_name="cut", storage=storage)
+    assert len(cut.trials) == 8 and outcome(cut) == outcome(whole)
+    assert cut.best_params == whole.best_params
+    assert client.get_run(cut_run.info.run_id).info.status == "FINISHED"  # trial 3 continued in its own run
+    assert len(trials_of(client, parent.info.run_id)) == 8
+    assert client.get_run(parent.info.run_id).info.status == "FINISHED"

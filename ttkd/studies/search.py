@@ -1,0 +1,440 @@
+"""A search: Optuna's sampler asks for a configuration, a scheduler trains it as a trial, and
+the trial's holdout accuracy is told back; one MLflow child run per trial under the search's run.
+
+A trial is one stage, evaluated on a holdout carved from the training split
+(``ImageData.holdout``): a KD student from ``teacher`` (pinned to one version when the search
+starts), or without a teacher the student alone. Its validation split is never computed, and it
+registers nothing. Each trial trains with the search's ``seed``, so configurations differ only
+in what the sampler chose. Trials go through the same runner and schedulers as a sweep's
+points (``ttkd.studies.runner.drive``): ``jobs`` at once on this machine, or Ray tasks on a
+cluster. A trial reports its holdout accuracy to the study after every epoch, wherever it
+trains, and its pruner may stop it there (``ttkd.studies.trials``).
+
+The study lives in an Optuna storage of its own beside the tracking store (never in MLflow's
+database: both keep an Alembic version table). Resuming a search (``resume=``) keeps every
+finished trial, tells the study what a trial finished while the search was down, continues an
+interrupted trial from its checkpoint (or starts it again with the same values), and asks for
+new trials until the study holds ``trials``, none counted twice. Before each question the
+sampler is seeded from ``seed`` and the number of trials so far, so with ``jobs=1`` a resumed
+search asks what an uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import tempfile
+import urllib.parse
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ttkd import data as datasets
+from ttkd import kd, models, tracking
+from ttkd.build import build_method
+from ttkd.config import TRAIN, TrainConfig, method_uses
+from ttkd.errors import TTKDError
+from ttkd.parsing import Dist, Space, axis_roles, show, space_text
+from ttkd.presets import RunConfig, check_resume, method_params
+from ttkd.resuming import unfinished_run
+from ttkd.stages import STREAM_WORDS, TAG_STAGE, StageInterrupted
+from ttkd.step import resolve_device
+from ttkd.studies import trials as optuna_side
+from ttkd.studies.plan import TAG_POINT, Outcome, Task, TrialPoint
+from ttkd.studies.runner import drive
+from ttkd.studies.schedulers.local import LocalPool, WorkerDied
+from ttkd.studies.schedulers.ray import Placement, RayCluster
+from ttkd.tracking import attempts, log_params, modelstore, registry
+
+log = logging.getLogger(__name__)  # shown by the entry points (entry/options.py)
+TAG_STATE = "ttkd.trial_state"     # a trial's run: COMPLETE, PRUNED or FAIL, as its study has it
+TAG_STUDY = "ttkd.optuna_study"    # the search's run: its study's name and storage
+STORAGE_FILE = "optuna.log"        # beside a local tracking store
+
+
+@dataclasses.dataclass(frozen=True)
+class Trials:
+    """What every trial of a search trains, before the sampler's values are put in."""
+
+    stage: str                       # distill (with a teacher) or baseline
+    arch: str
+    train: TrainConfig
+    teacher: str | None              # NAME/VERSION, pinned when the search started
+    method: str
+    method_params: dict[str, dict]   # per method the trials may train, its fixed parameters
+    data: dict                       # dataset, data_dir, stream
+    holdout: float
+    partner_data: str = "same"
+    trust_unverified: bool = False
+
+    def kwargs(self, values: dict[str, Any], parent_run_id: str, point: TrialPoint) -> dict:
+        """``stages.trial``'s arguments for the trial that trains ``values``."""
+        method = values.get("method", self.method)
+        train = dataclasses.replace(self.train, **{n.rpartition(".")[2]: v for n, v in values.items()
+                                                   if n.rpartition(".")[2] in TRAIN})
+        kw = dict(stage=self.stage, arch=values.get("student_arch", self.arch), train=train, tags=point.tags(),
+                  parent_run_id=parent_run_id, holdout=self.holdout, run_name=f"{point.key} {self.stage}",
+                  param_names={"temperature": "kd_temperature"} if self.stage == "distill" else {},
+                  partner=self.teacher, partner_data=self.partner_data, trust_unverified=self.trust_unverified,
+                  **self.data)
+        if self.stage == "baseline":
+            return kw | dict(method="ce", method_params={})
+        reads = dict(zip(method_params("search", method), method_uses(method)))  # study name: the method's
+        own = {reads[n]: v for n, v in values.items() if n in reads}
+        return kw | dict(method=method, method_params=self.method_params[method] | own)
+
+
+def asked(trial, space: Space, method: str) -> dict[str, Any]:
+    """The values ``trial`` asks for, ``method`` first (else the search's ``method``): a
+    distillation parameter only when the trial's method reads it (alpha for kd, dkd_beta for
+    dkd), every other entry of ``space`` always."""
+    values: dict[str, Any] = {}
+    for name, d in sorted(space, key=lambda nd: nd[0] != "method"):
+        if name != "method" and axis_roles(name) == {"kd"} and \
+                name not in method_params("search", values.get("method", method)):
+            continue
+        values[name] = suggest(trial, name, d)
+    return values
+
+
+def suggest(trial, name: str, d: Dist) -> Any:
+    if d.choices:
+        return trial.suggest_categorical(name, list(d.choices))
+    if d.integer:
+        return trial.suggest_int(name, d.low, d.high, log=d.log)
+    return trial.suggest_float(name, d.low, d.high, log=d.log)
+
+
+class TrialSource:
+    """The search's side of :func:`ttkd.studies.runner.drive`: ``ask`` hands out first the
+    trials an earlier start left unfinished, then new trials until the study holds
+    ``count``; ``tell`` tells the study how each ended and tags its run."""
+
+    verbose = False
+
+    def __init__(self, study, args: dict, trials: Trials, parent_run_id: str, generation: int,
+                 print_line: Callable[[str], None]):
+        self.study, self.args, self.trials, self.parent = study, args, trials, parent_run_id
+        self.count, self.generation, self.print_line = args["trials"], generation, print_line
+        self.space = _space(args["space"])
+        self.again: list[tuple] = []  # (number, id, values, unfinished run) of each trial to continue
+        self.outcomes: list[Outcome] = []
+        self.running = 0
+
+    def recover(self) -> None:
+        """Settle what an earlier start left: a trial whose run finished is told as it ended; one
+        interrupted is asked again (its run continued from its checkpoint, if it has one)."""
+        o = optuna_side.optuna()
+        for t in self.study.get_trials(deepcopy=False, states=(o.trial.TrialState.RUNNING,)):
+            key = TrialPoint(t.number).key
+            claimed = attempts.point_run(self.parent, key)
+            runs = ([tracking.get_run(claimed)] if claimed else
+                    tracking.child_runs(self.parent, {TAG_POINT: key}, newest_first=True, limit=1))
+            run = runs[0] if runs and runs[0] is not None else None
+            if run is not None and run.info.status == "FINISHED":
+                self._settle(t.number, run)
+            else:  # (its values again: those asked before the search stopped, the rest asked now)
+                values = asked(o.trial.Trial(self.study, t._trial_id), self.space, self.trials.method)
+                self.again.append((t.number, t._trial_id, values, run.info.run_id if run is not None else None))
+
+    def _settle(self, number: int, run) -> None:
+        state = optuna_side.optuna().trial.TrialState
+        if optuna_side.TAG_PRUNED in run.data.tags:
+            self.study.tell(number, state=state.PRUNED, skip_if_finished=True)
+        else:
+            self.study.tell(number, run.data.metrics["holdout_acc"], skip_if_finished=True)
+        tracking.tag_run(run.info.run_id, {TAG_STATE: self.study.trials[number].state.name})
+
+    def ask(self) -> Task | None:
+        if self.again:
+            number, trial_id, values, run_id = self.again.pop(0)
+            return self._task(trial_id, number, values, run_id)
+        if len(self.study.get_trials(deepcopy=False)) >= self.count:
+            return None
+        self.study.sampler = optuna_side.sampler(self.args["sampler"], self.args["seed"] + len(self.study.trials),
+                                                 self.space)
+        trial = self.study.ask()
+        return self._task(trial._trial_id, trial.number, asked(trial, self.space, self.trials.method), None)
+
+    def _task(self, trial_id: int, number: int, values: dict, resume_run: str | None) -> Task:
+        point = TrialPoint(number, tuple(values.items()))
+        kwargs = self.trials.kwargs(values, self.parent, point)
+        report = optuna_side.Report(self.args["storage"], self.args["name"], trial_id, number, self.args["prune"],
+                                    kwargs["train"].epochs)
+        self.running += 1
+        return Task(point, "trial", kwargs, resume_run, (self.generation, 0), report)
+
+    def tell(self, outcome: Outcome) -> None:
+        self.running -= 1
+        self.outcomes.append(outcome)
+        state = optuna_side.optuna().trial.TrialState
+        number = outcome.point.number
+        run_id = outcome.result.run_id if outcome.result else attempts.point_run(self.parent, outcome.point.key)
+        if outcome.result is not None:
+            self.study.tell(number, outcome.result.val_acc)
+        elif outcome.pruned:
+            self.study.tell(number, state=state.PRUNED)
+        elif outcome.interrupted or outcome.superseded:
+            return self._line(outcome, "interrupted: resuming the search continues it")
+        else:
+            self.study.tell(number, state=state.FAIL)
+        if run_id:
+            tracking.tag_run(run_id, {TAG_STATE: self.study.trials[number].state.name})
+        self._line(outcome, None)
+
+    def _line(self, o: Outcome, note: str | None) -> None:
+        values = " ".join(f"{n}={show(v)}" for n, v in o.point.values)
+        done = len([t for t in self.study.get_trials(deepcopy=False) if t.state.is_finished()])
+        head = f"[{done:>{len(str(self.count))}}/{self.count}] {o.point.key} {values}"
+        if note:
+            self.print_line(f"{head}: {note}")
+        elif o.result is not None:
+            self.print_line(f"{head}: holdout_acc {o.result.val_acc:.2f}% ({o.seconds:.1f} s)")
+        elif o.pruned:
+            self.print_line(f"{head}: pruned after epoch {o.pruned} ({o.seconds:.1f} s)")
+        else:
+            self.print_line(f"{head}: FAILED: {o.error}")
+
+
+def _space(space) -> Space:
+    """A space as ``search.json`` keeps it (lists) back as :data:`Space`."""
+    return tuple((n, d if isinstance(d, Dist) else Dist(d["low"], d["high"], d["log"], tuple(d["choices"]),
+                                                        d["integer"])) for n, d in space)
+
+
+def storage_url(given: str) -> str:
+    """Where the search's Optuna study lives: ``given``, else ``optuna.log`` beside a file or
+    SQLite tracking store. A tracking server's store is not this machine's to write beside:
+    a search on one needs ``storage=``."""
+    if given:
+        return given if "://" in given or given.startswith("sqlite:") else str(Path(given).resolve())
+    uri = tracking.tracking_uri()
+    parsed = urllib.parse.urlparse(uri)
+    if parsed.scheme == "sqlite":
+        return str(Path(uri.removeprefix("sqlite:///")).resolve().parent / STORAGE_FILE)
+    if parsed.scheme in ("", "file"):
+        return str(Path(parsed.path).resolve().parent / STORAGE_FILE)
+    raise TTKDError(f"a search keeps its Optuna study in a storage of its own, and the tracking store is {uri}: "
+                    f"give storage= (a database of its own on your PostgreSQL server, postgresql://..., or a file "
+                    f"every machine of the search can reach)")
+
+
+def check_storage(url: str) -> None:
+    """Refuse MLflow's own database as the study's: both keep an ``alembic_version`` table."""
+    if url.split(":", 1)[0].split("+")[0] not in ("sqlite", "postgresql", "mysql"):
+        Path(url).parent.mkdir(parents=True, exist_ok=True)
+        return
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(url)
+    try:
+        tables = set(sqlalchemy.inspect(engine).get_table_names())
+    except sqlalchemy.exc.SQLAlchemyError as exc:
+        raise TTKDError(f"storage={url} cannot be opened ({str(exc).splitlines()[0]}); give a database that "
+                        f"exists, or a file path") from None
+    finally:
+        engine.dispose()
+    if {"experiments", "runs"} <= tables:
+        raise TTKDError(f"storage={url} holds MLflow's tracking tables, and Optuna and MLflow each keep an Alembic "
+                        f"version table there; give the search a database of its own (CREATE DATABASE ...)")
+
+
+def _check(trials: Trials, space: Space, args: dict) -> None:
+    """Everything a user can get wrong, before the search's run opens: the data set and its
+    holdout, the architectures and device, the teacher (verified once), each method against
+    these networks."""
+    registry.prepare_store()
+    data = datasets.load(trials.data["dataset"], trials.data["data_dir"], trials.data["stream"])
+    data.holdout(trials.holdout)
+    arches = dict(space).get("student_arch", Dist(choices=(trials.arch,))).choices
+    for arch in arches:
+        models.get(arch)
+    resolve_device(trials.train.device)
+    if trials.teacher is None:
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        found = modelstore.load_partner(registry.resolve(trials.teacher), data, "teacher", tmp,
+                                        trials.partner_data, trials.trust_unverified)
+    for warning in (found.unverified, found.unchecked):
+        if warning:
+            log.warning(warning)
+    net = lambda arch: models.build(arch, data.num_classes, data.in_channels,  # noqa: E731
+                                    image_size=data.image_shape[-1])
+    for method in args["methods"]:
+        if kd.get(method).features:  # a method that cannot pair these networks fails now
+            for arch in arches:
+                build_method(method, "distill", data, net(arch), found.net, trials.method_params[method], arch,
+                             found.arch)
+
+
+@datasets.load_once()
+def search(*, space: Space, trials: int, train: TrainConfig, sampler: str = "tpe", prune: str = "median",
+           holdout: float = 0.1, teacher: str | None = None, student_arch: str = "mlp", method: str = "kd",
+           methods: tuple[str, ...] = (), method_params: dict[str, dict] | None = None, dataset: str = "digits",
+           data_dir: str | None = None, stream: bool | None = None, partner_data: str = "same",
+           trust_unverified: bool = False, name: str = "", storage: str = "", jobs: int = 2, threads: int = 0,
+           cluster: str = "", cpus_per_point: float = 1.0, gpus_per_point: float = 0.0, cluster_auth: str = "token",
+           resume_run: str | None = None, print_line: Callable[[str], None] = print) -> str:
+    """Search ``space`` with ``trials`` trials of Optuna's ``sampler`` (seeded with ``train.seed``,
+    every trial's seed), each evaluated on ``holdout`` of the training split and stopped early by
+    ``prune``; with ``teacher`` a KD student of ``method`` (or of the space's ``method`` choice) from
+    that teacher, else the student alone. Returns the trials' table and the best configuration,
+    which the search's run also logs, with Optuna's figures. ``name``: the study's name in
+    ``storage`` (defaults: the run's id; ``storage_url``). ``jobs``, ``threads``, ``cluster`` and
+    the rest: where trials train, as in a sweep (``ttkd.studies.sweep``)."""
+    o = optuna_side.optuna()
+    methods = tuple(methods) or ((method,) if teacher else ())
+    params = method_params or {}
+    pinned = registry.resolve(teacher).uri if teacher else None
+    plan = Trials("distill" if teacher else "baseline", student_arch, train, pinned, method,
+                  {m: dict(params.get(m, {})) for m in methods},
+                  dict(dataset=dataset, data_dir=data_dir, stream=stream), holdout, partner_data, trust_unverified)
+    storage = storage_url(storage)
+    args = {"space": [[n, dataclasses.asdict(d)] for n, d in space], "trials": trials, "sampler": sampler,
+            "prune": prune, "holdout": holdout, "teacher": teacher, "student_arch": student_arch, "method": method,
+            "methods": list(methods), "method_params": plan.method_params, "dataset": dataset, "data_dir": data_dir,
+            "stream": stream, "partner_data": partner_data, "trust_unverified": trust_unverified, "name": name,
+            "storage": storage, "jobs": jobs, "threads": threads, "cluster": cluster, "cpus_per_point": cpus_per_point,
+            "gpus_per_point": gpus_per_point, "cluster_auth": cluster_auth, "train": dataclasses.asdict(train),
+            "seed": train.seed, "pinned": pinned}
+    _check(plan, space, args)
+    check_storage(storage)
+    if name and not resume_run and name in o.get_all_study_names(optuna_side.storage(storage)):
+        owner = o.load_study(study_name=name, storage=optuna_side.storage(storage)).user_attrs.get("mlflow_run", "?")
+        raise TTKDError(f"a search named {name!r} already lives in {storage} (run {owner}); continue it with "
+                        f"resume={owner}, or give this one another name=")
+    scheduler = (RayCluster(Placement(cluster, cpus_per_point, gpus_per_point, threads, cluster_auth)) if cluster
+                 else LocalPool(jobs, threads))
+    with scheduler:
+        run = tracking.start_run(resume_run, name=f"search {dataset}", nested=False)
+        parent = run.info.run_id
+        status = "FAILED"
+        try:
+            if resume_run:
+                args = tracking.read_json(parent, "search.json")
+            else:
+                args["name"] = name or parent
+                _record(args, plan, space)
+            study = o.create_study(study_name=args["name"], storage=optuna_side.storage(args["storage"]),
+                                   direction="maximize", pruner=optuna_side.pruner(args["prune"]),
+                                   load_if_exists=bool(resume_run))
+            study.set_user_attr("mlflow_run", parent)
+            source = TrialSource(study, args, plan, parent, attempts.next_generation(parent), print_line)
+            source.recover()
+            try:
+                signum = drive(source, scheduler)
+            except WorkerDied as exc:
+                raise TTKDError(f"a worker process died while training {exc}; run {parent} is marked FAILED: "
+                                f"resume={parent} continues it") from None
+            left = args["trials"] - len([t for t in study.get_trials(deepcopy=False) if t.state.is_finished()])
+            if signum is not None:
+                status = "KILLED"
+                raise StageInterrupted(f"stopped by {signal.Signals(signum).name} with {left} of {args['trials']} "
+                                       f"trials unfinished; search run {parent} is marked KILLED and keeps every "
+                                       f"finished trial: continue it with resume={parent}", signum)
+            if left:
+                raise TTKDError(f"{left} of {args['trials']} trials did not finish; run {parent} is marked FAILED: "
+                                f"resume={parent} continues them")
+            text = finish(study, args, space)
+            status = "FINISHED"
+        finally:
+            tracking.end_run(status)
+        return text
+
+
+def _record(args: dict, plan: Trials, space: Space) -> None:
+    """A new search's tags, parameters and ``search.json``, what resuming rebuilds it from."""
+    tracking.set_tags({TAG_STAGE: "search", "ttkd.method": ",".join(args["methods"]) or "ce",
+                       TAG_STUDY: f"{args['name']} in {args['storage']}"})
+    fixed = {f"{m}.{k}" if len(args["methods"]) > 1 else k: v
+             for m, p in plan.method_params.items() for k, v in p.items()}
+    log_params({"space": space_text(space), "trials": args["trials"], "sampler": args["sampler"],
+                "prune": args["prune"], "holdout": args["holdout"], "teacher": args["teacher"] or "",
+                "teacher_pinned": args["pinned"] or "", "student_arch": args["student_arch"],
+                "dataset": args["dataset"], "data_dir": args["data_dir"] or "", "stream": STREAM_WORDS[args["stream"]],
+                "name": args["name"], "storage": args["storage"], "jobs": args["jobs"], "threads": args["threads"],
+                "cluster": args["cluster"]} | args["train"] | fixed)
+    tracking.log_dict(args, "search.json")
+
+
+def finish(study, args: dict, space: Space) -> str:
+    """The search's results on its run: the best configuration (``best.json``, parameters
+    ``best.NAME``, metric ``best_holdout_acc``), the table of trials (``trials.md``,
+    ``trials.csv``) and Optuna's figures; returns the table and the best configuration."""
+    state = optuna_side.optuna().trial.TrialState
+    done = study.get_trials(deepcopy=False)
+    complete = [t for t in done if t.state == state.COMPLETE]
+    names = [n for n, _ in space]
+    lines = [f"| trial | state | holdout_acc (%) | epochs | {' | '.join(names)} |",
+             "|---:|---|---:|---:|" + "---|" * len(names)]
+    for t in done:
+        value = f"{t.value:.2f}" if t.value is not None else ""
+        epochs = max(t.intermediate_values, default="")
+        lines.append(f"| {t.number} | {t.state.name} | {value} | {epochs} | "
+                     + " | ".join(show(t.params[n]) if n in t.params else "" for n in names) + " |")
+    table = "\n".join(lines) + "\n"
+    counts = {s.name: sum(t.state == s for t in done) for s in (state.COMPLETE, state.PRUNED, state.FAIL)}
+    head = (f"search {args['name']}: {len(done)} trials ({', '.join(f'{v} {k.lower()}' for k, v in counts.items())}), "
+            f"{args['sampler']} sampler, pruner {args['prune']}, evaluated on a holdout of "
+            f"{args['holdout']:g} of the training split\n")
+    if complete:
+        best = study.best_trial
+        config = " ".join(f"{n}={show(v)}" for n, v in best.params.items())
+        head += f"best: trial {best.number}, holdout_acc {best.value:.2f}%: {config}\n"
+        log_params({f"best.{n}": v for n, v in best.params.items()})
+        tracking.log_metrics({"best_holdout_acc": best.value, "best_trial": best.number})
+        tracking.log_dict({"trial": best.number, "holdout_acc": best.value, "params": best.params}, "best.json")
+    else:
+        head += "no trial completed: nothing to choose\n"
+    text = head + "\n" + table
+    tracking.log_text(text, "trials.md")
+    tracking.log_text(study.trials_dataframe().to_csv(index=False), "trials.csv")
+    tracking.log_figures(figures(study))
+    return text
+
+
+def figures(study) -> dict[str, Any]:
+    """Optuna's own matplotlib figures of the study: the optimisation history, each trial's
+    holdout accuracy by epoch, and the parameters' importances (with two completed trials or
+    more, and more than one parameter that varied)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from optuna.visualization import matplotlib as plots
+
+    found = {"optimization_history.png": plots.plot_optimization_history,
+             "intermediate_values.png": plots.plot_intermediate_values,
+             "param_importances.png": plots.plot_param_importances}
+    made = {}
+    for file, plot in found.items():
+        try:
+            made[file] = plot(study).figure
+        except (ValueError, RuntimeError, ZeroDivisionError) as exc:  # too few trials for this figure
+            log.info(f"{file}: not drawn ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})")
+    return made
+
+
+def resume_search(reference: str, cfg: RunConfig | None = None, print_line: Callable[[str], None] = print,
+                  **change) -> str:
+    """Continue an unfinished search run (its id, or ``last``); ``change``: where its rest trains
+    (``jobs``, ``threads``, ``cluster`` and its placement)."""
+    registry.prepare_store()
+    run = unfinished_run("search", reference)
+    if cfg is not None:
+        check_resume(cfg, run.info.run_id, run.data.params)
+    args = tracking.read_json(run.info.run_id, "search.json")
+    if args is None:
+        raise TTKDError(f"search run {run.info.run_id} has no search.json; start it again")
+    log.info(f"resuming search run {run.info.run_id}")
+    if os.environ.get("MLFLOW_RUN_ID"):  # started by `mlflow run`: point its run at the real one
+        tracking.tag_run(os.environ["MLFLOW_RUN_ID"], {"ttkd.resumes_run": run.info.run_id})
+        del os.environ["MLFLOW_RUN_ID"]
+    keep = ("sampler", "prune", "holdout", "student_arch", "method", "dataset", "data_dir", "stream",
+            "partner_data", "trust_unverified", "name", "storage", "jobs", "threads", "cpus_per_point",
+            "gpus_per_point", "cluster_auth", "trials")
+    kw = {k: args[k] for k in keep} | {k: v for k, v in change.items() if v} | {"cluster": change.get("cluster") or ""}
+    return search(**kw, space=_space(args["space"]), train=TrainConfig.from_dict(args["train"]),
+                  teacher=args["pinned"], methods=tuple(args["methods"]), method_params=args["method_params"],
+                  resume_run=run.info.run_id, print_line=print_line)

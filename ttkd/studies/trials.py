@@ -1,0 +1,85 @@
+"""A search's Optuna study as the search and its trials share it: where it lives, the sampler
+and the pruner by name, and the callback through which a trial, wherever it trains, reports
+its holdout accuracy after each epoch and learns whether its pruner stops it.
+
+Optuna is an optional extra (``pip install -e '.[search]'``), imported only when a search or
+one of its trials runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import warnings
+
+from ttkd.callbacks import Callback, StopTraining
+from ttkd.engine import EpochStats
+from ttkd.parsing import Space
+
+TAG_PRUNED = "ttkd.pruned"  # a trial its pruner stopped: the last epoch it trained
+
+
+@dataclasses.dataclass(frozen=True)
+class Report:
+    """Where a trial reports: its study (``name`` in ``storage``), its id there and the pruner."""
+
+    storage: str
+    name: str
+    trial_id: int
+    number: int
+    prune: str
+    epochs: int      # the trial's last epoch, which its pruner never stops: the trial is done by then
+
+
+def optuna():
+    """Optuna, quiet: ttkd prints a line per trial, and Optuna's experimental features are used knowingly."""
+    import optuna as optuna_
+
+    optuna_.logging.set_verbosity(logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna_.exceptions.ExperimentalWarning)
+    return optuna_
+
+
+def storage(url: str):
+    """The Optuna storage at ``url``: a database (``sqlite:``, ``postgresql:``, ``mysql:``), else a
+    journal file, which worker processes on one machine (or on a shared file system) append to
+    under a lock."""
+    o = optuna()
+    if url.split(":", 1)[0].split("+")[0] in ("sqlite", "postgresql", "mysql"):
+        return o.storages.RDBStorage(url)
+    from optuna.storages.journal import JournalFileBackend
+
+    return o.storages.JournalStorage(JournalFileBackend(url))
+
+
+def pruner(name: str):
+    """Optuna's pruner ``median``, ``halving`` or ``none``, with its own defaults."""
+    o = optuna()
+    return {"median": o.pruners.MedianPruner, "halving": o.pruners.SuccessiveHalvingPruner,
+            "none": o.pruners.NopPruner}[name]()
+
+
+def sampler(name: str, seed: int, space: Space):
+    """Optuna's sampler ``name``, seeded with ``seed`` (``grid``: over ``space``'s choices)."""
+    o = optuna()
+    if name == "grid":
+        return o.samplers.GridSampler({n: list(d.choices) for n, d in space}, seed=seed)
+    return {"tpe": o.samplers.TPESampler, "random": o.samplers.RandomSampler,
+            "cmaes": o.samplers.CmaEsSampler}[name](seed=seed)
+
+
+def reporter(report: Report) -> Callback:
+    """After each epoch: the trial's holdout accuracy reported to its study at step = epoch;
+    :class:`StopTraining` when its pruner stops it there."""
+    o = optuna()
+    study = o.load_study(study_name=report.name, storage=storage(report.storage), pruner=pruner(report.prune))
+    trial = o.trial.Trial(study, report.trial_id)
+
+    def on_epoch(s: EpochStats, engine: dict) -> None:
+        with warnings.catch_warnings():  # a continued trial reports its last epoch again: Optuna keeps the first
+            warnings.simplefilter("ignore")
+            trial.report(s.val_acc, s.epoch)
+        if s.epoch < report.epochs and trial.should_prune():
+            raise StopTraining(f"trial {report.number} pruned after epoch {s.epoch} (holdout_acc {s.val_acc:.2f}%)",
+                               s.epoch, {TAG_PRUNED: str(s.epoch)})
+    return on_epoch
