@@ -1,5 +1,7 @@
 """What a model costs: counts that can be checked by hand, timings that are only positive."""
 
+import types
+
 from torch import nn
 
 from ttkd import cost
@@ -22,10 +24,19 @@ def test_measure_counts_the_network_and_times_the_served_function_at_batch_1_and
     c = cost.measure(net, served, (1, 8, 8), model_bytes=123, threads=1)
     assert set(batches) == {(1, 1, 8, 8), (cost.THROUGHPUT_BATCH, 1, 8, 8)}
     assert batches.count((1, 1, 8, 8)) == cost.WARMUP_CALLS + cost.LATENCY_CALLS
+    assert batches.count((cost.THROUGHPUT_BATCH, 1, 8, 8)) == 1 + cost.THROUGHPUT_CALLS
     assert (c.params, c.macs, c.model_bytes, c.threads) == (650, 640, 123, 1)
     assert c.latency_ms_b1_cpu > 0 and c.throughput_b256_cpu > 0 and c.latency_ms_b1_cuda is None
     assert set(c.metrics()) == {"params", "macs", "model_bytes", "latency_ms_b1_cpu", "throughput_b256_cpu",
                                 "cost_threads"}
+
+
+def test_timing_stops_once_the_timed_calls_have_taken_their_time(monkeypatch):
+    clock = iter(range(0, 1000))  # every call of perf_counter one second later: each timed call takes 1 s
+    monkeypatch.setattr(cost, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
+    calls = []
+    assert cost.median_seconds(lambda: calls.append(1), 30, warmup=2) == 1
+    assert len(calls) == 2 + cost.TIMED_S  # two untimed, then timed calls until TIMED_S seconds
 
 
 def test_promote_under_a_latency_or_size_budget(store, cli):

@@ -20,9 +20,11 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 LATENCY_CALLS = 30     # timed calls at batch 1 (after WARMUP_CALLS)
-THROUGHPUT_CALLS = 5   # timed calls at THROUGHPUT_BATCH
+THROUGHPUT_CALLS = 5   # timed calls at THROUGHPUT_BATCH (after one untimed call)
 WARMUP_CALLS = 3
 THROUGHPUT_BATCH = 256
+TIMED_S = 2.0          # the timed calls stop once they have taken this long (one at least): a teacher whose
+                       # batch of 256 takes 4 s on one thread is timed once, not five times
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,8 +35,8 @@ class Cost:
     macs: int                       # multiply-accumulates per image
     model_bytes: int                # the served file (network.onnx)
     threads: int                    # CPU threads the CPU timings ran with
-    latency_ms_b1_cpu: float        # one image, median of LATENCY_CALLS calls
-    throughput_b256_cpu: float      # images/s at THROUGHPUT_BATCH, median of THROUGHPUT_CALLS calls
+    latency_ms_b1_cpu: float        # one image, median of LATENCY_CALLS calls (within TIMED_S)
+    throughput_b256_cpu: float      # images/s at THROUGHPUT_BATCH, median of THROUGHPUT_CALLS calls (within TIMED_S)
     latency_ms_b1_cuda: float | None = None
     throughput_b256_cuda: float | None = None
 
@@ -56,13 +58,15 @@ def macs(net: torch.nn.Module, image_shape: tuple[int, ...]) -> int:
     return counter.get_total_flops() // 2
 
 
-def median_seconds(call: Callable[[], object], calls: int, sync: Callable[[], None] = lambda: None) -> float:
-    """The median wall time of ``calls`` calls, after WARMUP_CALLS untimed ones."""
-    for _ in range(WARMUP_CALLS):
+def median_seconds(call: Callable[[], object], calls: int, sync: Callable[[], None] = lambda: None,
+                   warmup: int = WARMUP_CALLS) -> float:
+    """The median wall time of ``calls`` calls (fewer, one at least, once they have taken
+    TIMED_S), after ``warmup`` untimed ones."""
+    for _ in range(warmup):
         call()
     sync()
-    times = []
-    for _ in range(calls):
+    times: list[float] = []
+    while len(times) < calls and sum(times) < TIMED_S:
         start = time.perf_counter()
         call()
         sync()
@@ -77,7 +81,7 @@ def speed(net: torch.nn.Module, image_shape: tuple[int, ...], device: torch.devi
     many = torch.rand(THROUGHPUT_BATCH, *image_shape, device=device)
     with torch.no_grad():
         latency = median_seconds(lambda: net(one), LATENCY_CALLS, sync)
-        batch = median_seconds(lambda: net(many), THROUGHPUT_CALLS, sync)
+        batch = median_seconds(lambda: net(many), THROUGHPUT_CALLS, sync, warmup=1)
     return latency * 1000, THROUGHPUT_BATCH / batch
 
 
@@ -88,7 +92,7 @@ def served_speed(served: Callable[[np.ndarray], object], image_shape: tuple[int,
     one = rng.random((1, *image_shape), dtype=np.float32)
     many = rng.random((THROUGHPUT_BATCH, *image_shape), dtype=np.float32)
     return (median_seconds(lambda: served(one), LATENCY_CALLS) * 1000,
-            THROUGHPUT_BATCH / median_seconds(lambda: served(many), THROUGHPUT_CALLS))
+            THROUGHPUT_BATCH / median_seconds(lambda: served(many), THROUGHPUT_CALLS, warmup=1))
 
 
 def measure(net: torch.nn.Module, served: Callable[[np.ndarray], object], image_shape: tuple[int, ...],
