@@ -306,6 +306,34 @@ def test_sigterm_stops_a_cluster_sweep_and_resume_finishes_it_on_the_cluster(ser
 
 
 
+@pytest.mark.slow
+def test_a_search_on_the_cluster_nests_every_trial_under_its_run_and_tells_one_study(server, nodes, tmp_path):
+    import optuna
+
+    from ttkd.studies import trials
+    from ttkd.studies.schedulers.ray import TAG_NODE
+
+    client = MlflowClient(server)
+    if len(nodes.alive()) < 2:  # the worker was killed by a test before: a new one joins
+        nodes.add_worker()
+    storage = tmp_path / "optuna.log"  # one file both nodes reach, as a shared file system would be
+    proc = subprocess.Popen([sys.executable, "-m", "entry.search", "--space", "lr=0.01:0.3:log;batch_size=32,64",
+                             "--trials", "8", "--epochs", "1", "--amp", "false", "--compile", "false",
+                             "--cluster", nodes.address, "--storage", str(storage), "--experiment", "cluster-search"],
+                            env=sweep_env(server), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+    experiment = client.get_experiment_by_name("cluster-search").experiment_id
+    [parent] = client.search_runs([experiment], "tags.`ttkd.stage` = 'search'")
+    runs = children(client, parent.info.run_id)
+    assert sorted(int(r.data.tags["ttkd.trial"]) for r in runs) == list(range(8))
+    assert all(r.info.status == "FINISHED" and "holdout_acc" in r.data.metrics for r in runs)
+    assert len({r.data.tags[TAG_NODE] for r in runs}) == 2  # both nodes trained trials
+    study = optuna.load_study(study_name=parent.info.run_id, storage=trials.storage(str(storage)))
+    assert len(study.trials) == 8 and all(t.state.is_finished() for t in study.trials)
+    assert out.count("] trial ") == 8 and "best: trial " in out
+
+
 def test_a_node_without_the_data_set_or_with_another_ttkd_fails_its_point_naming_itself(monkeypatch, tmp_path):
     import ray
 
