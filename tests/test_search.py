@@ -67,6 +67,8 @@ def test_a_bad_space_is_one_line_naming_what_to_write(raw, message):
     ({"space": "lr=0.01:0.1", "holdout": "0"}, "invalid holdout: '0'"),
     ({"space": "lr=0.01:0.1", "nproc": "2"}, "a search trains each trial as one process; drop nproc=2"),
     ({"space": "lr=0.01:0.1", "sampler": "bayes"}, "invalid sampler: 'bayes'; sampler must be tpe, random, cmaes or grid"),
+    ({"space": "alpha=0.1:0.9", "teacher": "nope"}, "no registered model named 'nope'"),
+    ({"space": "student_arch=mlp,resnet8", "teacher": "nope", "method": "fitnet"}, "no registered model named"),
 ])
 def test_bad_search_input_is_one_line_and_opens_nothing(store, cli, given, message):
     status, out, err = cli("search", *[a for k, v in given.items() for a in (f"--{k}", v)], "--epochs", "1")
@@ -247,3 +249,10 @@ def test_kill_9_mid_search_then_resume_gives_the_same_trials_as_an_uninterrupted
     assert client.get_run(cut_run.info.run_id).info.status == "FINISHED"  # trial 3 continued in its own run
     assert len(trials_of(client, parent.info.run_id)) == 8
     assert client.get_run(parent.info.run_id).info.status == "FINISHED"
+
+
+def test_searches_of_two_seeds_share_no_question():
+    first = [search.question_seed(0, n) for n in range(50)]
+    second = [search.question_seed(1, n) for n in range(50)]
+    assert not set(first) & set(second) and len(set(first)) == 50
+    assert first == [search.question_seed(0, n) for n in range(50)]  # and a resumed search asks the same

@@ -15,8 +15,8 @@ database: both keep an Alembic version table). Resuming a search (``resume=``) k
 finished trial, tells the study what a trial finished while the search was down, continues an
 interrupted trial from its checkpoint (or starts it again with the same values), and asks for
 new trials until the study holds ``trials``, none counted twice. Before each question the
-sampler is seeded from ``seed`` and the number of trials so far, so with ``jobs=1`` a resumed
-search asks what an uninterrupted one would have.
+sampler is seeded from ``seed`` and the number of trials so far (``question_seed``), so with
+``jobs=1`` a resumed search asks what an uninterrupted one would have.
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from ttkd import data as datasets
 from ttkd import kd, models, tracking
@@ -86,6 +88,12 @@ class Trials:
         return kw | dict(method=method, method_params=self.method_params[method] | own)
 
 
+def question_seed(seed: int, asked_before: int) -> int:
+    """The sampler's seed for the question after ``asked_before`` trials of a search seeded
+    ``seed``: one stream per (seed, count), so searches of two seeds share no question."""
+    return int(np.random.SeedSequence([seed, asked_before]).generate_state(1)[0])
+
+
 def asked(trial, space: Space, method: str) -> dict[str, Any]:
     """The values ``trial`` asks for, ``method`` first (else the search's ``method``): a
     distillation parameter only when the trial's method reads it (alpha for kd, dkd_beta for
@@ -121,7 +129,6 @@ class TrialSource:
         self.space = _space(args["space"])
         self.again: list[tuple] = []  # (number, id, values, unfinished run) of each trial to continue
         self.outcomes: list[Outcome] = []
-        self.running = 0
 
     def recover(self) -> None:
         """Settle what an earlier start left: a trial whose run finished is told as it ended; one
@@ -153,8 +160,8 @@ class TrialSource:
             return self._task(trial_id, number, values, run_id)
         if len(self.study.get_trials(deepcopy=False)) >= self.count:
             return None
-        self.study.sampler = optuna_side.sampler(self.args["sampler"], self.args["seed"] + len(self.study.trials),
-                                                 self.space)
+        self.study.sampler = optuna_side.sampler(self.args["sampler"],
+                                                 question_seed(self.args["seed"], len(self.study.trials)), self.space)
         trial = self.study.ask()
         return self._task(trial._trial_id, trial.number, asked(trial, self.space, self.trials.method), None)
 
@@ -163,11 +170,9 @@ class TrialSource:
         kwargs = self.trials.kwargs(values, self.parent, point)
         report = optuna_side.Report(self.args["storage"], self.args["name"], trial_id, number, self.args["prune"],
                                     kwargs["train"].epochs)
-        self.running += 1
         return Task(point, "trial", kwargs, resume_run, (self.generation, 0), report)
 
     def tell(self, outcome: Outcome) -> None:
-        self.running -= 1
         self.outcomes.append(outcome)
         state = optuna_side.optuna().trial.TrialState
         number = outcome.point.number
