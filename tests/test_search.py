@@ -256,3 +256,56 @@ def test_searches_of_two_seeds_share_no_question():
     second = [search.question_seed(1, n) for n in range(50)]
     assert not set(first) & set(second) and len(set(first)) == 50
     assert first == [search.question_seed(0, n) for n in range(50)]  # and a resumed search asks the same
+
+
+def test_resuming_tells_the_study_what_finished_while_the_search_was_down_and_asks_the_interrupted_again(
+        store, tmp_path):
+    """The search died after trial 0's run finished but before it told the study, and in the middle of
+    trial 1 and trial 2 (which had no run yet): trial 0 is told its holdout_acc, trial 1 continues in its
+    run with its values, trial 2 starts with its values, and nothing new is asked of a study that is full."""
+    import dataclasses
+
+    from ttkd.config import TrainConfig
+
+    study = optuna.create_study(study_name="s", storage=trials.storage(str(tmp_path / "optuna.log")),
+                                direction="maximize")
+    space = parse_space("alpha=0.1:0.9")
+    asked = [study.ask() for _ in range(3)]
+    for t in asked:
+        t.suggest_float("alpha", 0.1, 0.9)
+    client = MlflowClient()
+    parent = client.create_run("0").info.run_id
+
+    def child(number: int, status: str) -> str:
+        run_id = client.create_run("0", tags={"mlflow.parentRunId": parent, "ttkd.point": f"trial {number}"}).info.run_id
+        client.log_metric(run_id, "holdout_acc", 91.5)
+        client.set_terminated(run_id, status)
+        return run_id
+    finished, killed = child(0, "FINISHED"), child(1, "KILLED")
+    args = {"trials": 3, "space": [[n, dataclasses.asdict(d)] for n, d in space], "sampler": "tpe", "seed": 0,
+            "storage": str(tmp_path / "optuna.log"), "name": "s", "prune": "none"}
+    plan = search.Trials("baseline", "mlp", TrainConfig(epochs=3), None, "kd", {},
+                         {"dataset": "digits", "data_dir": None, "stream": None}, 0.1)
+    source = search.TrialSource(study, args, plan, parent, 2, print)
+    source.recover()
+    assert (study.trials[0].state.name, study.trials[0].value) == ("COMPLETE", 91.5)
+    assert client.get_run(finished).data.tags["ttkd.trial_state"] == "COMPLETE"
+    again = [source.ask(), source.ask()]
+    assert [(t.point.number, t.resume_run, t.attempt) for t in again] == [(1, killed, (2, 0)), (2, None, (2, 0))]
+    assert [dict(t.point.values) for t in again] == [asked[1].params, asked[2].params]
+    assert source.ask() is None  # three trials asked already: the study is full
+
+
+def test_a_continued_trial_reports_the_epochs_its_run_logged_before_it_was_stopped(store, tmp_path):
+    """Stopped between epoch 2's metrics and its report to the study, then continued from epoch 2's
+    checkpoint: its first report also gives the study epochs 1 and 2, as an uninterrupted trial's did."""
+    storage = str(tmp_path / "optuna.log")
+    study = optuna.create_study(study_name="s", storage=trials.storage(storage), direction="maximize")
+    trial = study.ask()
+    trial.report(80.0, 1)  # epoch 1 reached the study, epoch 2 did not
+    with mlflow.start_run():
+        for step, value in ((1, 80.0), (2, 85.0)):
+            mlflow.log_metric("holdout_acc", value, step=step)
+        report = trials.reporter(trials.Report(storage, "s", trial._trial_id, trial.number, "none", 4))
+        report(EpochStats(3, {"loss": 1.0}, 0.5, 90.0, 0.1, 1.0, 100.0, None), {})
+    assert study.trials[0].intermediate_values == {1: 80.0, 2: 85.0, 3: 90.0}

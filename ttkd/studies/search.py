@@ -128,7 +128,6 @@ class TrialSource:
         self.count, self.generation, self.print_line = args["trials"], generation, print_line
         self.space = _space(args["space"])
         self.again: list[tuple] = []  # (number, id, values, unfinished run) of each trial to continue
-        self.outcomes: list[Outcome] = []
 
     def recover(self) -> None:
         """Settle what an earlier start left: a trial whose run finished is told as it ended; one
@@ -152,7 +151,10 @@ class TrialSource:
             self.study.tell(number, state=state.PRUNED, skip_if_finished=True)
         else:
             self.study.tell(number, run.data.metrics["holdout_acc"], skip_if_finished=True)
-        tracking.tag_run(run.info.run_id, {TAG_STATE: self.study.trials[number].state.name})
+        tracking.tag_run(run.info.run_id, {TAG_STATE: self._state(number)})
+
+    def _state(self, number: int) -> str:
+        return self.study.get_trials(deepcopy=False)[number].state.name
 
     def ask(self) -> Task | None:
         if self.again:
@@ -160,8 +162,9 @@ class TrialSource:
             return self._task(trial_id, number, values, run_id)
         if len(self.study.get_trials(deepcopy=False)) >= self.count:
             return None
-        self.study.sampler = optuna_side.sampler(self.args["sampler"],
-                                                 question_seed(self.args["seed"], len(self.study.trials)), self.space)
+        asked_before = len(self.study.get_trials(deepcopy=False))
+        self.study.sampler = optuna_side.sampler(self.args["sampler"], question_seed(self.args["seed"], asked_before),
+                                                 self.space)
         trial = self.study.ask()
         return self._task(trial._trial_id, trial.number, asked(trial, self.space, self.trials.method), None)
 
@@ -173,7 +176,6 @@ class TrialSource:
         return Task(point, "trial", kwargs, resume_run, (self.generation, 0), report)
 
     def tell(self, outcome: Outcome) -> None:
-        self.outcomes.append(outcome)
         state = optuna_side.optuna().trial.TrialState
         number = outcome.point.number
         run_id = outcome.result.run_id if outcome.result else attempts.point_run(self.parent, outcome.point.key)
@@ -186,7 +188,7 @@ class TrialSource:
         else:
             self.study.tell(number, state=state.FAIL)
         if run_id:
-            tracking.tag_run(run_id, {TAG_STATE: self.study.trials[number].state.name})
+            tracking.tag_run(run_id, {TAG_STATE: self._state(number)})
         self._line(outcome, None)
 
     def _line(self, o: Outcome, note: str | None) -> None:

@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import warnings
 
+from ttkd import tracking
 from ttkd.callbacks import Callback, StopTraining
 from ttkd.engine import EpochStats
 from ttkd.parsing import Space
@@ -74,10 +75,20 @@ def reporter(report: Report) -> Callback:
     o = optuna()
     study = o.load_study(study_name=report.name, storage=storage(report.storage), pruner=pruner(report.prune))
     trial = o.trial.Trial(study, report.trial_id)
+    first = True
 
     def on_epoch(s: EpochStats, engine: dict) -> None:
-        with warnings.catch_warnings():  # a continued trial reports its last epoch again: Optuna keeps the first
+        nonlocal first
+        earlier = {}
+        if first and s.epoch > 1:  # a continued trial: first what its run logged before, since an attempt
+            # stopped between an epoch's metrics and its report left that epoch out of the study
+            earlier = tracking.metric_by_step(tracking.active_run_id(), "holdout_acc")
+        first = False
+        with warnings.catch_warnings():  # an epoch reported already: Optuna keeps the first value
             warnings.simplefilter("ignore")
+            for step, value in sorted(earlier.items()):
+                if step < s.epoch:
+                    trial.report(value, step)
             trial.report(s.val_acc, s.epoch)
         if s.epoch < report.epochs and trial.should_prune():
             raise StopTraining(f"trial {report.number} pruned after epoch {s.epoch} (holdout_acc {s.val_acc:.2f}%)",

@@ -194,7 +194,15 @@ def set_tracking_uri(uri: str) -> None:
 
 def logged_steps(run_id: str, key: str) -> set[int]:
     """The steps at which run ``run_id`` has metric ``key``."""
-    return {m.step for m in MlflowClient().get_metric_history(run_id, key)}
+    return set(metric_by_step(run_id, key))
+
+
+def metric_by_step(run_id: str, key: str) -> dict[int, float]:
+    """Run ``run_id``'s values of metric ``key`` by step (the first logged at each step)."""
+    found: dict[int, float] = {}
+    for m in sorted(MlflowClient().get_metric_history(run_id, key), key=lambda m: m.timestamp):
+        found.setdefault(m.step, m.value)
+    return found
 
 
 def get_run(run_id: str):
