@@ -102,6 +102,18 @@ def test_a_trial_asks_a_methods_own_parameters_only_when_it_trains_that_method()
     assert (kw["train"].lr, kw["partner"], kw["holdout"], kw["tags"]["ttkd.trial"]) == (0.2, "t/1", 0.1, "3")
 
 
+def test_each_sampler_and_pruner_is_optunas_own_seeded_by_the_question():
+    space = parse_space("lr=0.01,0.1;batch_size=32,64")
+    made = {name: trials.sampler(name, 7, space) for name in ("tpe", "random", "cmaes", "grid")}
+    assert [type(s).__name__ for s in made.values()] == ["TPESampler", "RandomSampler", "CmaEsSampler", "GridSampler"]
+    assert made["grid"]._search_space == {"batch_size": [32, 64], "lr": [0.01, 0.1]}
+    assert [type(trials.pruner(n)).__name__ for n in ("median", "halving", "none")] == [
+        "MedianPruner", "SuccessiveHalvingPruner", "NopPruner"]
+    first = optuna.create_study(sampler=trials.sampler("random", 7, space)).ask().suggest_float("x", 0, 1)
+    again = optuna.create_study(sampler=trials.sampler("random", 7, space)).ask().suggest_float("x", 0, 1)
+    assert first == again  # one seed, one question
+
+
 # ---- the holdout split ------------------------------------------------------------------------
 
 def test_the_holdout_is_carved_from_training_stratified_and_fixed_and_the_validation_split_is_gone():
@@ -142,6 +154,14 @@ def test_the_study_lives_beside_a_local_store_and_never_in_mlflows_database(stor
                                         "Alembic version table there; give the search a database of its own"):
         search.check_storage(store)
     search.check_storage(f"sqlite:///{tmp_path / 'optuna.db'}")  # a database of its own is fine
+
+
+def test_a_search_on_a_tracking_server_says_where_its_study_should_live(monkeypatch):
+    monkeypatch.setattr(search.tracking, "tracking_uri", lambda: "http://10.0.0.1:5000")
+    with pytest.raises(TTKDError, match=r"^a search keeps its Optuna study in a storage of its own, and the tracking "
+                                        r"store is http://10\.0\.0\.1:5000: give storage= "):
+        search.storage_url("")
+    assert search.storage_url("postgresql://u:p@10.0.0.1/optuna") == "postgresql://u:p@10.0.0.1/optuna"
 
 
 def test_two_searches_of_one_name_on_one_storage_are_one_line(store, cli, tmp_path):
