@@ -329,3 +329,16 @@ def test_a_continued_trial_reports_the_epochs_its_run_logged_before_it_was_stopp
         report = trials.reporter(trials.Report(storage, "s", trial._trial_id, trial.number, "none", 4))
         report(EpochStats(3, {"loss": 1.0}, 0.5, 90.0, 0.1, 1.0, 100.0, None), {})
     assert study.trials[0].intermediate_values == {1: 80.0, 2: 85.0, 3: 90.0}
+
+
+def test_a_search_whose_every_trial_fails_is_one_line_and_its_run_failed(store, cli, monkeypatch):
+    from ttkd.kd.logits import CrossEntropy
+
+    real = CrossEntropy.forward
+    monkeypatch.setattr(CrossEntropy, "forward", lambda self, b: real(self, b) | {
+        "loss": real(self, b)["loss"] * float("nan")})  # every trial's loss is NaN from its first step
+    status, out, err = cli("search", "--space", "lr=0.01:0.1", "--trials", "2", "--jobs", "1", "--epochs", "1",
+                           "--amp", "false", "--compile", "false")
+    assert status == 1 and err.count("\n") == 1, err
+    assert "none of the 2 trials completed (the training loss became NaN" in err and "is marked FAILED" in err
+    assert search_run().info.status == "FAILED" and out.count(": FAILED: ") == 2

@@ -128,6 +128,7 @@ class TrialSource:
         self.count, self.generation, self.print_line = args["trials"], generation, print_line
         self.space = _space(args["space"])
         self.again: list[tuple] = []  # (number, id, values, unfinished run) of each trial to continue
+        self.told: list[Outcome] = []   # how each trial of this start ended
 
     def recover(self) -> None:
         """Settle what an earlier start left: a trial whose run finished is told as it ended; one
@@ -176,6 +177,7 @@ class TrialSource:
         return Task(point, "trial", kwargs, resume_run, (self.generation, 0), report)
 
     def tell(self, outcome: Outcome) -> None:
+        self.told.append(outcome)
         state = optuna_side.optuna().trial.TrialState
         number = outcome.point.number
         run_id = outcome.result.run_id if outcome.result else attempts.point_run(self.parent, outcome.point.key)
@@ -345,6 +347,12 @@ def search(*, space: Space, trials: int, train: TrainConfig, sampler: str = "tpe
                 raise TTKDError(f"{left} of {args['trials']} trials did not finish; run {parent} is marked FAILED: "
                                 f"resume={parent} continues them")
             text = finish(study, args, space)
+            complete = optuna_side.optuna().trial.TrialState.COMPLETE
+            if not any(t.state == complete for t in study.get_trials(deepcopy=False)):
+                failed = next((o.error for o in source.told if o.error and not o.pruned), "every trial was pruned")
+                log.info(text)
+                raise TTKDError(f"none of the {args['trials']} trials completed ({failed}); search run {parent} is "
+                                f"marked FAILED and chose nothing: widen or move the space, then search again")
             status = "FINISHED"
         finally:
             tracking.end_run(status)
@@ -398,7 +406,7 @@ def finish(study, args: dict, space: Space) -> str:
     text = head + "\n" + table
     tracking.log_text(text, "trials.md")
     tracking.log_text(study.trials_dataframe().to_csv(index=False), "trials.csv")
-    tracking.log_figures(figures(study))
+    tracking.log_figures(figures(study) if complete else {})
     return text
 
 
