@@ -149,19 +149,19 @@ def test_metrics_measured_on_the_holdout_are_named_by_it():
 # ---- the study's storage ----------------------------------------------------------------------
 
 def test_the_study_lives_beside_a_local_store_and_never_in_mlflows_database(store, tmp_path):
-    assert search.storage_url("") == str(tmp_path / "optuna.log")
+    assert trials.storage_url("") == str(tmp_path / "optuna.log")
     with pytest.raises(TTKDError, match="holds MLflow's tracking tables, and Optuna and MLflow each keep an "
                                         "Alembic version table there; give the search a database of its own"):
-        search.check_storage(store)
-    search.check_storage(f"sqlite:///{tmp_path / 'optuna.db'}")  # a database of its own is fine
+        trials.check_storage(store)
+    trials.check_storage(f"sqlite:///{tmp_path / 'optuna.db'}")  # a database of its own is fine
 
 
 def test_a_search_on_a_tracking_server_says_where_its_study_should_live(monkeypatch):
-    monkeypatch.setattr(search.tracking, "tracking_uri", lambda: "http://10.0.0.1:5000")
+    monkeypatch.setattr(trials.tracking, "tracking_uri", lambda: "http://10.0.0.1:5000")
     with pytest.raises(TTKDError, match=r"^a search keeps its Optuna study in a storage of its own, and the tracking "
                                         r"store is http://10\.0\.0\.1:5000: give storage= "):
-        search.storage_url("")
-    assert search.storage_url("postgresql://u:p@10.0.0.1/optuna") == "postgresql://u:p@10.0.0.1/optuna"
+        trials.storage_url("")
+    assert trials.storage_url("postgresql://u:p@10.0.0.1/optuna") == "postgresql://u:p@10.0.0.1/optuna"
 
 
 def test_two_searches_of_one_name_on_one_storage_are_one_line(store, cli, tmp_path):

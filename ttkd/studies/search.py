@@ -26,9 +26,7 @@ import logging
 import os
 import signal
 import tempfile
-import urllib.parse
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -45,6 +43,7 @@ from ttkd.stages import STREAM_WORDS, TAG_STAGE, StageInterrupted
 from ttkd.step import resolve_device
 from ttkd.studies import trials as optuna_side
 from ttkd.studies.plan import TAG_POINT, Outcome, Task, TrialPoint
+from ttkd.studies.report import trials as trials_report
 from ttkd.studies.runner import drive
 from ttkd.studies.schedulers.local import LocalPool, WorkerDied
 from ttkd.studies.schedulers.ray import Placement, RayCluster
@@ -53,7 +52,6 @@ from ttkd.tracking import attempts, log_params, modelstore, registry
 log = logging.getLogger(__name__)  # shown by the entry points (entry/options.py)
 TAG_STATE = "ttkd.trial_state"     # a trial's run: COMPLETE, PRUNED or FAIL, as its study has it
 TAG_STUDY = "ttkd.optuna_study"    # the search's run: its study's name and storage
-STORAGE_FILE = "optuna.log"        # beside a local tracking store
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,43 +211,6 @@ def _space(space) -> Space:
                                                         d["integer"])) for n, d in space)
 
 
-def storage_url(given: str) -> str:
-    """Where the search's Optuna study lives: ``given``, else ``optuna.log`` beside a file or
-    SQLite tracking store. A tracking server's store is not this machine's to write beside:
-    a search on one needs ``storage=``."""
-    if given:
-        return given if "://" in given or given.startswith("sqlite:") else str(Path(given).resolve())
-    uri = tracking.tracking_uri()
-    parsed = urllib.parse.urlparse(uri)
-    if parsed.scheme == "sqlite":
-        return str(Path(uri.removeprefix("sqlite:///")).resolve().parent / STORAGE_FILE)
-    if parsed.scheme in ("", "file"):
-        return str(Path(parsed.path).resolve().parent / STORAGE_FILE)
-    raise TTKDError(f"a search keeps its Optuna study in a storage of its own, and the tracking store is {uri}: "
-                    f"give storage= (a database of its own on your PostgreSQL server, postgresql://..., or a file "
-                    f"every machine of the search can reach)")
-
-
-def check_storage(url: str) -> None:
-    """Refuse MLflow's own database as the study's: both keep an ``alembic_version`` table."""
-    if url.split(":", 1)[0].split("+")[0] not in ("sqlite", "postgresql", "mysql"):
-        Path(url).parent.mkdir(parents=True, exist_ok=True)
-        return
-    import sqlalchemy
-
-    engine = sqlalchemy.create_engine(url)
-    try:
-        tables = set(sqlalchemy.inspect(engine).get_table_names())
-    except sqlalchemy.exc.SQLAlchemyError as exc:
-        raise TTKDError(f"storage={url} cannot be opened ({str(exc).splitlines()[0]}); give a database that "
-                        f"exists, or a file path") from None
-    finally:
-        engine.dispose()
-    if {"experiments", "runs"} <= tables:
-        raise TTKDError(f"storage={url} holds MLflow's tracking tables, and Optuna and MLflow each keep an Alembic "
-                        f"version table there; give the search a database of its own (CREATE DATABASE ...)")
-
-
 def _check(trials: Trials, space: Space, args: dict) -> None:
     """Everything a user can get wrong, before the search's run opens: the data set and its
     holdout, the architectures and device, the teacher (verified once), each method against
@@ -300,7 +261,7 @@ def search(*, space: Space, trials: int, train: TrainConfig, sampler: str = "tpe
     plan = Trials("distill" if teacher else "baseline", student_arch, train, pinned, method,
                   {m: dict(params.get(m, {})) for m in methods},
                   dict(dataset=dataset, data_dir=data_dir, stream=stream), holdout, partner_data, trust_unverified)
-    storage = storage_url(storage)
+    storage = optuna_side.storage_url(storage)
     args = {"space": [[n, dataclasses.asdict(d)] for n, d in space], "trials": trials, "sampler": sampler,
             "prune": prune, "holdout": holdout, "teacher": teacher, "student_arch": student_arch, "method": method,
             "methods": list(methods), "method_params": plan.method_params, "dataset": dataset, "data_dir": data_dir,
@@ -309,7 +270,7 @@ def search(*, space: Space, trials: int, train: TrainConfig, sampler: str = "tpe
             "gpus_per_point": gpus_per_point, "cluster_auth": cluster_auth, "train": dataclasses.asdict(train),
             "seed": train.seed, "pinned": pinned}
     _check(plan, space, args)
-    check_storage(storage)
+    optuna_side.check_storage(storage)
     if name and not resume_run and name in o.get_all_study_names(optuna_side.storage(storage)):
         owner = o.load_study(study_name=name, storage=optuna_side.storage(storage)).user_attrs.get("mlflow_run", "?")
         raise TTKDError(f"a search named {name!r} already lives in {storage} (run {owner}); continue it with "
@@ -326,37 +287,46 @@ def search(*, space: Space, trials: int, train: TrainConfig, sampler: str = "tpe
             else:
                 args["name"] = name or parent
                 _record(args, plan, space)
-            study = o.create_study(study_name=args["name"], storage=optuna_side.storage(args["storage"]),
-                                   direction="maximize", pruner=optuna_side.pruner(args["prune"]),
-                                   load_if_exists=bool(resume_run))
-            study.set_user_attr("mlflow_run", parent)
-            source = TrialSource(study, args, plan, parent, attempts.next_generation(parent), print_line)
-            source.recover()
-            try:
-                signum = drive(source, scheduler)
-            except WorkerDied as exc:
-                raise TTKDError(f"a worker process died while training {exc}; run {parent} is marked FAILED: "
-                                f"resume={parent} continues it") from None
-            left = args["trials"] - len([t for t in study.get_trials(deepcopy=False) if t.state.is_finished()])
-            if signum is not None:
-                status = "KILLED"
-                raise StageInterrupted(f"stopped by {signal.Signals(signum).name} with {left} of {args['trials']} "
-                                       f"trials unfinished; search run {parent} is marked KILLED and keeps every "
-                                       f"finished trial: continue it with resume={parent}", signum)
-            if left:
-                raise TTKDError(f"{left} of {args['trials']} trials did not finish; run {parent} is marked FAILED: "
-                                f"resume={parent} continues them")
-            text = finish(study, args, space)
-            complete = optuna_side.optuna().trial.TrialState.COMPLETE
-            if not any(t.state == complete for t in study.get_trials(deepcopy=False)):
-                failed = next((o.error for o in source.told if o.error and not o.pruned), "every trial was pruned")
-                log.info(text)
-                raise TTKDError(f"none of the {args['trials']} trials completed ({failed}); search run {parent} is "
-                                f"marked FAILED and chose nothing: widen or move the space, then search again")
+            text = _run_trials(args, plan, space, parent, scheduler, print_line)
             status = "FINISHED"
+        except StageInterrupted:
+            status = "KILLED"
+            raise
         finally:
             tracking.end_run(status)
         return text
+
+
+def _run_trials(args: dict, plan: Trials, space: Space, parent: str, scheduler, print_line) -> str:
+    """Open the study (or reopen it), settle what an earlier start left, train every trial on
+    ``scheduler`` and tell the study; then log the report. Raises when the search was stopped,
+    left trials unfinished or chose nothing."""
+    o = optuna_side.optuna()
+    study = o.create_study(study_name=args["name"], storage=optuna_side.storage(args["storage"]),
+                           direction="maximize", pruner=optuna_side.pruner(args["prune"]), load_if_exists=True)
+    study.set_user_attr("mlflow_run", parent)
+    source = TrialSource(study, args, plan, parent, attempts.next_generation(parent), print_line)
+    source.recover()
+    try:
+        signum = drive(source, scheduler)
+    except WorkerDied as exc:
+        raise TTKDError(f"a worker process died while training {exc}; run {parent} is marked FAILED: "
+                        f"resume={parent} continues it") from None
+    left = args["trials"] - len([t for t in study.get_trials(deepcopy=False) if t.state.is_finished()])
+    if signum is not None:
+        raise StageInterrupted(f"stopped by {signal.Signals(signum).name} with {left} of {args['trials']} trials "
+                               f"unfinished; search run {parent} is marked KILLED and keeps every finished trial: "
+                               f"continue it with resume={parent}", signum)
+    if left:
+        raise TTKDError(f"{left} of {args['trials']} trials did not finish; run {parent} is marked FAILED: "
+                        f"resume={parent} continues them")
+    text = finish(study, args, space)
+    if not any(t.state == o.trial.TrialState.COMPLETE for t in study.get_trials(deepcopy=False)):
+        failed = next((x.error for x in source.told if x.error and not x.pruned), "every trial was pruned")
+        log.info(text)
+        raise TTKDError(f"none of the {args['trials']} trials completed ({failed}); search run {parent} is "
+                        f"marked FAILED and chose nothing: widen or move the space, then search again")
+    return text
 
 
 def _record(args: dict, plan: Trials, space: Space) -> None:
@@ -376,59 +346,19 @@ def _record(args: dict, plan: Trials, space: Space) -> None:
 
 def finish(study, args: dict, space: Space) -> str:
     """The search's results on its run: the best configuration (``best.json``, parameters
-    ``best.NAME``, metric ``best_holdout_acc``), the table of trials (``trials.md``,
-    ``trials.csv``) and Optuna's figures; returns the table and the best configuration."""
-    state = optuna_side.optuna().trial.TrialState
-    done = study.get_trials(deepcopy=False)
-    complete = [t for t in done if t.state == state.COMPLETE]
-    names = [n for n, _ in space]
-    lines = [f"| trial | state | holdout_acc (%) | epochs | {' | '.join(names)} |",
-             "|---:|---|---:|---:|" + "---|" * len(names)]
-    for t in done:
-        value = f"{t.value:.2f}" if t.value is not None else ""
-        epochs = max(t.intermediate_values, default="")
-        lines.append(f"| {t.number} | {t.state.name} | {value} | {epochs} | "
-                     + " | ".join(show(t.params[n]) if n in t.params else "" for n in names) + " |")
-    table = "\n".join(lines) + "\n"
-    counts = {s.name: sum(t.state == s for t in done) for s in (state.COMPLETE, state.PRUNED, state.FAIL)}
-    head = (f"search {args['name']}: {len(done)} trials ({', '.join(f'{v} {k.lower()}' for k, v in counts.items())}), "
-            f"{args['sampler']} sampler, pruner {args['prune']}, evaluated on a holdout of "
-            f"{args['holdout']:g} of the training split\n")
+    ``best.NAME``, metrics ``best_holdout_acc`` and ``best_trial``), the table of trials
+    (``trials.md``, ``trials.csv``) and Optuna's figures; returns the table and the best."""
+    text = trials_report.markdown(study, args, [n for n, _ in space])
+    complete = any(t.state.name == "COMPLETE" for t in study.get_trials(deepcopy=False))
     if complete:
         best = study.best_trial
-        config = " ".join(f"{n}={show(v)}" for n, v in best.params.items())
-        head += f"best: trial {best.number}, holdout_acc {best.value:.2f}%: {config}\n"
         log_params({f"best.{n}": v for n, v in best.params.items()})
         tracking.log_metrics({"best_holdout_acc": best.value, "best_trial": best.number})
         tracking.log_dict({"trial": best.number, "holdout_acc": best.value, "params": best.params}, "best.json")
-    else:
-        head += "no trial completed: nothing to choose\n"
-    text = head + "\n" + table
     tracking.log_text(text, "trials.md")
     tracking.log_text(study.trials_dataframe().to_csv(index=False), "trials.csv")
-    tracking.log_figures(figures(study) if complete else {})
+    tracking.log_figures(trials_report.figures(study) if complete else {})
     return text
-
-
-def figures(study) -> dict[str, Any]:
-    """Optuna's own matplotlib figures of the study: the optimisation history, each trial's
-    holdout accuracy by epoch, and the parameters' importances (with two completed trials or
-    more, and more than one parameter that varied)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from optuna.visualization import matplotlib as plots
-
-    found = {"optimization_history.png": plots.plot_optimization_history,
-             "intermediate_values.png": plots.plot_intermediate_values,
-             "param_importances.png": plots.plot_param_importances}
-    made = {}
-    for file, plot in found.items():
-        try:
-            made[file] = plot(study).figure
-        except (ValueError, RuntimeError, ZeroDivisionError) as exc:  # too few trials for this figure
-            log.info(f"{file}: not drawn ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})")
-    return made
 
 
 def resume_search(reference: str, cfg: RunConfig | None = None, print_line: Callable[[str], None] = print,

@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import urllib.parse
 import warnings
+from pathlib import Path
 
 from ttkd import tracking
 from ttkd.callbacks import Callback, StopTraining
 from ttkd.engine import EpochStats
+from ttkd.errors import TTKDError
 from ttkd.parsing import Space
 
 TAG_PRUNED = "ttkd.pruned"  # a trial its pruner stopped: the last epoch it trained
+STORAGE_FILE = "optuna.log"  # a study's storage beside a local tracking store
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +55,43 @@ def storage(url: str):
     from optuna.storages.journal import JournalFileBackend
 
     return o.storages.JournalStorage(JournalFileBackend(url))
+
+
+def storage_url(given: str) -> str:
+    """Where the search's Optuna study lives: ``given``, else ``optuna.log`` beside a file or
+    SQLite tracking store. A tracking server's store is not this machine's to write beside:
+    a search on one needs ``storage=``."""
+    if given:
+        return given if "://" in given or given.startswith("sqlite:") else str(Path(given).resolve())
+    uri = tracking.tracking_uri()
+    parsed = urllib.parse.urlparse(uri)
+    if parsed.scheme == "sqlite":
+        return str(Path(uri.removeprefix("sqlite:///")).resolve().parent / STORAGE_FILE)
+    if parsed.scheme in ("", "file"):
+        return str(Path(parsed.path).resolve().parent / STORAGE_FILE)
+    raise TTKDError(f"a search keeps its Optuna study in a storage of its own, and the tracking store is {uri}: "
+                    f"give storage= (a database of its own on your PostgreSQL server, postgresql://..., or a file "
+                    f"every machine of the search can reach)")
+
+
+def check_storage(url: str) -> None:
+    """Refuse MLflow's own database as the study's: both keep an ``alembic_version`` table."""
+    if url.split(":", 1)[0].split("+")[0] not in ("sqlite", "postgresql", "mysql"):
+        Path(url).parent.mkdir(parents=True, exist_ok=True)
+        return
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(url)
+    try:
+        tables = set(sqlalchemy.inspect(engine).get_table_names())
+    except sqlalchemy.exc.SQLAlchemyError as exc:
+        raise TTKDError(f"storage={url} cannot be opened ({str(exc).splitlines()[0]}); give a database that "
+                        f"exists, or a file path") from None
+    finally:
+        engine.dispose()
+    if {"experiments", "runs"} <= tables:
+        raise TTKDError(f"storage={url} holds MLflow's tracking tables, and Optuna and MLflow each keep an Alembic "
+                        f"version table there; give the search a database of its own (CREATE DATABASE ...)")
 
 
 def pruner(name: str):
