@@ -261,7 +261,7 @@ def test_kill_9_mid_search_then_resume_gives_the_same_trials_as_an_uninterrupted
     [cut_run] = mlflow.search_runs(output_format="list", filter_string=(
         f"tags.`ttkd.trial` = '3' and tags.`mlflow.parentRunId` = '{parent.info.run_id}'"))
     assert cut_run.info.status == "RUNNING"  # killed mid-trial: nobody could close it
-    status, out, err = cli("search", "--resume", "last")
+    status, out, err = cli("search", *args, "--name", "cut", "--resume", "last")  # the command, resume=last added
     assert status == 0, err
     cut = optuna.load_study(study_name="cut", storage=storage)
     assert len(cut.trials) == 8 and outcome(cut) == outcome(whole)

@@ -340,7 +340,8 @@ def _record(args: dict, plan: Trials, space: Space) -> None:
                 "teacher_pinned": args["pinned"] or "", "student_arch": args["student_arch"],
                 "dataset": args["dataset"], "data_dir": args["data_dir"] or "", "stream": STREAM_WORDS[args["stream"]],
                 "name": args["name"], "storage": args["storage"], "jobs": args["jobs"], "threads": args["threads"],
-                "cluster": args["cluster"]} | args["train"] | fixed)
+                "cluster": args["cluster"]} | ({"method": args["method"]} if args["teacher"] else {})
+               | args["train"] | fixed)
     tracking.log_dict(args, "search.json")
 
 
