@@ -342,3 +342,21 @@ def test_a_search_whose_every_trial_fails_is_one_line_and_its_run_failed(store, 
     assert status == 1 and err.count("\n") == 1, err
     assert "none of the 2 trials completed (the training loss became NaN" in err and "is marked FAILED" in err
     assert search_run().info.status == "FAILED" and out.count(": FAILED: ") == 2
+
+
+def test_a_trial_retried_after_its_run_finished_is_not_trained_again(store):
+    """Ray runs a task again when its node died, even after the trial's run finished: the retry
+    reads how the trial ended from its run instead of training it in a new one."""
+    from ttkd.studies.plan import Task
+    from ttkd.studies.runner import latest_attempt
+
+    client = MlflowClient()
+    parent = client.create_run("0").info.run_id
+    for number, tags in ((0, {}), (1, {"ttkd.pruned": "2"})):
+        run_id = client.create_run("0", tags={"mlflow.parentRunId": parent, "ttkd.point": f"trial {number}",
+                                              "ttkd.trial": str(number), **tags}).info.run_id
+        client.log_metric(run_id, "holdout_acc", 93.0 - number)
+        client.set_terminated(run_id, "FINISHED")
+    done, pruned = (latest_attempt(Task(search.TrialPoint(n), "trial", {"parent_run_id": parent})) for n in (0, 1))
+    assert (done.result.val_acc, done.result.split, done.reused) == (93.0, "holdout", True)
+    assert (pruned.result, pruned.pruned, pruned.reused) == (None, 2, True)

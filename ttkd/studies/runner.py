@@ -24,7 +24,7 @@ from ttkd.callbacks import StopTraining
 from ttkd.console import Terminal
 from ttkd.stages import TAG_PARTNER, StageInterrupted, StageResult
 from ttkd.studies import trials
-from ttkd.studies.plan import TAG_POINT, Outcome, Plan, Point, Task
+from ttkd.studies.plan import TAG_POINT, TAG_TRIAL, Outcome, Plan, Point, Task, TrialPoint
 from ttkd.studies.schedulers import Scheduler
 from ttkd.tracking import attempts, registry
 
@@ -115,6 +115,17 @@ def finished_result(run) -> StageResult | None:
     return StageResult(run.info.run_id, ref, m["val_acc"], m.get("agreement"), partner, m.get("partner_val_acc"))
 
 
+def trial_outcome(point: TrialPoint, run) -> Outcome:
+    """How a search's trial ended, read from its finished run: pruned after an epoch (tag
+    ``ttkd.pruned``), or its last epoch's holdout_acc."""
+    pruned = run.data.tags.get(trials.TAG_PRUNED)
+    if pruned:
+        return Outcome(point, error=f"{point.key} pruned after epoch {pruned}", pruned=int(pruned), reused=True)
+    m = run.data.metrics
+    return Outcome(point, StageResult(run.info.run_id, None, m["holdout_acc"], m.get("holdout_agreement"), None,
+                                      None, "holdout"), reused=True)
+
+
 def latest_attempt(task: Task) -> str | Outcome | None:
     """What an earlier attempt at ``task``'s point left (its process or node died): the
     id of its unfinished run to continue, or, when that run had registered its model and
@@ -131,6 +142,8 @@ def latest_attempt(task: Task) -> str | Outcome | None:
     if not runs:
         return None
     run = runs[0]
+    if run.info.status == "FINISHED" and TAG_TRIAL in run.data.tags:  # a trial registers nothing: its run tells
+        return trial_outcome(task.point, run)
     result = finished_result(run)
     if result is not None:
         if run.info.status != "FINISHED":

@@ -44,7 +44,7 @@ from ttkd.step import resolve_device
 from ttkd.studies import trials as optuna_side
 from ttkd.studies.plan import TAG_POINT, Outcome, Task, TrialPoint
 from ttkd.studies.report import trials as trials_report
-from ttkd.studies.runner import drive
+from ttkd.studies.runner import drive, trial_outcome
 from ttkd.studies.schedulers.local import LocalPool, WorkerDied
 from ttkd.studies.schedulers.ray import Placement, RayCluster
 from ttkd.tracking import attempts, log_params, modelstore, registry
@@ -133,24 +133,19 @@ class TrialSource:
         interrupted is asked again (its run continued from its checkpoint, if it has one)."""
         o = optuna_side.optuna()
         for t in self.study.get_trials(deepcopy=False, states=(o.trial.TrialState.RUNNING,)):
-            key = TrialPoint(t.number).key
-            claimed = attempts.point_run(self.parent, key)
-            runs = ([tracking.get_run(claimed)] if claimed else
-                    tracking.child_runs(self.parent, {TAG_POINT: key}, newest_first=True, limit=1))
-            run = runs[0] if runs and runs[0] is not None else None
-            if run is not None and run.info.status == "FINISHED":
-                self._settle(t.number, run)
+            run_id = self._run_of(TrialPoint(t.number).key)
+            run = tracking.get_run(run_id) if run_id else None
+            if run is not None and run.info.status == "FINISHED":  # told as it ended
+                self.tell(trial_outcome(TrialPoint(t.number, tuple(t.params.items())), run))
             else:  # (its values again: those asked before the search stopped, the rest asked now)
                 values = asked(o.trial.Trial(self.study, t._trial_id), self.space, self.trials.method)
                 self.again.append((t.number, t._trial_id, values, run.info.run_id if run is not None else None))
 
-    def _settle(self, number: int, run) -> None:
-        state = optuna_side.optuna().trial.TrialState
-        if optuna_side.TAG_PRUNED in run.data.tags:
-            self.study.tell(number, state=state.PRUNED, skip_if_finished=True)
-        else:
-            self.study.tell(number, run.data.metrics["holdout_acc"], skip_if_finished=True)
-        tracking.tag_run(run.info.run_id, {TAG_STATE: self._state(number)})
+    def _run_of(self, key: str) -> str | None:
+        """The run of trial ``key``: the one its newest attempt claimed, else the newest with its tag."""
+        claimed = attempts.point_run(self.parent, key)
+        runs = [] if claimed else tracking.child_runs(self.parent, {TAG_POINT: key}, newest_first=True, limit=1)
+        return claimed or (runs[0].info.run_id if runs else None)
 
     def _state(self, number: int) -> str:
         return self.study.get_trials(deepcopy=False)[number].state.name
@@ -178,7 +173,7 @@ class TrialSource:
         self.told.append(outcome)
         state = optuna_side.optuna().trial.TrialState
         number = outcome.point.number
-        run_id = outcome.result.run_id if outcome.result else attempts.point_run(self.parent, outcome.point.key)
+        run_id = outcome.result.run_id if outcome.result else self._run_of(outcome.point.key)
         if outcome.result is not None:
             self.study.tell(number, outcome.result.val_acc)
         elif outcome.pruned:
