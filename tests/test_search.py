@@ -306,7 +306,7 @@ def test_resuming_tells_the_study_what_finished_while_the_search_was_down_and_as
             "storage": str(tmp_path / "optuna.log"), "name": "s", "prune": "none"}
     plan = search.Trials("baseline", "mlp", TrainConfig(epochs=3), None, "kd", {},
                          {"dataset": "digits", "data_dir": None, "stream": None}, 0.1)
-    source = search.TrialSource(study, args, plan, parent, 2, print)
+    source = search.TrialSource(study, args, plan, space, parent, 2, print)
     source.recover()
     assert (study.trials[0].state.name, study.trials[0].value) == ("COMPLETE", 91.5)
     assert client.get_run(finished).data.tags["ttkd.trial_state"] == "COMPLETE"

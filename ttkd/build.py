@@ -42,6 +42,11 @@ def shapes(net: torch.nn.Module, image_shape) -> kd.Shapes:
     return kd.Shapes(tuple(tuple(m.shape[1:]) for m in maps), embedding.shape[1])
 
 
+def network(arch: str, data) -> torch.nn.Module:
+    """A fresh ``arch`` for ``data``'s images and classes."""
+    return models.build(arch, data.num_classes, data.in_channels, image_size=data.image_shape[-1])
+
+
 def build_method(method: str, role: str, data, model: torch.nn.Module, partner: torch.nn.Module | None,
                  params: dict, model_arch: str = "", partner_arch: str = "") -> torch.nn.Module:
     """The ``ttkd.kd`` objective ``method`` for ``model`` beside ``partner`` on ``data``;
@@ -96,11 +101,10 @@ def build(setup: Setup, data: datasets.ImageData | None = None):
     check_batch(len(data.train_y), len(data.val_y), setup.train.batch_size, distributed.size())
     set_deterministic(setup.train.deterministic)
     seed_everything(setup.train.seed)
-    model = models.build(setup.arch, data.num_classes, data.in_channels, image_size=data.image_shape[-1])
+    model = network(setup.arch, data)
     partner_net = None
     if setup.partner_arch is not None:
-        partner_net = models.build(setup.partner_arch, data.num_classes, data.in_channels,
-                                   image_size=data.image_shape[-1])
+        partner_net = network(setup.partner_arch, data)
         partner_net.load_state_dict(setup.partner_state)
         partner_net.eval()
     objective = build_method(setup.method, spec.role, data, model, partner_net, setup.method_params,

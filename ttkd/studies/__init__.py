@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 from ttkd import data as datasets
 from ttkd import kd, models, tracking
-from ttkd.build import build_method
+from ttkd.build import build_method, network
 from ttkd.config import TrainConfig
 from ttkd.errors import TTKDError
 from ttkd.parsing import axes_text, show
@@ -224,15 +224,13 @@ def _check(plan: Plan) -> None:
     models.get(plan.student_arch), models.get(plan.teacher_arch)
     resolve_device(plan.student_train.device), resolve_device(plan.teacher_train.device)
     data = datasets.load(plan.data["dataset"], plan.data["data_dir"], plan.data["stream"])
-    build = lambda arch: models.build(arch, data.num_classes, data.in_channels,  # noqa: E731
-                                      image_size=data.image_shape[-1])
     first = plan.grid.seeds[0]
     for point in plan.grid.points():  # a method that cannot pair these networks' features fails now
         if point.role == "kd" and point.seed == first and kd.get(point.method).features:
             kw = plan.task(point, {}, "", partner_of=False).kwargs
             teacher = dict(point.values).get("teacher_arch", plan.teacher_arch)
-            build_method(point.method, "distill", data, build(kw["arch"]), build(teacher), kw["method_params"],
-                         kw["arch"], teacher)
+            build_method(point.method, "distill", data, network(kw["arch"], data), network(teacher, data),
+                         kw["method_params"], kw["arch"], teacher)
 
 
 def _run_grid(kind: str, run_name: str, plan: Plan, args: dict, params: dict, student_train: TrainConfig,

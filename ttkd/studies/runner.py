@@ -115,6 +115,17 @@ def finished_result(run) -> StageResult | None:
     return StageResult(run.info.run_id, ref, m["val_acc"], m.get("agreement"), partner, m.get("partner_val_acc"))
 
 
+def current_run(parent_id: str, key: str):
+    """The run of point (or trial) ``key`` under ``parent_id``: the one its newest attempt claimed,
+    unless deleted, else (a run started before attempts were claimed) the newest with its tag."""
+    claimed = attempts.point_run(parent_id, key)
+    if claimed is not None:
+        run = tracking.get_run(claimed)
+        return run if run is not None and run.info.lifecycle_stage == "active" else None
+    runs = tracking.child_runs(parent_id, {TAG_POINT: key}, newest_first=True, limit=1)
+    return runs[0] if runs else None
+
+
 def trial_outcome(point: TrialPoint, run) -> Outcome:
     """How a search's trial ended, read from its finished run: pruned after an epoch (tag
     ``ttkd.pruned``), or its last epoch's holdout_acc."""
@@ -132,16 +143,9 @@ def latest_attempt(task: Task) -> str | Outcome | None:
     only failed to close, its outcome (the run is closed now); None: no earlier attempt."""
     if task.resume_run:
         return task.resume_run
-    claimed = attempts.point_run(task.kwargs["parent_run_id"], task.point.key)
-    if claimed is not None:  # the run the newest attempt at this point trains in
-        run = tracking.get_run(claimed)
-        runs = [run] if run.info.lifecycle_stage == "active" else []
-    else:  # (a run started before attempts were claimed)
-        runs = tracking.child_runs(task.kwargs["parent_run_id"], {TAG_POINT: task.point.key}, newest_first=True,
-                                   limit=1)
-    if not runs:
+    run = current_run(task.kwargs["parent_run_id"], task.point.key)
+    if run is None:
         return None
-    run = runs[0]
     if run.info.status == "FINISHED" and TAG_TRIAL in run.data.tags:  # a trial registers nothing: its run tells
         return trial_outcome(task.point, run)
     result = finished_result(run)

@@ -33,7 +33,7 @@ import numpy as np
 
 from ttkd import data as datasets
 from ttkd import kd, models, tracking
-from ttkd.build import build_method
+from ttkd.build import build_method, network
 from ttkd.config import TRAIN, TrainConfig, method_uses
 from ttkd.errors import TTKDError
 from ttkd.parsing import Dist, Space, axis_roles, show, space_text
@@ -42,9 +42,9 @@ from ttkd.resuming import unfinished_run
 from ttkd.stages import STREAM_WORDS, TAG_STAGE, StageInterrupted
 from ttkd.step import resolve_device
 from ttkd.studies import trials as optuna_side
-from ttkd.studies.plan import TAG_POINT, Outcome, Task, TrialPoint
+from ttkd.studies.plan import Outcome, Task, TrialPoint
 from ttkd.studies.report import trials as trials_report
-from ttkd.studies.runner import drive, trial_outcome
+from ttkd.studies.runner import current_run, drive, trial_outcome
 from ttkd.studies.schedulers.local import LocalPool, WorkerDied
 from ttkd.studies.schedulers.ray import Placement, RayCluster
 from ttkd.tracking import attempts, log_params, modelstore, registry
@@ -120,11 +120,10 @@ class TrialSource:
 
     verbose = False
 
-    def __init__(self, study, args: dict, trials: Trials, parent_run_id: str, generation: int,
+    def __init__(self, study, args: dict, trials: Trials, space: Space, parent_run_id: str, generation: int,
                  print_line: Callable[[str], None]):
-        self.study, self.args, self.trials, self.parent = study, args, trials, parent_run_id
+        self.study, self.args, self.trials, self.space, self.parent = study, args, trials, space, parent_run_id
         self.count, self.generation, self.print_line = args["trials"], generation, print_line
-        self.space = _space(args["space"])
         self.again: list[tuple] = []  # (number, id, values, unfinished run) of each trial to continue
         self.told: list[Outcome] = []   # how each trial of this start ended
 
@@ -133,19 +132,19 @@ class TrialSource:
         interrupted is asked again (its run continued from its checkpoint, if it has one)."""
         o = optuna_side.optuna()
         for t in self.study.get_trials(deepcopy=False, states=(o.trial.TrialState.RUNNING,)):
-            run_id = self._run_of(TrialPoint(t.number).key)
-            run = tracking.get_run(run_id) if run_id else None
+            run = current_run(self.parent, TrialPoint(t.number).key)
             if run is not None and run.info.status == "FINISHED":  # told as it ended
                 self.tell(trial_outcome(TrialPoint(t.number, tuple(t.params.items())), run))
             else:  # (its values again: those asked before the search stopped, the rest asked now)
                 values = asked(o.trial.Trial(self.study, t._trial_id), self.space, self.trials.method)
                 self.again.append((t.number, t._trial_id, values, run.info.run_id if run is not None else None))
 
-    def _run_of(self, key: str) -> str | None:
-        """The run of trial ``key``: the one its newest attempt claimed, else the newest with its tag."""
-        claimed = attempts.point_run(self.parent, key)
-        runs = [] if claimed else tracking.child_runs(self.parent, {TAG_POINT: key}, newest_first=True, limit=1)
-        return claimed or (runs[0].info.run_id if runs else None)
+    def _run_id(self, outcome: Outcome) -> str | None:
+        """The run a trial trained in: its result's, or (pruned, failed) the one its attempt claimed."""
+        if outcome.result is not None:
+            return outcome.result.run_id
+        run = current_run(self.parent, outcome.point.key)
+        return run.info.run_id if run is not None else None
 
     def _state(self, number: int) -> str:
         return self.study.get_trials(deepcopy=False)[number].state.name
@@ -154,9 +153,9 @@ class TrialSource:
         if self.again:
             number, trial_id, values, run_id = self.again.pop(0)
             return self._task(trial_id, number, values, run_id)
-        if len(self.study.get_trials(deepcopy=False)) >= self.count:
-            return None
         asked_before = len(self.study.get_trials(deepcopy=False))
+        if asked_before >= self.count:
+            return None
         self.study.sampler = optuna_side.sampler(self.args["sampler"], question_seed(self.args["seed"], asked_before),
                                                  self.space)
         trial = self.study.ask()
@@ -173,7 +172,6 @@ class TrialSource:
         self.told.append(outcome)
         state = optuna_side.optuna().trial.TrialState
         number = outcome.point.number
-        run_id = outcome.result.run_id if outcome.result else self._run_of(outcome.point.key)
         if outcome.result is not None:
             self.study.tell(number, outcome.result.val_acc)
         elif outcome.pruned:
@@ -182,6 +180,7 @@ class TrialSource:
             return self._line(outcome, "interrupted: resuming the search continues it")
         else:
             self.study.tell(number, state=state.FAIL)
+        run_id = self._run_id(outcome)
         if run_id:
             tracking.tag_run(run_id, {TAG_STATE: self._state(number)})
         self._line(outcome, None)
@@ -225,13 +224,11 @@ def _check(trials: Trials, space: Space, args: dict) -> None:
     for warning in (found.unverified, found.unchecked):
         if warning:
             log.warning(warning)
-    net = lambda arch: models.build(arch, data.num_classes, data.in_channels,  # noqa: E731
-                                    image_size=data.image_shape[-1])
     for method in args["methods"]:
         if kd.get(method).features:  # a method that cannot pair these networks fails now
             for arch in arches:
-                build_method(method, "distill", data, net(arch), found.net, trials.method_params[method], arch,
-                             found.arch)
+                build_method(method, "distill", data, network(arch, data), found.net, trials.method_params[method],
+                             arch, found.arch)
 
 
 @datasets.load_once()
@@ -266,8 +263,9 @@ def search(*, space: Space, trials: int, train: TrainConfig, sampler: str = "tpe
             "seed": train.seed, "pinned": pinned}
     _check(plan, space, args)
     optuna_side.check_storage(storage)
-    if name and not resume_run and name in o.get_all_study_names(optuna_side.storage(storage)):
-        owner = o.load_study(study_name=name, storage=optuna_side.storage(storage)).user_attrs.get("mlflow_run", "?")
+    kept = optuna_side.storage(storage)
+    if name and not resume_run and name in o.get_all_study_names(kept):
+        owner = o.load_study(study_name=name, storage=kept).user_attrs.get("mlflow_run", "?")
         raise TTKDError(f"a search named {name!r} already lives in {storage} (run {owner}); continue it with "
                         f"resume={owner}, or give this one another name=")
     scheduler = (RayCluster(Placement(cluster, cpus_per_point, gpus_per_point, threads, cluster_auth)) if cluster
@@ -300,7 +298,7 @@ def _run_trials(args: dict, plan: Trials, space: Space, parent: str, scheduler, 
     study = o.create_study(study_name=args["name"], storage=optuna_side.storage(args["storage"]),
                            direction="maximize", pruner=optuna_side.pruner(args["prune"]), load_if_exists=True)
     study.set_user_attr("mlflow_run", parent)
-    source = TrialSource(study, args, plan, parent, attempts.next_generation(parent), print_line)
+    source = TrialSource(study, args, plan, space, parent, attempts.next_generation(parent), print_line)
     source.recover()
     try:
         signum = drive(source, scheduler)

@@ -3,6 +3,7 @@ Optuna's own matplotlib figures of its study. It reads the study and writes noth
 
 from __future__ import annotations
 
+import collections
 import logging
 from typing import Any
 
@@ -15,9 +16,7 @@ def markdown(study, args: dict, names: list[str]) -> str:
     """The search in words (its trials by state, sampler, pruner, holdout; its best trial) and
     a table of its trials: state, holdout_acc, epochs trained and each parameter of ``names``."""
     done = study.get_trials(deepcopy=False)
-    counts = {}
-    for t in done:
-        counts[t.state.name.lower()] = counts.get(t.state.name.lower(), 0) + 1
+    counts = collections.Counter(t.state.name.lower() for t in done)
     head = (f"search {args['name']}: {len(done)} trials ("
             + ", ".join(f"{counts.get(s, 0)} {s}" for s in ("complete", "pruned", "fail"))
             + f"), {args['sampler']} sampler, pruner {args['prune']}, evaluated on a holdout of "
