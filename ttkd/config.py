@@ -251,7 +251,15 @@ _TABLE: dict[str, Param] = {p.name: p for p in [
           "kd_temperature, method, a method's own)",
           "NAME=LOW:HIGH;NAME=LOW:HIGH:log;NAME=V1,V2 with each NAME a parameter the trials train",
           lambda v: len(v) >= 1),
-    Param("trials", "int", 20, "trials of a search: each trains one configuration the sampler asks for",
+    Param("tune", "space", (), "make the sweep a fair verdict: first give every arm (each teacher weight x "
+          "method, and the student without KD when the space holds a student's parameter) trials= trials of this "
+          "space, chosen on a holdout of the training split, then train each arm's choice on the seeds; written "
+          "as space= (the students' parameters: student_arch, student.lr and the student's other training "
+          "parameters, alpha, kd_temperature, a method's own)",
+          "NAME=LOW:HIGH;NAME=LOW:HIGH:log;NAME=V1,V2 with each NAME a parameter of the students",
+          lambda v: len(v) >= 1),
+    Param("trials", "int", 20, "trials of a search (of each arm of a tuned sweep): each trains one configuration "
+          "the sampler asks for",
           "an integer >= 1", lambda v: v >= 1),
     Param("sampler", "str", "tpe", "Optuna's sampler: tpe, random, cmaes or grid (every combination of "
           "the space's choices, which must then all be lists)", "tpe, random, cmaes or grid",
@@ -328,7 +336,8 @@ def stage_params() -> dict[str, tuple[str, ...]]:
                              "temperature") + own + ("resume",),
         "main": COMMON + study + ("weight", "method", "resume"),
         "sweep": tuple(n for n in COMMON if n != "seed") + study + ("seeds", "weights", "methods", "axes", "jobs",
-                                                                     "threads") + CLUSTER + ("force", "resume"),
+                                                                     "threads") + CLUSTER
+        + ("tune", "trials", "sampler", "prune", "holdout", "storage", "force", "resume"),
         "search": tuple(n for n in COMMON if n != "register_as") + (
             "student_arch", "teacher", "partner_data", "trust_unverified", "method", "alpha", "kd_temperature") + own
         + ("space", "trials", "sampler", "prune", "holdout", "name", "storage", "jobs", "threads") + CLUSTER

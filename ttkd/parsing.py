@@ -144,6 +144,12 @@ class Dist:
     choices: tuple = ()
     integer: bool = False
 
+    def holds(self, value: Any) -> bool:
+        """Whether ``value`` is one the sampler could ask for."""
+        if self.choices:
+            return value in self.choices
+        return self.low <= value <= self.high and (not self.integer or float(value).is_integer())
+
     def text(self) -> str:
         """As ``space=`` takes it: ``0.1:0.99``, ``1:16:log``, ``kd,dkd``."""
         if self.choices:
@@ -152,6 +158,12 @@ class Dist:
 
 
 Space = tuple[tuple[str, Dist], ...]
+
+
+def stored_space(space) -> Space:
+    """A space as a run's JSON keeps it (lists, ``search.json``) back as :data:`Space`."""
+    return tuple((n, d if isinstance(d, Dist) else Dist(d["low"], d["high"], d["log"], tuple(d["choices"]),
+                                                        d["integer"])) for n, d in space)
 
 
 def space_names() -> list[str]:

@@ -172,6 +172,7 @@ def _check_sweep(values: dict, named: set[str], several: bool) -> None:
     set), where it runs, its jobs under several processes (forced to 1), and the number of
     versions it registers."""
     _check_axes(values, named)
+    _check_tune(values, named)
     _check_cluster(values, named, several)
     if several:
         if values["jobs"] > 1 and "jobs" in named:
@@ -179,6 +180,7 @@ def _check_sweep(values: dict, named: set[str], several: bool) -> None:
                             f"several processes runs its points one at a time; drop jobs")
         values["jobs"] = 1
     count = sweep_size(values["seeds"], set(values["weights"]) | {0.0}, values["methods"], values["axes"])
+    count += (1 + len(set(values["weights"]) | {0.0})) if values["tune"] else 0  # the tuning's student, teachers
     if count > MAX_MODELS and not values["force"]:
         raise TTKDError(f"this sweep would register {count} model versions (more than {MAX_MODELS}); "
                         f"pass force=true to run it, or use fewer seeds, weights, methods or axis values")
@@ -277,7 +279,7 @@ def _canonical(name: str, value: Any) -> Any:
 def _show(name: str, value: Any) -> str:
     if name == "axes":
         return axes_text(value)
-    if name == "space":
+    if name in ("space", "tune"):
         return space_text(value)
     return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
@@ -336,7 +338,6 @@ def _check_search(values: dict, named: set[str], several: bool) -> None:
         raise TTKDError("missing space: what the search tunes, like space='alpha=0.1:0.99;kd_temperature=1:16:log' "
                         "(-P space=...)")
     kd = bool(values["teacher"])
-    space = dict(values["space"])
     for name, _ in values["space"]:
         roles = {"kd"} if name == "method" else axis_roles(name)
         if "teacher" in roles and "student" not in roles or name.startswith("teacher."):
@@ -353,20 +354,60 @@ def _check_search(values: dict, named: set[str], several: bool) -> None:
             raise TTKDError(f"space: {name} is read by none of the methods "
                             f"{', '.join(run_methods('search', values))}; add a method that reads it "
                             f"(space method=…, or method=), or drop it")
-    if values["sampler"] == "grid":
-        ranges = [n for n, d in values["space"] if not d.choices]
-        if ranges:
-            raise TTKDError(f"sampler=grid tries every combination of values, and {', '.join(ranges)} "
-                            f"{'is a range' if len(ranges) == 1 else 'are ranges'}: list the values "
-                            f"(NAME=V1,V2), or use sampler=tpe|random|cmaes")
-        size = math.prod(len(d.choices) for d in space.values())
-        if values["trials"] > size:
-            raise TTKDError(f"sampler=grid has {size} combinations and trials={values['trials']}: ask for at "
-                            f"most {size} trials, or use another sampler")
+    _check_sampler(values["space"], values["sampler"], values["trials"])
     _check_cluster(values, named, several)
     if several:
         raise TTKDError(f"a search trains each trial as one process; drop nproc={values['nproc']} (run trials in "
                         f"parallel with jobs=, or on a Ray cluster with cluster=)")
+
+
+def _check_sampler(space, sampler: str, trials: int) -> None:
+    """The grid sampler tries every combination of listed values: no range, no more trials than combinations."""
+    if sampler != "grid":
+        return
+    ranges = [n for n, d in space if not d.choices]
+    if ranges:
+        raise TTKDError(f"sampler=grid tries every combination of values, and {', '.join(ranges)} "
+                        f"{'is a range' if len(ranges) == 1 else 'are ranges'}: list the values "
+                        f"(NAME=V1,V2), or use sampler=tpe|random|cmaes")
+    size = math.prod(len(d.choices) for _, d in space)
+    if trials > size:
+        raise TTKDError(f"sampler=grid has {size} combinations and trials={trials}: ask for at "
+                        f"most {size} trials, or use another sampler")
+
+
+def _check_tune(values: dict, named: set[str]) -> None:
+    """A tuned sweep's space: the students' parameters only (a teacher's, method or an axis
+    are refused), none also given as a fixed value, each read by some arm; Optuna installed.
+    (``ttkd.studies.tuning.check`` counts the arms.)"""
+    search_only = sorted(named & {"trials", "sampler", "prune", "holdout", "storage"})
+    if not values["tune"]:
+        if search_only:
+            raise TTKDError(f"{', '.join(search_only)} tune{'s' if len(search_only) == 1 else ''} a sweep's arms, "
+                            f"and no tune= is given; add tune='alpha=0.1:0.99;kd_temperature=1:16:log' or drop "
+                            f"{'it' if len(search_only) == 1 else 'them'}")
+        return
+    check_optuna()
+    if values["axes"]:
+        raise TTKDError("tune= with axes= is not supported: the verdict compares arms (weights x methods) each "
+                        "at its own tuned configuration; run one tuned sweep per value of the axis")
+    for name, _ in values["tune"]:
+        roles = axis_roles(name) if name != "method" else set()
+        if name == "method":
+            raise TTKDError("tune: method is an arm of the verdict, not a parameter to tune; list the methods "
+                            "to compare in methods= and drop method from tune")
+        if "teacher" in roles:
+            hint = f" (name the student's: student.{name})" if "student" in roles else ""
+            raise TTKDError(f"tune: {name} feeds the teachers, and the verdict tunes the students' parameters"
+                            f"{hint}; make {name} an axis of an untuned sweep (axes={name}=…) instead")
+        fixed = named & {name, name.rpartition(".")[2]} if "." not in name else named & {name}
+        if fixed:
+            raise TTKDError(f"{name} is both in tune and a parameter ({next(iter(fixed))}=); drop one of them")
+        if roles == {"kd"} and name not in ("alpha", "kd_temperature") and \
+                not any(name in method_params("sweep", m) for m in values["methods"]):
+            raise TTKDError(f"tune: {name} is read by none of the methods {', '.join(values['methods'])}; add a "
+                            f"method that reads it to methods, or drop it")
+    _check_sampler(values["tune"], values["sampler"], values["trials"])
 
 
 def _check_cluster(values: dict, given: set[str], several: bool) -> None:

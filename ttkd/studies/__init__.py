@@ -20,14 +20,16 @@ from ttkd import kd, models, tracking
 from ttkd.build import build_method, network
 from ttkd.config import TrainConfig
 from ttkd.errors import TTKDError
-from ttkd.parsing import axes_text, show
+from ttkd.parsing import Space, axes_text, show, space_text, stored_space
 from ttkd.presets import RunConfig, check_resume
 from ttkd.resuming import unfinished_run
 from ttkd.stages import STREAM_WORDS, TAG_STAGE, StageInterrupted, StageResult, default_method_params, teacher_kind
 from ttkd.step import resolve_device
 from ttkd.studies import report as reports
-from ttkd.studies.plan import TAG_POINT, Grid, Outcome, Plan, Point
-from ttkd.studies.runner import finished_result, run
+from ttkd.studies import trials as optuna_side
+from ttkd.studies import tuning
+from ttkd.studies.plan import Grid, Outcome, Plan, Point
+from ttkd.studies.runner import found_points, run
 from ttkd.studies.schedulers import Scheduler
 from ttkd.studies.schedulers.local import LocalPool, WorkerDied
 from ttkd.studies.schedulers.ray import Placement, RayCluster
@@ -130,9 +132,16 @@ def sweep(*, student_arch: str, teacher_arch: str, student_train: TrainConfig,
           dataset: str = "digits", data_dir: str | None = None, stream: bool | None = None,
           register_as: str | None = None, jobs: int = 2, threads: int = 0, cluster: str = "",
           cpus_per_point: float = 1.0, gpus_per_point: float = 0.0, cluster_auth: str = "token",
-          resume_run: str | None = None, print_line: Callable[[str], None] = print) -> str:
+          tune: Space | list = (), trials: int = 20, sampler: str = "tpe", prune: str = "median",
+          holdout: float = 0.1, storage: str = "", resume_run: str | None = None,
+          print_line: Callable[[str], None] = print) -> str:
     """Seeds x teacher weights x KD methods x ``axes`` (module ``ttkd.studies.plan``), one
     child run per point under one parent run; returns the report's markdown.
+
+    With ``tune`` (a space, as a search takes it) the sweep is a fair verdict
+    (``ttkd.studies.tuning``): every arm first gets ``trials`` trials of it (Optuna's ``sampler``,
+    pruner ``prune``, on a ``holdout`` of the training split; the studies in ``storage``), and
+    each arm's points then train with its choice; the report begins with the tuning.
 
     ``weights`` always gets 0, the normal teacher every other weight is compared with.
     Registered names: ``sweep_name``. The parent run gets ``report.md``, ``report.json``
@@ -155,7 +164,13 @@ def sweep(*, student_arch: str, teacher_arch: str, student_train: TrainConfig,
     plan = Plan(grid, student_arch, teacher_arch, student_train, teacher_train, temperature,
                 method_params, dict(dataset=dataset, data_dir=data_dir, stream=stream),
                 name=lambda p: sweep_name(prefix, p))
-    _check(plan)
+    tune = stored_space(tune)
+    tuned = None
+    if tune:
+        tuned = tuning.Tuning(tune, trials, sampler, prune, holdout, optuna_side.storage_url(storage),
+                              tuning.tuning_seed(tuple(seeds)), prefix)
+        tuning.check(grid, tune)
+    _check(plan, tuned)
     args = {"student_arch": student_arch, "teacher_arch": teacher_arch, "seeds": list(seeds),
             "weights": list(weights), "methods": list(methods), "axes": [[n, list(v)] for n, v in axes],
             "temperature": temperature,
@@ -164,24 +179,47 @@ def sweep(*, student_arch: str, teacher_arch: str, student_train: TrainConfig,
             "cluster": cluster, "cpus_per_point": cpus_per_point, "gpus_per_point": gpus_per_point,
             "cluster_auth": cluster_auth, "student_train": dataclasses.asdict(student_train),
             "teacher_train": dataclasses.asdict(teacher_train)}
+    if tuned:
+        args |= {"tune": [[n, dataclasses.asdict(d)] for n, d in tune], "trials": trials, "sampler": sampler,
+                 "prune": prune, "holdout": holdout, "storage": tuned.storage}
     params = ({k: (",".join(map(str, v)) if isinstance(v, list) else v) for k, v in args.items()
-               if not k.endswith("_train") and k not in ("method_params", "axes")}
+               if not k.endswith("_train") and k not in ("method_params", "axes", "tune")}
               | {"axes": axes_text(axes)}
+              | ({"tune": space_text(tune), "tune_seed": tuned.seed} if tuned else {})
               | {("kd_temperature" if k == "temperature" else f"{m}.{k}" if len(methods) > 1 else k): v
                  for m, p in method_params.items() for k, v in p.items()})
 
     scheduler = (RayCluster(Placement(cluster, cpus_per_point, gpus_per_point, threads, cluster_auth)) if cluster
                  else LocalPool(jobs, threads))
+    summaries: list[dict] = []
+
+    def prepare(parent_id: str, scheduler: Scheduler, generation: int) -> Plan:
+        """A tuned sweep's tuning, before its points: the plan with each arm's choice."""
+        if not tuned:
+            return plan
+        chosen, found = tuning.tune(plan, tuned, parent_id, scheduler, generation, args,
+                                    lambda o, i, n: print_line("tuning " + _point_line(o, i, n)), print_line)
+        summaries.extend(found)
+        tracking.log_dict(found, "tuning.json")
+        tracking.log_metrics(tuning.metrics(found))
+        return chosen
+
+    def finish(outcomes: dict[Point, Outcome]) -> str:
+        head = tuning.markdown(tuned, summaries, tuple(seeds)) + "\n" if tuned else ""
+        return _finish_sweep(plan, prefix, outcomes, head)
+
     return _run_grid("sweep", f"sweep {dataset}", plan, args, params, student_train, teacher_train,
-                     resume_run, lambda outcomes: _finish_sweep(plan, prefix, outcomes), scheduler, verbose=False,
-                     on_outcome=lambda o, i, n: print_line(_point_line(o, i, n)), method=",".join(methods))
+                     resume_run, finish, scheduler, verbose=False,
+                     on_outcome=lambda o, i, n: print_line(_point_line(o, i, n)), method=",".join(methods),
+                     prepare=prepare)
 
 
-def _finish_sweep(plan: Plan, prefix: str, outcomes: dict[Point, Outcome]) -> str:
-    """The report logged on the parent run, then the promotions: the teacher by its students,
-    each student model by its own val_acc; returns their lines and the report's markdown."""
+def _finish_sweep(plan: Plan, prefix: str, outcomes: dict[Point, Outcome], head: str = "") -> str:
+    """The report logged on the parent run (after ``head``: a tuned sweep's tuning), then the
+    promotions: the teacher by its students, each student model by its own val_acc; returns
+    their lines and the report's markdown."""
     report = reports.build(plan.grid, _values(outcomes), _failures(outcomes))
-    text = reports.markdown(report)
+    text = head + reports.markdown(report)
     tracking.log_report(text, report, reports.figures(report))
     tracking.log_metrics(reports.headline_metrics(report))  # to sort and compare sweeps in mlflow ui
     tag_far_off(report)
@@ -216,14 +254,21 @@ def _point_line(o: Outcome, i: int, n: int) -> str:
     return f"{head}: FAILED: {o.error}"
 
 
-def _check(plan: Plan) -> None:
-    """Everything a user can get wrong, before the parent run opens."""
+def _check(plan: Plan, tuned: tuning.Tuning | None = None) -> None:
+    """Everything a user can get wrong, before the parent run opens (with ``tuned``: its
+    registered names, holdout and storage too)."""
     registry.prepare_store()
-    for name in dict.fromkeys(plan.name(p) for p in plan.grid.points()):
+    names = [plan.name(p) for p in plan.grid.points()]
+    if tuned:
+        names += [f"{tuned.prefix}-tuning-{role}" for role in ("student", "teacher")]
+        optuna_side.check_storage(tuned.storage)
+    for name in dict.fromkeys(names):
         registry.check_model_name(name)
     models.get(plan.student_arch), models.get(plan.teacher_arch)
     resolve_device(plan.student_train.device), resolve_device(plan.teacher_train.device)
     data = datasets.load(plan.data["dataset"], plan.data["data_dir"], plan.data["stream"])
+    if tuned:
+        data.holdout(tuned.holdout)
     first = plan.grid.seeds[0]
     for point in plan.grid.points():  # a method that cannot pair these networks' features fails now
         if point.role == "kd" and point.seed == first and kd.get(point.method).features:
@@ -236,11 +281,14 @@ def _check(plan: Plan) -> None:
 def _run_grid(kind: str, run_name: str, plan: Plan, args: dict, params: dict, student_train: TrainConfig,
               teacher_train: TrainConfig, resume_run: str | None,
               finish: Callable[[dict[Point, Outcome]], str], scheduler: Scheduler, *, verbose: bool,
-              method: str, on_outcome: Callable[[Outcome, int, int], None] = lambda o, i, n: None) -> str:
+              method: str, on_outcome: Callable[[Outcome, int, int], None] = lambda o, i, n: None,
+              prepare: Callable[[str, Scheduler, int], Plan] | None = None) -> str:
     """Open (or reopen) the parent run, train the grid's points as its children on
     ``scheduler``, then ``finish`` (tables, report, promotions) with every point's outcome.
-    The scheduler is entered (a cluster joined, its resources checked) before the run opens."""
-    found = _children(resume_run, plan.grid) if resume_run else {}
+    ``prepare`` (the parent run's id, the scheduler, this start's generation) first gives the
+    plan the points train by (a tuned sweep's tuning). The scheduler is entered (a cluster
+    joined, its resources checked) before the run opens."""
+    found = found_points(resume_run, plan.grid) if resume_run else {}
     with scheduler:
         run_ = tracking.start_run(resume_run, name=run_name, nested=False)
         parent_id = run_.info.run_id
@@ -256,6 +304,12 @@ def _run_grid(kind: str, run_name: str, plan: Plan, args: dict, params: dict, st
                 tracking.log_dict(args, f"{kind}.json")  # what resuming rebuilds the grid from
             try:
                 generation = attempts.next_generation(parent_id)
+                if prepare is not None:
+                    try:
+                        plan = prepare(parent_id, scheduler, generation)
+                    except StageInterrupted:
+                        status = "KILLED"
+                        raise
                 outcomes, signum = run(plan, parent_id, found, scheduler, generation=generation, verbose=verbose,
                                        on_outcome=on_outcome)
             except WorkerDied as exc:
@@ -328,22 +382,6 @@ def resume_grid(kind: str, reference: str, cfg: RunConfig | None = None, **chang
         return study(**args, **trains, resume_run=run_.info.run_id)
     args = args | {k: tuple(args.get(k, ())) for k in ("seeds", "weights", "methods", "axes")} | {"cluster": ""}
     return sweep(**(args | {k: v for k, v in change.items() if v}), **trains, resume_run=run_.info.run_id)
-
-
-def _children(parent_id: str, grid: Grid) -> dict[Point, StageResult | str]:
-    """What an earlier attempt left of each point: its result (finished and registered)
-    or its newest unfinished run's id (to continue)."""
-    points = {p.key: p for p in grid.points()}
-    found: dict[Point, StageResult | str] = {}
-    for r in tracking.child_runs(parent_id):  # oldest first: a point's newest run wins
-        point, tags = points.get(r.data.tags.get(TAG_POINT, "")), r.data.tags
-        if point is None:
-            continue
-        if r.info.status == "FINISHED" and "ttkd.registered_model" in tags:
-            found[point] = finished_result(r)
-        elif r.info.status != "FINISHED":
-            found[point] = r.info.run_id
-    return found
 
 
 def comparison_table(res: dict[str, StageResult], weight: float, method: str = "kd") -> str:

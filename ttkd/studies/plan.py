@@ -58,6 +58,14 @@ class Point:
             return Point("teacher", self.seed, self.weight, values=restrict(self.values, "teacher"))
         return None
 
+    @property
+    def arm(self) -> str | None:
+        """The arm of a tuned sweep (``ttkd.studies.tuning``) whose configuration this point trains
+        with: ``student`` (the student without KD), ``METHOD w=W`` (a KD student), None (a teacher)."""
+        if self.role == "teacher":
+            return None
+        return "student" if self.role == "student" else f"{self.method} w={self.weight:g}"
+
     def tags(self) -> dict[str, str]:
         """Tags of its run and registered version, so lineage is queryable by point."""
         tags = {TAG_POINT: self.key, "ttkd.seed": str(self.seed)}
@@ -105,6 +113,7 @@ class Plan:
     data: dict                         # dataset, data_dir, stream
     name: Callable[[Point], str]       # the registered model a point's version goes to
     tags: Callable[[Point], dict] = lambda p: {}  # more tags for a point's run and version
+    tuned: dict[str, dict] = dataclasses.field(default_factory=dict)  # a tuned sweep's choice per arm
 
     def task(self, point: Point, done: dict[Point, Outcome], parent_run_id: str,
              resume_run: str | None = None, generation: int = 1, partner_of: bool = True) -> Task:
@@ -114,6 +123,7 @@ class Plan:
         train = {"student": self.student_train, "teacher": self.teacher_train}
         role = "teacher" if point.role == "teacher" else "student"
         given = {n: v for n, v in point.values if point.role in axis_roles(n)}  # what feeds this stage
+        given |= {n: v for n, v in self.tuned.get(point.arm, {}).items() if point.role in axis_roles(n)}
         config = dataclasses.replace(train[role], seed=point.seed, **{
             n.rpartition(".")[2]: v for n, v in given.items() if n.rpartition(".")[2] in TRAIN})
         kw = dict(arch=given.get(f"{role}_arch", getattr(self, f"{role}_arch")), train=config,

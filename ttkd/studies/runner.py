@@ -24,7 +24,7 @@ from ttkd.callbacks import StopTraining
 from ttkd.console import Terminal
 from ttkd.stages import TAG_PARTNER, StageInterrupted, StageResult
 from ttkd.studies import trials
-from ttkd.studies.plan import TAG_POINT, TAG_TRIAL, Outcome, Plan, Point, Task, TrialPoint
+from ttkd.studies.plan import TAG_POINT, TAG_TRIAL, Grid, Outcome, Plan, Point, Task, TrialPoint
 from ttkd.studies.schedulers import Scheduler
 from ttkd.tracking import attempts, registry
 
@@ -113,6 +113,22 @@ def finished_result(run) -> StageResult | None:
     partner = registry.resolve(tags[TAG_PARTNER]) if TAG_PARTNER in tags else None
     m = run.data.metrics
     return StageResult(run.info.run_id, ref, m["val_acc"], m.get("agreement"), partner, m.get("partner_val_acc"))
+
+
+def found_points(parent_id: str, grid: Grid) -> dict[Point, StageResult | str]:
+    """What an earlier attempt left of each point: its result (finished and registered)
+    or its newest unfinished run's id (to continue)."""
+    points = {p.key: p for p in grid.points()}
+    found: dict[Point, StageResult | str] = {}
+    for r in tracking.child_runs(parent_id):  # oldest first: a point's newest run wins
+        point, tags = points.get(r.data.tags.get(TAG_POINT, "")), r.data.tags
+        if point is None:
+            continue
+        if r.info.status == "FINISHED" and "ttkd.registered_model" in tags:
+            found[point] = finished_result(r)
+        elif r.info.status != "FINISHED":
+            found[point] = r.info.run_id
+    return found
 
 
 def current_run(parent_id: str, key: str):

@@ -36,7 +36,7 @@ from ttkd import kd, models, tracking
 from ttkd.build import build_method, network
 from ttkd.config import TRAIN, TrainConfig, method_uses
 from ttkd.errors import TTKDError
-from ttkd.parsing import Dist, Space, axis_roles, show, space_text
+from ttkd.parsing import Dist, Space, axis_roles, show, space_text, stored_space
 from ttkd.presets import RunConfig, check_resume, method_params
 from ttkd.resuming import unfinished_run
 from ttkd.stages import STREAM_WORDS, TAG_STAGE, StageInterrupted
@@ -153,7 +153,8 @@ class TrialSource:
         if self.again:
             number, trial_id, values, run_id = self.again.pop(0)
             return self._task(trial_id, number, values, run_id)
-        asked_before = len(self.study.get_trials(deepcopy=False))
+        waiting = optuna_side.optuna().trial.TrialState.WAITING  # (an enqueued trial: asked next, not yet asked)
+        asked_before = len([t for t in self.study.get_trials(deepcopy=False) if t.state != waiting])
         if asked_before >= self.count:
             return None
         self.study.sampler = optuna_side.sampler(self.args["sampler"], question_seed(self.args["seed"], asked_before),
@@ -197,12 +198,6 @@ class TrialSource:
             self.print_line(f"{head}: pruned after epoch {o.pruned} ({o.seconds:.1f} s)")
         else:
             self.print_line(f"{head}: FAILED: {o.error}")
-
-
-def _space(space) -> Space:
-    """A space as ``search.json`` keeps it (lists) back as :data:`Space`."""
-    return tuple((n, d if isinstance(d, Dist) else Dist(d["low"], d["high"], d["log"], tuple(d["choices"]),
-                                                        d["integer"])) for n, d in space)
 
 
 def _check(trials: Trials, space: Space, args: dict) -> None:
@@ -290,13 +285,17 @@ def search(*, space: Space, trials: int, train: TrainConfig, sampler: str = "tpe
         return text
 
 
-def _run_trials(args: dict, plan: Trials, space: Space, parent: str, scheduler, print_line) -> str:
+def _run_trials(args: dict, plan: Trials, space: Space, parent: str, scheduler, print_line,
+                first: dict | None = None) -> str:
     """Open the study (or reopen it), settle what an earlier start left, train every trial on
-    ``scheduler`` and tell the study; then log the report. Raises when the search was stopped,
-    left trials unfinished or chose nothing."""
+    ``scheduler`` and tell the study; then log the report. ``first``: the values of trial 0, asked
+    before the sampler asks anything. Raises when the search was stopped, left trials unfinished
+    or chose nothing."""
     o = optuna_side.optuna()
     study = o.create_study(study_name=args["name"], storage=optuna_side.storage(args["storage"]),
                            direction="maximize", pruner=optuna_side.pruner(args["prune"]), load_if_exists=True)
+    if first and not study.get_trials(deepcopy=False):
+        study.enqueue_trial(first)
     study.set_user_attr("mlflow_run", parent)
     source = TrialSource(study, args, plan, space, parent, attempts.next_generation(parent), print_line)
     source.recover()
@@ -322,9 +321,10 @@ def _run_trials(args: dict, plan: Trials, space: Space, parent: str, scheduler, 
     return text
 
 
-def _record(args: dict, plan: Trials, space: Space) -> None:
-    """A new search's tags, parameters and ``search.json``, what resuming rebuilds it from."""
-    tracking.set_tags({TAG_STAGE: "search", "ttkd.method": ",".join(args["methods"]) or "ce",
+def _record(args: dict, plan: Trials, space: Space, stage: str = "search") -> None:
+    """A new search's tags, parameters and ``search.json``, what resuming rebuilds it from;
+    ``stage``: ``tune`` for an arm of a tuned sweep (``ttkd.studies.tuning``)."""
+    tracking.set_tags({TAG_STAGE: stage, "ttkd.method": ",".join(args["methods"]) or "ce",
                        TAG_STUDY: f"{args['name']} in {args['storage']}"})
     fixed = {f"{m}.{k}" if len(args["methods"]) > 1 else k: v
              for m, p in plan.method_params.items() for k, v in p.items()}
@@ -374,6 +374,6 @@ def resume_search(reference: str, cfg: RunConfig | None = None, print_line: Call
             "partner_data", "trust_unverified", "name", "storage", "jobs", "threads", "cpus_per_point",
             "gpus_per_point", "cluster_auth", "trials")
     kw = {k: args[k] for k in keep} | {k: v for k, v in change.items() if v} | {"cluster": change.get("cluster") or ""}
-    return search(**kw, space=_space(args["space"]), train=TrainConfig.from_dict(args["train"]),
+    return search(**kw, space=stored_space(args["space"]), train=TrainConfig.from_dict(args["train"]),
                   teacher=args["pinned"], methods=tuple(args["methods"]), method_params=args["method_params"],
                   resume_run=run.info.run_id, print_line=print_line)
