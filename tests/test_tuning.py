@@ -69,15 +69,15 @@ def test_trial_0_is_the_sweeps_own_configuration_when_the_space_holds_it():
 
 def test_the_tuning_section_states_the_budget_and_each_arms_rise():
     t = tuning.Tuning(parse_space("alpha=0.1:0.99"), 20, "tpe", "median", 0.1, "/s", 5, "g")
-    summaries = [{"arm": "kd w=0", "chosen": {"alpha": 0.5}, "chosen_trial": 7, "holdout_acc": 95.0,
+    summaries = [{"arm": "kd w=0", "space": "alpha=0.1:0.99", "chosen": {"alpha": 0.5}, "chosen_trial": 7, "holdout_acc": 95.0,
                   "untuned_holdout_acc": 93.5, "rise": 1.5, "trials": {"complete": 12, "pruned": 8, "fail": 0}},
-                 {"arm": "kd w=0.005", "chosen": {"alpha": 0.25}, "chosen_trial": 3, "holdout_acc": 96.0,
+                 {"arm": "kd w=0.005", "space": "alpha=0.1:0.99;kd_temperature=1:16:log", "chosen": {"alpha": 0.25}, "chosen_trial": 3, "holdout_acc": 96.0,
                   "untuned_holdout_acc": None, "rise": None, "trials": {"complete": 20, "pruned": 0, "fail": 0}}]
     text = tuning.markdown(t, summaries, (0, 1, 2, 3, 4))
     assert "Every arm had 20 trials of `alpha=0.1:0.99` (tpe sampler, pruner median), each trained with seed 5 " \
            "(the verdict's seeds are 0, 1, 2, 3, 4)" in text
-    assert "| kd w=0 | 12 / 8 / 0 | 93.50 | 95.00 | +1.50 | alpha=0.5 (trial 7) |" in text
-    assert "| kd w=0.005 | 20 / 0 / 0 | not in space | 96.00 |  | alpha=0.25 (trial 3) |" in text
+    assert "| kd w=0 | alpha | 12 / 8 / 0 | 93.50 | 95.00 | +1.50 | alpha=0.5 (trial 7) |" in text
+    assert "| kd w=0.005 | alpha, kd_temperature | 20 / 0 / 0 | not in space | 96.00 |  | alpha=0.25 (trial 3) |" in text
     assert tuning.metrics(summaries) == {"kd.w0.holdout_acc": 95.0, "kd.w0.tuning_rise": 1.5,
                                          "kd.w0.005.holdout_acc": 96.0}
 
@@ -159,4 +159,4 @@ def test_a_tuned_sweep_gives_each_arm_the_same_trials_and_trains_each_choice_on_
     assert out.count("(reused)") == 3 + 5 and "trial" not in out.split("## Tuning")[0]
     assert len(runs_under(arms["kd w=0.005"].info.run_id)) == 3
     assert mlflow.get_run(arms["kd w=0.005"].info.run_id).info.status == "FINISHED"
-    assert "| kd w=0.005 | 3 / 0 / 0 |" in out and mlflow.get_run(sweep.info.run_id).info.status == "FINISHED"
+    assert "| kd w=0.005 | alpha, kd_temperature | 3 / 0 / 0 |" in out and mlflow.get_run(sweep.info.run_id).info.status == "FINISHED"

@@ -216,8 +216,9 @@ def metrics(summaries: list[dict]) -> dict[str, float]:
 
 
 def markdown(tuning: Tuning, summaries: list[dict], seeds: tuple[int, ...]) -> str:
-    """The report's tuning section: the budget, then per arm its trials, its holdout accuracy
-    untuned and chosen, the rise and the chosen configuration."""
+    """The report's tuning section: the budget, then per arm the parameters its stage reads (the
+    part of the space it searched), its trials, its holdout accuracy untuned and chosen, the rise
+    and the chosen configuration."""
     lines = [f"## Tuning: {tuning.trials} trials per arm, chosen on the holdout", "",
              f"Every arm had {tuning.trials} trials of `{space_text(tuning.space)}` ({tuning.sampler} sampler, "
              f"pruner {tuning.prune}), each trained with seed {tuning.seed} (the verdict's seeds are "
@@ -225,13 +226,14 @@ def markdown(tuning: Tuning, summaries: list[dict], seeds: tuple[int, ...]) -> s
              f"which the verdict below never sees. Trial 0 of each arm is the sweep's own configuration; the rise is "
              f"how far the chosen configuration beats it on the holdout. The verdict trains each arm's choice on "
              f"the whole training split.", "",
-             "| arm | trials (complete / pruned / failed) | holdout_acc, untuned (%) | holdout_acc, chosen (%) | "
-             "rise (pp) | chosen configuration |", "|---|---|---:|---:|---:|---|"]
+             "| arm | searched | trials (complete / pruned / failed) | holdout_acc, untuned (%) | "
+             "holdout_acc, chosen (%) | rise (pp) | chosen configuration |", "|---|---|---|---:|---:|---:|---|"]
     for s in summaries:
         t = s["trials"]
         untuned_ = f"{s['untuned_holdout_acc']:.2f}" if s["untuned_holdout_acc"] is not None else "not in space"
         rise = f"{s['rise']:+.2f}" if s["rise"] is not None else ""
         config = " ".join(f"{n}={show(v)}" for n, v in s["chosen"].items())
-        lines.append(f"| {s['arm']} | {t['complete']} / {t['pruned']} / {t['fail']} | {untuned_} | "
+        searched = ", ".join(n.split("=")[0] for n in s["space"].split(";"))
+        lines.append(f"| {s['arm']} | {searched} | {t['complete']} / {t['pruned']} / {t['fail']} | {untuned_} | "
                      f"{s['holdout_acc']:.2f} | {rise} | {config} (trial {s['chosen_trial']}) |")
     return "\n".join(lines) + "\n"
