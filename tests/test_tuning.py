@@ -39,6 +39,10 @@ def test_each_arm_searches_what_its_stage_reads_the_student_without_kd_only_with
         tuning.check(Grid((0,), (0.0,), ("kd",)), parse_space("alpha=0.1:0.99"))
     with pytest.raises(TTKDError, match=r"^tune: the arm kd w=0 reads none of dkd_beta"):
         tuning.check(Grid((0,), (0.0, 0.005), ("kd", "dkd")), parse_space("dkd_beta=1:8"))
+    grid_space = parse_space("alpha=0.5,0.9;dkd_beta=2,8")  # 4 combinations, and each arm reads 2 of them
+    tuning.check(Grid((0,), (0.0, 0.005), ("kd", "dkd")), grid_space, "grid", 2)
+    with pytest.raises(TTKDError, match=r"^sampler=grid: the arm kd w=0 reads 2 combinations .* and trials=3"):
+        tuning.check(Grid((0,), (0.0, 0.005), ("kd", "dkd")), grid_space, "grid", 3)
 
 
 def test_each_point_trains_its_arms_choice_and_nothing_of_another_arm():
@@ -70,9 +74,9 @@ def test_trial_0_is_the_sweeps_own_configuration_when_the_space_holds_it():
 def test_the_tuning_section_states_the_budget_and_each_arms_rise():
     t = tuning.Tuning(parse_space("alpha=0.1:0.99"), 20, "tpe", "median", 0.1, "/s", 5, "g")
     summaries = [{"arm": "kd w=0", "space": "alpha=0.1:0.99", "chosen": {"alpha": 0.5}, "chosen_trial": 7, "holdout_acc": 95.0,
-                  "untuned_holdout_acc": 93.5, "rise": 1.5, "trials": {"complete": 12, "pruned": 8, "fail": 0}},
+                  "untuned_holdout_acc": 93.5, "untuned_state": "complete", "rise": 1.5, "trials": {"complete": 12, "pruned": 8, "fail": 0}},
                  {"arm": "kd w=0.005", "space": "alpha=0.1:0.99;kd_temperature=1:16:log", "chosen": {"alpha": 0.25}, "chosen_trial": 3, "holdout_acc": 96.0,
-                  "untuned_holdout_acc": None, "rise": None, "trials": {"complete": 20, "pruned": 0, "fail": 0}}]
+                  "untuned_holdout_acc": None, "untuned_state": "not in space", "rise": None, "trials": {"complete": 20, "pruned": 0, "fail": 0}}]
     text = tuning.markdown(t, summaries, (0, 1, 2, 3, 4))
     assert "Every arm had 20 trials of `alpha=0.1:0.99` (tpe sampler, pruner median), each trained with seed 5 " \
            "(the verdict's seeds are 0, 1, 2, 3, 4)" in text

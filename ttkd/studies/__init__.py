@@ -169,7 +169,7 @@ def sweep(*, student_arch: str, teacher_arch: str, student_train: TrainConfig,
     if tune:
         tuned = tuning.Tuning(tune, trials, sampler, prune, holdout, optuna_side.storage_url(storage),
                               tuning.tuning_seed(tuple(seeds)), prefix)
-        tuning.check(grid, tune)
+        tuning.check(grid, tune, sampler, trials)
     _check(plan, tuned)
     args = {"student_arch": student_arch, "teacher_arch": teacher_arch, "seeds": list(seeds),
             "weights": list(weights), "methods": list(methods), "axes": [[n, list(v)] for n, v in axes],

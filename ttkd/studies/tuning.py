@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import signal
 from collections import Counter
 from collections.abc import Callable
@@ -82,8 +83,9 @@ def arms(grid: Grid, space: Space) -> list[Arm]:
     return found
 
 
-def check(grid: Grid, space: Space) -> None:
-    """A tuned sweep compares two arms or more, and each arm reads some of the space."""
+def check(grid: Grid, space: Space, sampler: str = "tpe", trials: int = 1) -> None:
+    """A tuned sweep compares two arms or more, each arm reads some of the space, and with the
+    grid sampler each arm's part of the space has ``trials`` combinations at least."""
     found = arms(grid, space)
     if len(found) < 2:
         raise TTKDError(f"tune= gives each arm of the verdict the same search, and this sweep has one arm "
@@ -92,6 +94,13 @@ def check(grid: Grid, space: Space) -> None:
     if empty:
         raise TTKDError(f"tune: the arm {empty[0]} reads none of {', '.join(n for n, _ in space)}; add a parameter "
                         f"of its method to tune, or drop the method")
+    if sampler == "grid":
+        sizes = {a.key: math.prod(len(d.choices) for _, d in a.space) for a in found}
+        arm = min(sizes, key=sizes.get)  # (the first of the smallest)
+        size = sizes[arm]
+        if trials > size:
+            raise TTKDError(f"sampler=grid: the arm {arm} reads {size} combinations of the space and trials={trials}; "
+                            f"ask for at most {size} trials per arm, or use another sampler")
 
 
 def untuned(arm: Arm, plan: Plan) -> dict:
@@ -195,9 +204,10 @@ def _summary(arm: Arm, plan: Plan, tuning: Tuning, parent_id: str, run_id: str, 
     done = study.get_trials(deepcopy=False)
     states = Counter(t.state.name.lower() for t in done)
     first = done[0] if done and untuned(arm, plan) and done[0].state.name == "COMPLETE" else None
+    why = "not in space" if not untuned(arm, plan) else done[0].state.name.lower() if done else "not run"
     return {"arm": arm.key, "space": space_text(arm.space), "run_id": run_id, "chosen": best["params"],
             "chosen_trial": best["trial"], "holdout_acc": best["holdout_acc"],
-            "untuned_holdout_acc": first.value if first else None,
+            "untuned_holdout_acc": first.value if first else None, "untuned_state": "complete" if first else why,
             "rise": best["holdout_acc"] - first.value if first else None,
             "trials": {s: states.get(s, 0) for s in ("complete", "pruned", "fail")}}
 
@@ -230,7 +240,7 @@ def markdown(tuning: Tuning, summaries: list[dict], seeds: tuple[int, ...]) -> s
              "holdout_acc, chosen (%) | rise (pp) | chosen configuration |", "|---|---|---|---:|---:|---:|---|"]
     for s in summaries:
         t = s["trials"]
-        untuned_ = f"{s['untuned_holdout_acc']:.2f}" if s["untuned_holdout_acc"] is not None else "not in space"
+        untuned_ = f"{s['untuned_holdout_acc']:.2f}" if s["untuned_holdout_acc"] is not None else s["untuned_state"]
         rise = f"{s['rise']:+.2f}" if s["rise"] is not None else ""
         config = " ".join(f"{n}={show(v)}" for n, v in s["chosen"].items())
         searched = ", ".join(n.split("=")[0] for n in s["space"].split(";"))
