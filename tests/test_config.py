@@ -176,6 +176,9 @@ def test_resume_compares_only_the_given_values_with_the_runs_own_as_mlflow_logge
     with pytest.raises(TTKDError, match=r"^resume continues run abc with the values it started with, and "
                                         r"these differ: amp=True \(the run has student.amp=False\); dkd_beta"):
         presets.check_resume(other, "abc", logged)
+    one = presets.resolve("sweep", {"resume": "last", "seeds": "1"})  # one seed, 0: logged as "0", not a count
+    assert presets.resume_conflicts(one, {"seeds": "0"}) == []
+    assert presets.resume_conflicts(one, {"seeds": "7"}) == ["seeds=0 (the run has seeds=7)"]
 
 
 def test_the_table_imports_nothing_heavier_than_the_standard_library():

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import signal
+import subprocess
+import sys
+import time
 
 import mlflow
 import optuna
@@ -16,6 +20,8 @@ from ttkd.errors import TTKDError
 from ttkd.parsing import parse_space
 from ttkd.studies import sweep_name, trials, tuning
 from ttkd.studies.plan import Grid, Plan, Point
+
+from .test_resume import env_for
 
 
 def plan_for(given: dict) -> Plan:
@@ -122,14 +128,30 @@ def runs_under(parent_id: str) -> list:
 
 
 @pytest.mark.slow
-def test_a_tuned_sweep_gives_each_arm_the_same_trials_and_trains_each_choice_on_the_verdicts_seeds(store, cli):
-    status, out, err = cli("sweep", "--seeds", "1", "--weights", "0,0.005", "--epochs", "1", "--jobs", "2",
-                           "--tune", "alpha=0.1:0.99;kd_temperature=1:16:log", "--trials", "3")
-    assert status == 0, err
+def test_a_tuned_sweep_killed_mid_search_resumes_to_the_same_trials_per_arm_and_trains_each_choice(store, cli):
+    args = ["--seeds", "1", "--weights", "0,0.005", "--epochs", "1", "--jobs", "1",
+            "--tune", "alpha=0.1:0.99;kd_temperature=1:16:log", "--trials", "3"]
+    env = env_for(store) | {"TTKD_TEST_EPOCH_DELAY_S": "0.3"}  # time to see the second arm's first trial
+    proc = subprocess.Popen([sys.executable, "-m", "entry.sweep", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:  # kill -9 once the second arm has a trial's figure
+        arm = mlflow.search_runs(output_format="list", filter_string="tags.`ttkd.arm` = 'kd w=0.005'")
+        if arm and any("holdout_acc" in t.data.metrics for t in runs_under(arm[0].info.run_id)):
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    _, err = proc.communicate()
     [sweep] = mlflow.search_runs(output_format="list", filter_string="tags.`ttkd.stage` = 'sweep'")
+    assert sweep.info.status == "RUNNING" and len(runs_under(arm[0].info.run_id)) < 3, err
+
+    status, out, err = cli("sweep", *args, "--resume", "last")  # the command, resume=last added
+    assert status == 0, err
+    assert out.count("(reused)") == 3  # the tuning's student and teachers; the first arm's search is read back
     children = runs_under(sweep.info.run_id)
     arms = {r.data.tags["ttkd.arm"]: r for r in children if r.data.tags.get("ttkd.stage") == "tune"}
     assert sorted(arms) == ["kd w=0", "kd w=0.005"] and all(r.info.status == "FINISHED" for r in arms.values())
+    sweep = mlflow.get_run(sweep.info.run_id)
     storage = trials.storage(sweep.data.params["storage"])
     chosen = json.loads(open(mlflow.artifacts.download_artifacts(run_id=sweep.info.run_id,
                                                                  artifact_path="tuning.json")).read())
@@ -137,13 +159,16 @@ def test_a_tuned_sweep_gives_each_arm_the_same_trials_and_trains_each_choice_on_
         arm = arms[s["arm"]]
         runs = runs_under(arm.info.run_id)
         study = optuna.load_study(study_name=f"{sweep.info.run_id} {s['arm']}", storage=storage)
-        assert len(runs) == len(study.trials) == 3  # the same budget for every arm
+        assert len(runs) == len(study.trials) == 3  # the same budget for every arm, none counted twice
+        assert all(t.state.name == "COMPLETE" for t in study.trials) and all(
+            r.info.status == "FINISHED" for r in runs)
         assert study.trials[0].params == {"alpha": 0.9, "kd_temperature": 4.0}  # trial 0: the untuned sweep
         assert s["rise"] == pytest.approx(study.best_value - study.trials[0].value)
         assert s["chosen"] == study.best_params
         for t in runs:  # a trial trains on seed 1, beside the tuning's teacher, and never sees the test split
             assert "val_acc" not in t.data.metrics and "holdout_acc" in t.data.metrics
-            assert t.data.params["seed"] == "1" and t.data.tags["ttkd.partner_model"].startswith("models:/digits-tuning-teacher/")
+            assert t.data.params["seed"] == "1"
+            assert t.data.tags["ttkd.partner_model"].startswith("models:/digits-tuning-teacher/")
         weight = s["arm"].split("w=")[1]
         [kd] = [r for r in children if r.data.tags.get("ttkd.point") == f"kd seed=0 w={weight} method=kd"]
         assert float(kd.data.params["alpha"]) == pytest.approx(s["chosen"]["alpha"])  # the verdict trains the choice
@@ -152,15 +177,6 @@ def test_a_tuned_sweep_gives_each_arm_the_same_trials_and_trains_each_choice_on_
     partners = [r for r in children if r.data.tags.get("ttkd.tuning") == "partner"]
     assert sorted(r.data.tags["ttkd.point"] for r in partners) == ["student seed=1", "teacher seed=1 w=0",
                                                                    "teacher seed=1 w=0.005"]
-    assert "## Tuning: 3 trials per arm, chosen on the holdout" in out and "| kd w=0.005 | " in out
-    assert out.index("## Tuning") < out.index("## Students")
-
-    # resumed after one arm's run was left unfinished: nothing trains again, every arm keeps 3 trials
-    MlflowClient().set_terminated(arms["kd w=0.005"].info.run_id, "KILLED")
-    MlflowClient().set_terminated(sweep.info.run_id, "FAILED")
-    status, out, err = cli("sweep", "--resume", "last")
-    assert status == 0, err
-    assert out.count("(reused)") == 3 + 5 and "trial" not in out.split("## Tuning")[0]
-    assert len(runs_under(arms["kd w=0.005"].info.run_id)) == 3
-    assert mlflow.get_run(arms["kd w=0.005"].info.run_id).info.status == "FINISHED"
-    assert "| kd w=0.005 | alpha, kd_temperature | 3 / 0 / 0 |" in out and mlflow.get_run(sweep.info.run_id).info.status == "FINISHED"
+    assert "## Tuning: 3 trials per arm, chosen on the holdout" in out
+    assert "| kd w=0.005 | alpha, kd_temperature | 3 / 0 / 0 |" in out
+    assert out.index("## Tuning") < out.index("## Students") and sweep.info.status == "FINISHED"

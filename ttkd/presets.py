@@ -266,6 +266,8 @@ def _logged_value(param: Param, text: str) -> Any:
     """A logged parameter (MLflow keeps str(value): ``(30, 60)``, ``True``, ``None``) parsed
     as the command line's would be; None when it does not parse."""
     text = "" if text == "None" else text.strip("()[]") if param.kind in ("ints", "floats", "strs", "seeds") else text
+    if param.kind == "seeds" and "," not in text:  # a sweep logs its seeds as a list: one seed is "3", not a count
+        text += ","
     try:
         return parse(dataclasses.replace(param, valid=lambda v: True), text)
     except TTKDError:

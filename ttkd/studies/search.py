@@ -274,8 +274,8 @@ def search(*, space: Space, trials: int, train: TrainConfig, sampler: str = "tpe
                 args = tracking.read_json(parent, "search.json")
             else:
                 args["name"] = name or parent
-                _record(args, plan, space)
-            text = _run_trials(args, plan, space, parent, scheduler, print_line)
+                record(args, plan, space)
+            text = run_trials(args, plan, space, parent, scheduler, print_line)
             status = "FINISHED"
         except StageInterrupted:
             status = "KILLED"
@@ -285,7 +285,7 @@ def search(*, space: Space, trials: int, train: TrainConfig, sampler: str = "tpe
         return text
 
 
-def _run_trials(args: dict, plan: Trials, space: Space, parent: str, scheduler, print_line,
+def run_trials(args: dict, plan: Trials, space: Space, parent: str, scheduler, print_line,
                 first: dict | None = None) -> str:
     """Open the study (or reopen it), settle what an earlier start left, train every trial on
     ``scheduler`` and tell the study; then log the report. ``first``: the values of trial 0, asked
@@ -321,7 +321,7 @@ def _run_trials(args: dict, plan: Trials, space: Space, parent: str, scheduler, 
     return text
 
 
-def _record(args: dict, plan: Trials, space: Space, stage: str = "search") -> None:
+def record(args: dict, plan: Trials, space: Space, stage: str = "search") -> None:
     """A new search's tags, parameters and ``search.json``, what resuming rebuilds it from;
     ``stage``: ``tune`` for an arm of a tuned sweep (``ttkd.studies.tuning``)."""
     tracking.set_tags({TAG_STAGE: stage, "ttkd.method": ",".join(args["methods"]) or "ce",

@@ -175,8 +175,8 @@ def _search_arm(arm: Arm, plan: Plan, tuning: Tuning, parent_id: str, scheduler,
     try:
         if not found:
             tracking.set_tags({TAG_ARM: arm.key})
-            search._record(args, trials, arm.space, stage="tune")
-        search._run_trials(args, trials, arm.space, run_.info.run_id, scheduler,
+            search.record(args, trials, arm.space, stage="tune")
+        search.run_trials(args, trials, arm.space, run_.info.run_id, scheduler,
                            lambda line: print_line(f"{arm.key}: {line}"), first=untuned(arm, plan))
         status = "FINISHED"
     except StageInterrupted as exc:  # (its message names the arm's run; the sweep's is the one to resume)
