@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from math import nan
 
 import mlflow
 import numpy as np
@@ -21,6 +22,7 @@ from ttkd import data as datasets
 from ttkd import engine
 from ttkd.engine import EpochStats
 from ttkd.errors import TTKDError
+from ttkd.kd.logits import TrainedTeacher
 from ttkd.parsing import Dist, parse_space, space_text
 from ttkd.studies import search, trials
 
@@ -55,7 +57,11 @@ def test_a_bad_space_is_one_line_naming_what_to_write(raw, message):
 
 @pytest.mark.parametrize("given, message", [
     ({}, "missing space: what the search tunes"),
-    ({"space": "alpha=0.1:0.9"}, "space: alpha is a distillation parameter, and no teacher is given"),
+    ({"space": "lr=0.01:0.1", "weight": "0.01"}, "weight configures the teacher a search trains when it has none, "
+                                                 "and the space holds no distillation parameter; drop it"),
+    ({"space": "alpha=0.1:0.9", "teacher": "t", "teacher_arch": "cnn"}, "teacher_arch configures the teacher a "
+                                                                         "search trains when it has none, and teacher="),
+    ({"space": "alpha=0.1:0.9", "teacher_arch": "nope"}, "invalid teacher_arch: 'nope'"),
     ({"space": "lr=0.01:0.1", "alpha": "0.5"}, "alpha configures distillation, and no teacher is given"),
     ({"space": "temperature=1:8", "teacher": "t"}, "space: temperature feeds the teacher"),
     ({"space": "dkd_beta=1:8", "teacher": "t"}, "space: dkd_beta is read by none of the methods kd"),
@@ -269,6 +275,33 @@ def test_kill_9_mid_search_then_resume_gives_the_same_trials_as_an_uninterrupted
     assert client.get_run(cut_run.info.run_id).info.status == "FINISHED"  # trial 3 continued in its own run
     assert len(trials_of(client, parent.info.run_id)) == 8
     assert client.get_run(parent.info.run_id).info.status == "FINISHED"
+
+
+@pytest.mark.slow
+def test_a_study_search_trains_its_own_teacher_first_and_resumes_past_a_teacher_that_failed(store, cli, monkeypatch):
+    real = TrainedTeacher.forward
+    monkeypatch.setattr(TrainedTeacher, "forward", lambda self, b: real(self, b) | {"loss": real(self, b)["loss"] * nan})
+    args = ["--space", "alpha=0.1:0.99;method=kd,dkd", "--trials", "2", "--epochs", "1", "--jobs", "1",
+            "--weight", "0.01"]
+    status, out, err = cli("search", *args)  # no teacher=: the search trains one, in this process, where the NaN is
+    assert status == 1 and err.count("\n") == 1
+    assert "teacher seed=0 w=0.01, which the trials train beside, did not finish (the training loss became NaN" in err
+    parent = search_run()
+    assert parent.info.status == "FAILED" and parent.data.params["weight"] == "0.01"
+    assert "teacher_pinned" not in parent.data.params and len(trials_of(MlflowClient(), parent.info.run_id)) == 2
+
+    monkeypatch.setattr(TrainedTeacher, "forward", real)
+    status, out, err = cli("search", *args, "--resume", "last")
+    assert status == 0, err
+    assert "student seed=0: val_acc" in out and "(reused)" in out  # its student, kept; its teacher, trained now
+    teacher = search_run().data.params["teacher_pinned"]
+    assert teacher.startswith("models:/digits-search-teacher/")
+    runs = trials_of(MlflowClient(), parent.info.run_id)
+    partners = {r.data.tags["ttkd.point"] for r in runs if r.data.tags.get("ttkd.tuning") == "partner"}
+    assert partners == {"student seed=0", "teacher seed=0 w=0.01"}
+    trial_runs = [r for r in runs if "ttkd.trial" in r.data.tags]
+    assert len(trial_runs) == 2 and all(r.data.tags["ttkd.partner_model"] == teacher for r in trial_runs)
+    assert search_run().info.status == "FINISHED"
 
 
 def test_searches_of_two_seeds_share_no_question():

@@ -299,8 +299,9 @@ def run_methods(stage: str, values: dict) -> tuple[str, ...]:
     search's choices of ``method`` in its space, else ``method``; none for a search without
     a teacher (its trials train the student alone)."""
     if stage == "search":
-        if not values["teacher"] and not values.get("resume"):
-            return ()
+        if not values["teacher"] and not values.get("resume") and not any(
+                n == "method" or axis_roles(n) == {"kd"} for n, _ in values["space"]):
+            return ()  # the student alone
         return dict(values["space"]).get("method", Dist(choices=(values["method"],))).choices
     return values.get("methods", (values.get("method"),))
 
@@ -331,23 +332,25 @@ def _check_axes(values: dict, named: set[str]) -> None:
 
 def _check_search(values: dict, named: set[str], several: bool) -> None:
     """A search's own checks, before anything trains: its space against what its trials train
-    (a KD student from ``teacher``, or without one the student alone) and against the values
-    given, its sampler against its space, where it runs; Optuna, its optional extra."""
+    (a KD student from ``teacher``; without one, from a teacher the search trains when the space
+    holds a distillation parameter, else the student alone) and against the values given, its
+    sampler against its space, where it runs; Optuna, its optional extra."""
     check_optuna()
     if values["resume"]:
         return  # the search's own values, read back from its run
     if not values["space"]:
         raise TTKDError("missing space: what the search tunes, like space='alpha=0.1:0.99;kd_temperature=1:16:log' "
                         "(-P space=...)")
-    kd = bool(values["teacher"])
+    own = sorted(named & {"teacher_arch", "weight", "temperature"})
+    if own and (values["teacher"] or not run_methods("search", values)):
+        why = "teacher= is given" if values["teacher"] else "the space holds no distillation parameter"
+        raise TTKDError(f"{', '.join(own)} configure{'s' if len(own) == 1 else ''} the teacher a search trains "
+                        f"when it has none, and {why}; drop {'it' if len(own) == 1 else 'them'}")
     for name, _ in values["space"]:
         roles = {"kd"} if name == "method" else axis_roles(name)
         if "teacher" in roles and "student" not in roles or name.startswith("teacher."):
             raise TTKDError(f"space: {name} feeds the teacher, which a search does not train; search it over a "
                             f"sweep's axes (axes={name}=…), or search the student's parameters")
-        if roles == {"kd"} and not kd:
-            raise TTKDError(f"space: {name} is a distillation parameter, and no teacher is given: give "
-                            f"teacher=NAME@ALIAS to search a KD student, or search the student's own parameters")
         fixed = named & ({name, name.rpartition(".")[2]} if name != "method" else {"method"})
         if fixed:
             raise TTKDError(f"{name} is both in the space and a parameter ({next(iter(fixed))}=); drop one of them")

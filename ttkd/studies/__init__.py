@@ -29,7 +29,7 @@ from ttkd.studies import report as reports
 from ttkd.studies import trials as optuna_side
 from ttkd.studies import tuning
 from ttkd.studies.plan import Grid, Outcome, Plan, Point
-from ttkd.studies.runner import found_points, run
+from ttkd.studies.runner import found_points, point_line, run
 from ttkd.studies.schedulers import Scheduler
 from ttkd.studies.schedulers.local import LocalPool, WorkerDied
 from ttkd.studies.schedulers.ray import Placement, RayCluster
@@ -198,7 +198,7 @@ def sweep(*, student_arch: str, teacher_arch: str, student_train: TrainConfig,
         if not tuned:
             return plan
         chosen, found = tuning.tune(plan, tuned, parent_id, scheduler, generation, args,
-                                    lambda o, i, n: print_line("tuning " + _point_line(o, i, n)), print_line)
+                                    lambda o, i, n: print_line("tuning " + point_line(o, i, n)), print_line)
         summaries.extend(found)
         tracking.log_dict(found, "tuning.json")
         tracking.log_metrics(tuning.metrics(found))
@@ -210,7 +210,7 @@ def sweep(*, student_arch: str, teacher_arch: str, student_train: TrainConfig,
 
     return _run_grid("sweep", f"sweep {dataset}", plan, args, params, student_train, teacher_train,
                      resume_run, finish, scheduler, verbose=False,
-                     on_outcome=lambda o, i, n: print_line(_point_line(o, i, n)), method=",".join(methods),
+                     on_outcome=lambda o, i, n: print_line(point_line(o, i, n)), method=",".join(methods),
                      prepare=prepare)
 
 
@@ -241,17 +241,6 @@ def tag_far_off(report: dict) -> None:
                                                     f"{f['median']:.2f} of its {f['n']} seeds"})
     if report["far"]:
         tracking.set_tags({TAG_FAR_OFF: "; ".join(f["point"] for f in report["far"])[:5000]})
-
-
-def _point_line(o: Outcome, i: int, n: int) -> str:
-    """A sweep's line for its ``i``-th finished point of ``n``."""
-    head = f"[{i:>{len(str(n))}}/{n}] {o.point.key}"
-    if o.result is not None:
-        how = "reused" if o.reused else f"{o.seconds:.1f} s"
-        return f"{head}: val_acc {o.result.val_acc:.2f}% {o.result.model.uri} ({how})"
-    if o.interrupted:
-        return f"{head}: {o.error.split(';')[0]}; its run is KILLED and resuming the sweep continues it"
-    return f"{head}: FAILED: {o.error}"
 
 
 def _check(plan: Plan, tuned: tuning.Tuning | None = None) -> None:

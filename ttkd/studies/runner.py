@@ -9,8 +9,10 @@ and thread count, never on where it trained or on the order in which points fini
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -22,6 +24,7 @@ from typing import Protocol
 from ttkd import distributed, resuming, signals, stages, tracking
 from ttkd.callbacks import StopTraining
 from ttkd.console import Terminal
+from ttkd.errors import TTKDError
 from ttkd.stages import TAG_PARTNER, StageInterrupted, StageResult
 from ttkd.studies import trials
 from ttkd.studies.plan import TAG_POINT, TAG_TRIAL, Grid, Outcome, Plan, Point, Task, TrialPoint
@@ -257,3 +260,36 @@ def run(plan: Plan, parent_run_id: str, found: dict[Point, StageResult | str], s
     source = GridSource(plan, parent_run_id, found, generation, verbose, on_outcome)
     signum = drive(source, scheduler)
     return source.done, signum
+
+
+def point_line(o: Outcome, i: int, n: int) -> str:
+    """A grid's line for its ``i``-th finished point of ``n``."""
+    head = f"[{i:>{len(str(n))}}/{n}] {o.point.key}"
+    if o.result is not None:
+        how = "reused" if o.reused else f"{o.seconds:.1f} s"
+        return f"{head}: val_acc {o.result.val_acc:.2f}% {o.result.model.uri} ({how})"
+    if o.interrupted:
+        return f"{head}: {o.error.split(';')[0]}; its run is KILLED and resuming the sweep continues it"
+    return f"{head}: FAILED: {o.error}"
+
+
+TAG_PARTNERS = "ttkd.tuning"  # a run of the student or teacher a tuned sweep's or a search's trials train beside
+
+
+def run_partners(plan: Plan, parent_id: str, scheduler: Scheduler, generation: int, kind: str,
+                 on_outcome: Callable[[Outcome, int, int], None]) -> dict[Point, Outcome]:
+    """Train the student and teachers that trials train beside (``plan``'s grid, its runs tagged
+    ``ttkd.tuning=partner``) as children of ``kind`` run ``parent_id``, reusing those an earlier
+    start finished; raises unless every one finished."""
+    plan = dataclasses.replace(plan, tags=lambda p: {TAG_PARTNERS: "partner"})
+    outcomes, signum = run(plan, parent_id, found_points(parent_id, plan.grid), scheduler, generation=generation,
+                           on_outcome=on_outcome)
+    if signum is not None:
+        raise StageInterrupted(f"stopped by {signal.Signals(signum).name} while training the student and teachers "
+                               f"the trials train beside; {kind} run {parent_id} is marked KILLED: continue it with "
+                               f"resume={parent_id}", signum)
+    failed = [o for o in outcomes.values() if o.result is None]
+    if failed:
+        raise TTKDError(f"{failed[0].point.key}, which the trials train beside, did not finish ({failed[0].error}); "
+                        f"{kind} run {parent_id} is marked FAILED: resume={parent_id} retries it")
+    return outcomes

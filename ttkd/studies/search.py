@@ -42,9 +42,9 @@ from ttkd.resuming import unfinished_run
 from ttkd.stages import STREAM_WORDS, TAG_STAGE, StageInterrupted
 from ttkd.step import resolve_device
 from ttkd.studies import trials as optuna_side
-from ttkd.studies.plan import Outcome, Task, TrialPoint
+from ttkd.studies.plan import Grid, Outcome, Plan, Point, Task, TrialPoint
 from ttkd.studies.report import trials as trials_report
-from ttkd.studies.runner import current_run, drive, trial_outcome
+from ttkd.studies.runner import current_run, drive, point_line, run_partners, trial_outcome
 from ttkd.studies.schedulers.local import LocalPool, WorkerDied
 from ttkd.studies.schedulers.ray import Placement, RayCluster
 from ttkd.tracking import attempts, log_params, modelstore, registry
@@ -211,19 +211,25 @@ def _check(trials: Trials, space: Space, args: dict) -> None:
     for arch in arches:
         models.get(arch)
     resolve_device(trials.train.device)
-    if trials.teacher is None:
+    if args["own_teacher"]:
+        registry.check_model_name(f"{trials.data['dataset']}-search-teacher")
+        teacher_arch = args["own_teacher"]["teacher_arch"]
+        net = network(teacher_arch, data)
+    elif trials.teacher is None:
         return
-    with tempfile.TemporaryDirectory() as tmp:
-        found = modelstore.load_partner(registry.resolve(trials.teacher), data, "teacher", tmp,
-                                        trials.partner_data, trials.trust_unverified)
-    for warning in (found.unverified, found.unchecked):
-        if warning:
-            log.warning(warning)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            found = modelstore.load_partner(registry.resolve(trials.teacher), data, "teacher", tmp,
+                                            trials.partner_data, trials.trust_unverified)
+        for warning in (found.unverified, found.unchecked):
+            if warning:
+                log.warning(warning)
+        net, teacher_arch = found.net, found.arch
     for method in args["methods"]:
         if kd.get(method).features:  # a method that cannot pair these networks fails now
             for arch in arches:
-                build_method(method, "distill", data, network(arch, data), found.net, trials.method_params[method],
-                             arch, found.arch)
+                build_method(method, "distill", data, network(arch, data), net, trials.method_params[method],
+                             arch, teacher_arch)
 
 
 @datasets.load_once()
@@ -233,19 +239,23 @@ def search(*, space: Space, trials: int, train: TrainConfig, sampler: str = "tpe
            data_dir: str | None = None, stream: bool | None = None, partner_data: str = "same",
            trust_unverified: bool = False, name: str = "", storage: str = "", jobs: int = 2, threads: int = 0,
            cluster: str = "", cpus_per_point: float = 1.0, gpus_per_point: float = 0.0, cluster_auth: str = "token",
+           teacher_arch: str = "cnn", weight: float = 0.005, temperature: float = 4.0,
            resume_run: str | None = None, print_line: Callable[[str], None] = print) -> str:
     """Search ``space`` with ``trials`` trials of Optuna's ``sampler`` (seeded with ``train.seed``,
     every trial's seed), each evaluated on ``holdout`` of the training split and stopped early by
     ``prune``; with ``teacher`` a KD student of ``method`` (or of the space's ``method`` choice) from
-    that teacher, else the student alone. Returns the trials' table and the best configuration,
-    which the search's run also logs, with Optuna's figures. ``name``: the study's name in
-    ``storage`` (defaults: the run's id; ``storage_url``). ``jobs``, ``threads``, ``cluster`` and
-    the rest: where trials train, as in a sweep (``ttkd.studies.sweep``)."""
+    that teacher; without one, when the space holds a distillation parameter, from a teacher the
+    search trains first (``own_teacher``: ``teacher_arch`` with ``weight`` and ``temperature``
+    against a student of ``student_arch``), else the student alone. Returns the trials' table and
+    the best configuration, which the search's run also logs, with Optuna's figures. ``name``: the
+    study's name in ``storage`` (defaults: the run's id; ``storage_url``). ``jobs``, ``threads``,
+    ``cluster`` and the rest: where trials train, as in a sweep (``ttkd.studies.sweep``)."""
     o = optuna_side.optuna()
-    methods = tuple(methods) or ((method,) if teacher else ())
+    own = teacher is None and distils(space)
+    methods = tuple(methods) or ((method,) if teacher or own else ())
     params = method_params or {}
     pinned = registry.resolve(teacher).uri if teacher else None
-    plan = Trials("distill" if teacher else "baseline", student_arch, train, pinned, method,
+    plan = Trials("distill" if teacher or own else "baseline", student_arch, train, pinned, method,
                   {m: dict(params.get(m, {})) for m in methods},
                   dict(dataset=dataset, data_dir=data_dir, stream=stream), holdout, partner_data, trust_unverified)
     storage = optuna_side.storage_url(storage)
@@ -255,7 +265,8 @@ def search(*, space: Space, trials: int, train: TrainConfig, sampler: str = "tpe
             "stream": stream, "partner_data": partner_data, "trust_unverified": trust_unverified, "name": name,
             "storage": storage, "jobs": jobs, "threads": threads, "cluster": cluster, "cpus_per_point": cpus_per_point,
             "gpus_per_point": gpus_per_point, "cluster_auth": cluster_auth, "train": dataclasses.asdict(train),
-            "seed": train.seed, "pinned": pinned}
+            "seed": train.seed, "pinned": pinned,
+            "own_teacher": dict(teacher_arch=teacher_arch, weight=weight, temperature=temperature) if own else None}
     _check(plan, space, args)
     optuna_side.check_storage(storage)
     kept = optuna_side.storage(storage)
@@ -275,6 +286,8 @@ def search(*, space: Space, trials: int, train: TrainConfig, sampler: str = "tpe
             else:
                 args["name"] = name or parent
                 record(args, plan, space)
+            if own:
+                plan = own_teacher(plan, args, parent, scheduler, print_line)
             text = run_trials(args, plan, space, parent, scheduler, print_line)
             status = "FINISHED"
         except StageInterrupted:
@@ -283,6 +296,28 @@ def search(*, space: Space, trials: int, train: TrainConfig, sampler: str = "tpe
         finally:
             tracking.end_run(status)
         return text
+
+
+def distils(space: Space) -> bool:
+    """Whether ``space`` holds a distillation parameter (or ``method``): its trials train KD students."""
+    return any(n == "method" or axis_roles(n) == {"kd"} for n, _ in space)
+
+
+def own_teacher(plan: Trials, args: dict, parent: str, scheduler, print_line) -> Trials:
+    """The student and the teacher a search without ``teacher=`` trains before its KD trials (seed
+    ``seed``, child runs of its run, registered as ``DATASET-search-student`` and
+    ``DATASET-search-teacher``; an earlier start's reused); returns ``plan`` with that teacher."""
+    given = args["own_teacher"]
+    grid = Grid((args["seed"],), (given["weight"],), ())
+    partners = Plan(grid, plan.arch, given["teacher_arch"], plan.train, plan.train, given["temperature"], {},
+                    plan.data, name=lambda p: f"{plan.data['dataset']}-search-{p.role}")
+    done = run_partners(partners, parent, scheduler, attempts.next_generation(parent), "search",
+                        lambda o, i, n: print_line(point_line(o, i, n)))
+    teacher = done[Point("teacher", args["seed"], given["weight"])].result.model.uri
+    log_params({"teacher_pinned": teacher})
+    args["pinned"] = teacher
+    tracking.log_dict(args, "search.json")  # (resuming from here on reuses this teacher)
+    return dataclasses.replace(plan, teacher=teacher)
 
 
 def run_trials(args: dict, plan: Trials, space: Space, parent: str, scheduler, print_line,
@@ -326,15 +361,16 @@ def record(args: dict, plan: Trials, space: Space, stage: str = "search") -> Non
     ``stage``: ``tune`` for an arm of a tuned sweep (``ttkd.studies.tuning``)."""
     tracking.set_tags({TAG_STAGE: stage, "ttkd.method": ",".join(args["methods"]) or "ce",
                        TAG_STUDY: f"{args['name']} in {args['storage']}"})
-    fixed = {f"{m}.{k}" if len(args["methods"]) > 1 else k: v
+    study_name = {"temperature": "kd_temperature"}  # (the study's name: temperature is the teach stage's)
+    fixed = {f"{m}.{study_name.get(k, k)}" if len(args["methods"]) > 1 else study_name.get(k, k): v
              for m, p in plan.method_params.items() for k, v in p.items()}
     log_params({"space": space_text(space), "trials": args["trials"], "sampler": args["sampler"],
                 "prune": args["prune"], "holdout": args["holdout"], "teacher": args["teacher"] or "",
-                "teacher_pinned": args["pinned"] or "", "student_arch": args["student_arch"],
+                "student_arch": args["student_arch"],
                 "dataset": args["dataset"], "data_dir": args["data_dir"] or "", "stream": STREAM_WORDS[args["stream"]],
                 "name": args["name"], "storage": args["storage"], "jobs": args["jobs"], "threads": args["threads"],
-                "cluster": args["cluster"]} | ({"method": args["method"]} if args["teacher"] else {})
-               | args["train"] | fixed)
+                "cluster": args["cluster"]} | ({"method": args["method"]} if args["methods"] else {})
+               | args["train"] | fixed | (args.get("own_teacher") or {"teacher_pinned": args["pinned"] or ""}))
     tracking.log_dict(args, "search.json")
 
 
@@ -373,7 +409,8 @@ def resume_search(reference: str, cfg: RunConfig | None = None, print_line: Call
     keep = ("sampler", "prune", "holdout", "student_arch", "method", "dataset", "data_dir", "stream",
             "partner_data", "trust_unverified", "name", "storage", "jobs", "threads", "cpus_per_point",
             "gpus_per_point", "cluster_auth", "trials")
-    kw = {k: args[k] for k in keep} | {k: v for k, v in change.items() if v} | {"cluster": change.get("cluster") or ""}
+    kw = ({k: args[k] for k in keep} | (args.get("own_teacher") or {}) | {k: v for k, v in change.items() if v}
+          | {"cluster": change.get("cluster") or ""})
     return search(**kw, space=stored_space(args["space"]), train=TrainConfig.from_dict(args["train"]),
                   teacher=args["pinned"], methods=tuple(args["methods"]), method_params=args["method_params"],
                   resume_run=run.info.run_id, print_line=print_line)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import signal
 from collections import Counter
 from collections.abc import Callable
 
@@ -32,11 +31,10 @@ from ttkd.stages import StageInterrupted
 from ttkd.studies import search
 from ttkd.studies import trials as optuna_side
 from ttkd.studies.plan import Grid, Outcome, Plan, Point
-from ttkd.studies.runner import found_points, run
+from ttkd.studies.runner import run_partners
 
 log = logging.getLogger(__name__)  # shown by the entry points (entry/options.py)
 TAG_ARM = "ttkd.arm"          # an arm's search run: the arm it tunes (``Point.arm``)
-TAG_TUNING = "ttkd.tuning"    # a run of the tuning's own student and teachers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,18 +128,8 @@ def tune(plan: Plan, tuning: Tuning, parent_id: str, scheduler, generation: int,
     with each arm's choice and one summary per arm. Raises when stopped or when a search chose
     nothing."""
     grid = Grid((tuning.seed,), plan.grid.weights, ())
-    partners = dataclasses.replace(plan, grid=grid, name=lambda p: f"{tuning.prefix}-tuning-{p.role}",
-                                   tags=lambda p: {TAG_TUNING: "partner"}, tuned={})
-    outcomes, signum = run(partners, parent_id, found_points(parent_id, grid), scheduler, generation=generation,
-                           on_outcome=on_partner)
-    if signum is not None:
-        raise StageInterrupted(f"stopped by {signal.Signals(signum).name} while training the tuning's student and "
-                               f"teachers; sweep run {parent_id} is marked KILLED: continue it with "
-                               f"resume={parent_id}", signum)
-    failed = [o for o in outcomes.values() if o.result is None]
-    if failed:
-        raise TTKDError(f"the tuning's {failed[0].point.key} did not finish ({failed[0].error}); run {parent_id} "
-                        f"is marked FAILED: resume={parent_id} retries it")
+    partners = dataclasses.replace(plan, grid=grid, name=lambda p: f"{tuning.prefix}-tuning-{p.role}", tuned={})
+    outcomes = run_partners(partners, parent_id, scheduler, generation, "sweep", on_partner)
     chosen, summaries = {}, []
     for arm in arms(plan.grid, tuning.space):
         teacher = outcomes[Point("teacher", tuning.seed, arm.weight)].result.model if arm.method else None
