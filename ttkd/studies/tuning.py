@@ -17,7 +17,6 @@ parameters are not tuned: the verdict's teachers train as the sweep's parameters
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 from collections import Counter
 from collections.abc import Callable
@@ -33,7 +32,6 @@ from ttkd.studies import trials as optuna_side
 from ttkd.studies.plan import Grid, Outcome, Plan, Point
 from ttkd.studies.runner import run_partners
 
-log = logging.getLogger(__name__)  # shown by the entry points (entry/options.py)
 TAG_ARM = "ttkd.arm"          # an arm's search run: the arm it tunes (``Point.arm``)
 
 
