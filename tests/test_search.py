@@ -19,7 +19,7 @@ import torch
 from mlflow import MlflowClient
 
 from ttkd import data as datasets
-from ttkd import engine
+from ttkd import engine, stages
 from ttkd.engine import EpochStats
 from ttkd.errors import TTKDError
 from ttkd.kd.logits import TrainedTeacher
@@ -62,6 +62,12 @@ def test_a_bad_space_is_one_line_naming_what_to_write(raw, message):
     ({"space": "alpha=0.1:0.9", "teacher": "t", "teacher_arch": "cnn"}, "teacher_arch configures the teacher a "
                                                                          "search trains when it has none, and teacher="),
     ({"space": "alpha=0.1:0.9", "teacher_arch": "nope"}, "invalid teacher_arch: 'nope'"),
+    ({"space": "weight=0:0.05"}, "space: weight feeds the teacher, which this search does not train; give student="),
+    ({"space": "weight=0:0.05", "student": "s", "teacher": "t"}, "teacher= searches a KD student from that teacher, "
+                                                                "student= searches the teacher"),
+    ({"space": "weight=0:0.05", "student": "nope"}, "no registered model named 'nope'"),
+    ({"space": "weight=0:0.05", "student": "s", "weight": "0.01"}, "weight is both in the space and a parameter"),
+    ({"space": "weight=0:200", "student": "s"}, "invalid weight: '200'; weight must be a number from -100 to 100"),
     ({"space": "lr=0.01:0.1", "alpha": "0.5"}, "alpha configures distillation, and no teacher is given"),
     ({"space": "temperature=1:8", "teacher": "t"}, "space: temperature feeds the teacher"),
     ({"space": "dkd_beta=1:8", "teacher": "t"}, "space: dkd_beta is read by none of the methods kd"),
@@ -301,6 +307,47 @@ def test_a_study_search_trains_its_own_teacher_first_and_resumes_past_a_teacher_
     assert partners == {"student seed=0", "teacher seed=0 w=0.01"}
     trial_runs = [r for r in runs if "ttkd.trial" in r.data.tags]
     assert len(trial_runs) == 2 and all(r.data.tags["ttkd.partner_model"] == teacher for r in trial_runs)
+    assert search_run().info.status == "FINISHED"
+
+
+@pytest.mark.slow
+def test_a_teacher_search_trains_a_teacher_and_its_kd_student_per_trial_and_an_interrupted_one_starts_again(
+        store, cli, tmp_path, monkeypatch):
+    status, _, err = cli("baseline", "--epochs", "1", "--register_as", "s")
+    assert status == 0, err
+    real, stops = stages.run_stage, []
+
+    def sigterm_in_first_kd_student(stage, **kw):  # as SIGTERM would, after the KD student's first epoch
+        def stop(s, engine):
+            stops.append(s.epoch)
+            raise stages.StageInterrupted("stopped by SIGTERM", signal.SIGTERM)
+        extra = (stop,) if stage == "distill" and not stops else ()
+        return real(stage, **kw | {"callbacks": tuple(kw.get("callbacks", ())) + extra})
+    monkeypatch.setattr(stages, "run_stage", sigterm_in_first_kd_student)
+    args = ["--student", "s", "--space", "weight=-0.02:0.05;temperature=1:8:log", "--trials", "2", "--epochs", "1",
+            "--jobs", "1", "--name", "teachers"]
+    status, out, err = cli("search", *args)
+    assert status == 143 and stops == [1], err
+    status, out, err = cli("search", *args, "--resume", "last")
+    assert status == 0, err
+    study = optuna.load_study(study_name="teachers", storage=trials.storage(str(tmp_path / "optuna.log")))
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
+    assert all(set(t.params) == {"weight", "temperature"} for t in study.trials)
+    runs = trials_of(MlflowClient(), search_run().info.run_id)
+    by_point = {}
+    for r in runs:
+        by_point.setdefault(r.data.tags["ttkd.point"], []).append(r)
+    assert sorted(by_point) == ["trial 0", "trial 0 teacher", "trial 1", "trial 1 teacher"]
+    assert sorted(r.info.status for r in by_point["trial 0"]) == ["FINISHED", "KILLED"]  # asked again, from its
+    assert len(by_point["trial 0 teacher"]) == 2                                           # teacher, not continued
+    for n, t in enumerate(study.trials):
+        [kd] = [r for r in by_point[f"trial {n}"] if r.info.status == "FINISHED"]
+        [teacher] = [r for r in by_point[f"trial {n} teacher"] if r.info.run_id == kd.data.tags["ttkd.trial_teacher"]]
+        assert kd.data.metrics["holdout_acc"] == t.value and "val_acc" not in kd.data.metrics
+        assert float(teacher.data.params["weight"]) == t.params["weight"]  # the trial's teacher, then its student
+        assert float(teacher.data.params["temperature"]) == t.params["temperature"]
+        assert teacher.data.tags["ttkd.partner_model"] == "models:/s/1" and "val_acc" not in teacher.data.metrics
+    assert [m.name for m in MlflowClient().search_registered_models()] == ["s"]  # no trial registers anything
     assert search_run().info.status == "FINISHED"
 
 

@@ -339,7 +339,8 @@ def stage_params() -> dict[str, tuple[str, ...]]:
                                                                      "threads") + CLUSTER
         + ("tune", "trials", "sampler", "prune", "holdout", "storage", "force", "resume"),
         "search": tuple(n for n in COMMON if n != "register_as") + (
-            "student_arch", "teacher", "partner_data", "trust_unverified", "teacher_arch", "weight", "temperature",
+            "student_arch", "teacher", "student", "partner_data", "trust_unverified", "teacher_arch", "weight",
+            "temperature",
             "method", "alpha", "kd_temperature") + own
         + ("space", "trials", "sampler", "prune", "holdout", "name", "storage", "jobs", "threads") + CLUSTER
         + ("resume",),

@@ -167,8 +167,9 @@ def stored_space(space) -> Space:
 
 
 def space_names() -> list[str]:
-    """Every parameter a search's space can hold: the study's (``axis_names``) and ``method``."""
-    return ["method", *axis_names()]
+    """Every parameter a search's space can hold: the study's (``axis_names``), ``method``, and a
+    teacher search's ``weight``."""
+    return ["method", "weight", *axis_names()]
 
 
 def space_text(space: Space) -> str:
@@ -190,12 +191,12 @@ def parse_space(raw: Any) -> Space:
         if name in ("seed", "seeds"):
             raise TTKDError(f"invalid space: {name} is not searched; a search trains every trial with one seed "
                             f"(seed=), and a verdict compares on fresh seeds (seeds=)")
-        if not sep or not text or (name != "method" and not axis_roles(name)):
+        if not sep or not text or (name not in ("method", "weight") and not axis_roles(name)):
             raise TTKDError(f"invalid space: {item!r}; write NAME=LOW:HIGH, NAME=LOW:HIGH:log or NAME=V1,V2 "
                             f"separated by ';', with each NAME one of {', '.join(space_names())}")
         if name in dict(space):
             raise TTKDError(f"invalid space: {name} is given twice; give each parameter once")
-        param = dataclasses.replace(params()["method"] if name == "method" else axis_param(name), name=name)
+        param = dataclasses.replace(params()[name] if name in ("method", "weight") else axis_param(name), name=name)
         space.append((name, _dist(name, param, text)))
     return tuple(space)
 

@@ -76,6 +76,7 @@ class RunConfig:
             return kw | {"student_train": self.train["student"], "teacher_train": self.train["teacher"]}
         if self.stage == "search":
             kw["teacher"] = kw["teacher"] or None
+            kw["student"] = kw["student"] or None
             kw["methods"] = run_methods(self.stage, self.values)
         return kw | {"train": self.train[""]}
 
@@ -299,7 +300,7 @@ def run_methods(stage: str, values: dict) -> tuple[str, ...]:
     search's choices of ``method`` in its space, else ``method``; none for a search without
     a teacher (its trials train the student alone)."""
     if stage == "search":
-        if not values["teacher"] and not values.get("resume") and not any(
+        if not values["teacher"] and not values["student"] and not values.get("resume") and not any(
                 n == "method" or axis_roles(n) == {"kd"} for n, _ in values["space"]):
             return ()  # the student alone
         return dict(values["space"]).get("method", Dist(choices=(values["method"],))).choices
@@ -341,16 +342,20 @@ def _check_search(values: dict, named: set[str], several: bool) -> None:
     if not values["space"]:
         raise TTKDError("missing space: what the search tunes, like space='alpha=0.1:0.99;kd_temperature=1:16:log' "
                         "(-P space=...)")
+    if values["teacher"] and values["student"]:
+        raise TTKDError("teacher= searches a KD student from that teacher, student= searches the teacher trained "
+                        "against that student; give one of them")
     own = sorted(named & {"teacher_arch", "weight", "temperature"})
     if own and (values["teacher"] or not run_methods("search", values)):
         why = "teacher= is given" if values["teacher"] else "the space holds no distillation parameter"
         raise TTKDError(f"{', '.join(own)} configure{'s' if len(own) == 1 else ''} the teacher a search trains "
                         f"when it has none, and {why}; drop {'it' if len(own) == 1 else 'them'}")
     for name, _ in values["space"]:
-        roles = {"kd"} if name == "method" else axis_roles(name)
-        if "teacher" in roles and "student" not in roles or name.startswith("teacher."):
-            raise TTKDError(f"space: {name} feeds the teacher, which a search does not train; search it over a "
-                            f"sweep's axes (axes={name}=…), or search the student's parameters")
+        roles = {"kd"} if name == "method" else {"teacher"} if name == "weight" else axis_roles(name)
+        if not values["student"] and ("teacher" in roles and "student" not in roles or name.startswith("teacher.")):
+            raise TTKDError(f"space: {name} feeds the teacher, which this search does not train; give "
+                            f"student=NAME@ALIAS to search the teacher trained against that student, or search "
+                            f"the KD student's parameters")
         fixed = named & ({name, name.rpartition(".")[2]} if name != "method" else {"method"})
         if fixed:
             raise TTKDError(f"{name} is both in the space and a parameter ({next(iter(fixed))}=); drop one of them")

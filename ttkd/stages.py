@@ -107,8 +107,28 @@ def distill(*, teacher: str, arch: str, train: TrainConfig, method: str = "kd",
 
 def trial(*, stage: str, **kw) -> StageResult:
     """A search's trial: ``stage`` (baseline or distill) with ``run_stage``'s arguments ``kw``,
-    evaluated on its ``holdout`` of the training split; it logs no model and registers nothing."""
+    evaluated on its ``holdout`` of the training split; it logs no model and registers nothing.
+    ``teach``: :func:`teacher_trial`."""
+    if stage == "teach":
+        return teacher_trial(**kw)
     return run_stage(stage, register_as=None, **kw)
+
+
+TAG_TRIAL_TEACHER = "ttkd.trial_teacher"  # a teacher search's KD trial: the run of the teacher it distilled from
+
+
+def teacher_trial(*, teach: dict, distill: dict, parent_run_id: str, callbacks: Sequence[Callback] = (),
+                  attempt: attempts.Token | None = None) -> StageResult:
+    """A teacher search's trial: a teacher trained against its frozen student (``teach``:
+    ``run_stage``'s arguments), then a KD student distilled from that teacher as it stands in
+    memory (``distill``), both on the holdout split; the trial's value is the KD student's. The
+    teacher is neither logged as a model nor registered, so an interrupted trial starts again
+    from its teacher. ``callbacks`` (a pruner) follow the KD student's epochs alone."""
+    kept: dict = {}
+    teacher = run_stage("teach", register_as=None, attempt=attempt, keep=kept, parent_run_id=parent_run_id, **teach)
+    tags = distill.get("tags", {}) | {TAG_TRIAL_TEACHER: teacher.run_id}
+    return run_stage("distill", register_as=None, partner=None, partner_state=(kept["arch"], kept["state"]),
+                     attempt=attempt, callbacks=callbacks, parent_run_id=parent_run_id, **(distill | {"tags": tags}))
 
 
 class StageInterrupted(TTKDError):
@@ -147,9 +167,11 @@ def prepare(stage: str, *, arch: str, train: TrainConfig, partner: str | None, m
             method_params: dict, dataset: str, data_dir: str | None, stream: bool | None,
             register_as: str | None, tags: dict[str, str] | None = None, resume_from: tuple[str, dict] | None = None,
             step: Step | None = None, partner_data: str = "same", trust_unverified: bool = False,
-            holdout: float = 0.0, param_names: dict[str, str] | None = None) -> Prepared:
+            holdout: float = 0.0, param_names: dict[str, str] | None = None,
+            partner_state: tuple[str, dict] | None = None) -> Prepared:
     """Everything a user can get wrong, checked before a run is opened; the partner fetched
-    and verified (against the whole data set it was trained on); with ``holdout``, the training
+    and verified (against the whole data set it was trained on), or ``partner_state`` (its
+    architecture and weights, trained by this process: a teacher search's trial); with ``holdout``, the training
     split cut into what trains and the holdout it is evaluated on (``ImageData.holdout``); the
     networks and the objective built; the step (precision, compile) decided here once, or
     ``step`` as a resumed run started with."""
@@ -178,6 +200,8 @@ def prepare(stage: str, *, arch: str, train: TrainConfig, partner: str | None, m
         if found.foreign:
             log.info("partner_data=any: %s", found.foreign)
         setup = dataclasses.replace(setup, partner_arch=found.arch, partner_state=found.net.state_dict())
+    elif partner_state is not None:
+        setup = dataclasses.replace(setup, partner_arch=partner_state[0], partner_state=partner_state[1])
     data, model, partner_net, objective = build(setup, data)
     data = data.to(device)
     model.to(device)
@@ -312,7 +336,8 @@ def run_stage(stage: str, *, arch: str, train: TrainConfig, partner: str | None,
               resume_from: tuple[str, dict] | None = None, step: Step | None = None, partner_data: str = "same",
               trust_unverified: bool = False, attempt: attempts.Token | None = None,
               callbacks: Sequence[Callback] = (), holdout: float = 0.0, run_name: str | None = None,
-              param_names: dict[str, str] | None = None) -> StageResult:
+              param_names: dict[str, str] | None = None, partner_state: tuple[str, dict] | None = None,
+              keep: dict | None = None) -> StageResult:
     """Run ``stage`` (a name in ``STAGES``): train ``arch`` with ``method`` beside the
     frozen ``partner`` reference (trained on this stage's data set unless ``partner_data``
     is ``any``; its files verified against the registry's digests unless ``trust_unverified``),
@@ -325,14 +350,16 @@ def run_stage(stage: str, *, arch: str, train: TrainConfig, partner: str | None,
     checkpoint) continues that run in the ``step`` it started with. ``attempt`` is this
     try's token (``ttkd.tracking.attempts``; given by a sweep, else the run's next): a newer attempt
     at the run stops this one before its next write. ``callbacks`` run after each epoch's
-    own (``ttkd.callbacks``). In a process group this is the leader's part; the followers
-    train alongside in :func:`follow_stage`.
+    own (``ttkd.callbacks``). ``partner_state`` and ``keep`` pass a partner in memory, within one
+    process (:func:`teacher_trial`): the partner's architecture and weights, and a dict that gets
+    the trained network's (``arch``, ``state``). In a process group this is the leader's part; the
+    followers train alongside in :func:`follow_stage`.
 
     Three steps: :func:`prepare` (before any run is opened), :func:`train_stage`, :func:`publish`."""
     p = prepare(stage, arch=arch, train=train, partner=partner, method=method, method_params=method_params,
                 dataset=dataset, data_dir=data_dir, stream=stream, register_as=register_as, tags=tags,
                 resume_from=resume_from, step=step, partner_data=partner_data, trust_unverified=trust_unverified,
-                holdout=holdout, param_names=param_names)
+                holdout=holdout, param_names=param_names, partner_state=partner_state)
     if distributed.world() is not None:
         distributed.lead(p.setup)
     run = tracking.start_run(resume_from[0] if resume_from else None, name=run_name or f"{stage} {arch}",
@@ -351,6 +378,9 @@ def run_stage(stage: str, *, arch: str, train: TrainConfig, partner: str | None,
                      + (f", with {_processes(distributed.size())} instead of {before}"
                         if before != distributed.size() else ""))
         last, _, partner_acc = train_stage(p, run_id, fence, callbacks)
+        if keep is not None:
+            keep |= {"arch": arch, "state": {k: v.detach().to("cpu", copy=True)
+                                             for k, v in p.model.state_dict().items()}}
         split, ref = p.data.evaluated_on, None
         if p.register_as is not None:
             ref = publish(p, run_id, fence)

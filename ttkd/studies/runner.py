@@ -145,6 +145,15 @@ def current_run(parent_id: str, key: str):
     return runs[0] if runs else None
 
 
+def abandon(parent: str, point: TrialPoint) -> None:
+    """Mark KILLED what an interrupted teacher search's trial left running (its teacher's run, its
+    KD student's), which the trial, asked again, does not continue."""
+    for key in (f"{point.key} teacher", point.key):
+        run = current_run(parent, key)
+        if run is not None and run.info.status == "RUNNING":
+            tracking.terminate(run.info.run_id, "KILLED")
+
+
 def trial_outcome(point: TrialPoint, run) -> Outcome:
     """How a search's trial ended, read from its finished run: pruned after an epoch (tag
     ``ttkd.pruned``), or its last epoch's holdout_acc."""
@@ -167,6 +176,9 @@ def latest_attempt(task: Task) -> str | Outcome | None:
         return None
     if run.info.status == "FINISHED" and TAG_TRIAL in run.data.tags:  # a trial registers nothing: its run tells
         return trial_outcome(task.point, run)
+    if task.stage == "trial" and task.kwargs["stage"] == "teach":  # its teacher was not kept: train it again
+        abandon(task.kwargs["parent_run_id"], task.point)
+        return None
     result = finished_result(run)
     if result is not None:
         if run.info.status != "FINISHED":

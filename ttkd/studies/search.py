@@ -42,9 +42,9 @@ from ttkd.resuming import unfinished_run
 from ttkd.stages import STREAM_WORDS, TAG_STAGE, StageInterrupted
 from ttkd.step import resolve_device
 from ttkd.studies import trials as optuna_side
-from ttkd.studies.plan import Grid, Outcome, Plan, Point, Task, TrialPoint
+from ttkd.studies.plan import TAG_POINT, Grid, Outcome, Plan, Point, Task, TrialPoint
 from ttkd.studies.report import trials as trials_report
-from ttkd.studies.runner import current_run, drive, point_line, run_partners, trial_outcome
+from ttkd.studies.runner import abandon, current_run, drive, point_line, run_partners, trial_outcome
 from ttkd.studies.schedulers.local import LocalPool, WorkerDied
 from ttkd.studies.schedulers.ray import Placement, RayCluster
 from ttkd.tracking import attempts, log_params, modelstore, registry
@@ -58,7 +58,7 @@ TAG_STUDY = "ttkd.optuna_study"    # the search's run: its study's name and stor
 class Trials:
     """What every trial of a search trains, before the sampler's values are put in."""
 
-    stage: str                       # distill (with a teacher) or baseline
+    stage: str                       # distill (with a teacher), baseline, or teach (with a student)
     arch: str
     train: TrainConfig
     teacher: str | None              # NAME/VERSION, pinned when the search started
@@ -68,22 +68,50 @@ class Trials:
     holdout: float
     partner_data: str = "same"
     trust_unverified: bool = False
+    student: str | None = None       # a teacher search's frozen student, pinned
+    teacher_arch: str = "cnn"        # and its trials' teachers, unless the space says otherwise
+    weight: float = 0.005
+    temperature: float = 4.0
 
     def kwargs(self, values: dict[str, Any], parent_run_id: str, point: TrialPoint) -> dict:
         """``stages.trial``'s arguments for the trial that trains ``values``."""
+        if self.stage == "teach":
+            return self._teacher_trial(values, parent_run_id, point)
+        return self._one_stage(self.stage, values, parent_run_id, point, self.teacher)
+
+    def _train(self, values: dict[str, Any], role: str) -> TrainConfig:
+        """The training parameters of ``role``'s stage: the search's, then the trial's (``lr`` for
+        every stage, ``student.lr`` for the KD student's, ``teacher.lr`` for the teacher's)."""
+        given = {n.rpartition(".")[2]: v for n, v in values.items() if n.rpartition(".")[0] in ("", role)}
+        return dataclasses.replace(self.train, **{n: v for n, v in given.items() if n in TRAIN})
+
+    def _one_stage(self, stage: str, values: dict[str, Any], parent_run_id: str, point: TrialPoint,
+                   partner: str | None) -> dict:
         method = values.get("method", self.method)
-        train = dataclasses.replace(self.train, **{n.rpartition(".")[2]: v for n, v in values.items()
-                                                   if n.rpartition(".")[2] in TRAIN})
-        kw = dict(stage=self.stage, arch=values.get("student_arch", self.arch), train=train, tags=point.tags(),
-                  parent_run_id=parent_run_id, holdout=self.holdout, run_name=f"{point.key} {self.stage}",
-                  param_names={"temperature": "kd_temperature"} if self.stage == "distill" else {},
-                  partner=self.teacher, partner_data=self.partner_data, trust_unverified=self.trust_unverified,
+        kw = dict(stage=stage, arch=values.get("student_arch", self.arch), train=self._train(values, "student"),
+                  tags=point.tags(), parent_run_id=parent_run_id, holdout=self.holdout,
+                  run_name=f"{point.key} {stage}",
+                  param_names={"temperature": "kd_temperature"} if stage == "distill" else {},
+                  partner=partner, partner_data=self.partner_data, trust_unverified=self.trust_unverified,
                   **self.data)
-        if self.stage == "baseline":
+        if stage == "baseline":
             return kw | dict(method="ce", method_params={})
         reads = dict(zip(method_params("search", method), method_uses(method)))  # study name: the method's
         own = {reads[n]: v for n, v in values.items() if n in reads}
         return kw | dict(method=method, method_params=self.method_params[method] | own)
+
+    def _teacher_trial(self, values: dict[str, Any], parent_run_id: str, point: TrialPoint) -> dict:
+        """A teacher search's trial (``stages.teacher_trial``): the teacher the values make, against
+        the frozen student, then its KD student; the teacher's run is the point ``trial N teacher``."""
+        distill = self._one_stage("distill", values, parent_run_id, point, None)
+        del distill["stage"], distill["partner"], distill["parent_run_id"]
+        teach = dict(arch=values.get("teacher_arch", self.teacher_arch), train=self._train(values, "teacher"),
+                     partner=self.student, method="teach", tags={TAG_POINT: f"{point.key} teacher"},
+                     method_params={"weight": values.get("weight", self.weight),
+                                    "temperature": values.get("temperature", self.temperature)},
+                     holdout=self.holdout, run_name=f"{point.key} teach", partner_data=self.partner_data,
+                     trust_unverified=self.trust_unverified, **self.data)
+        return dict(stage="teach", parent_run_id=parent_run_id, teach=teach, distill=distill)
 
 
 def question_seed(seed: int, asked_before: int) -> int:
@@ -137,6 +165,9 @@ class TrialSource:
                 self.tell(trial_outcome(TrialPoint(t.number, tuple(t.params.items())), run))
             else:  # (its values again: those asked before the search stopped, the rest asked now)
                 values = asked(o.trial.Trial(self.study, t._trial_id), self.space, self.trials.method)
+                if self.trials.stage == "teach":  # its teacher was not kept: the trial starts again from it
+                    abandon(self.parent, TrialPoint(t.number))
+                    run = None
                 self.again.append((t.number, t._trial_id, values, run.info.run_id if run is not None else None))
 
     def _run_id(self, outcome: Outcome) -> str | None:
@@ -165,8 +196,9 @@ class TrialSource:
     def _task(self, trial_id: int, number: int, values: dict, resume_run: str | None) -> Task:
         point = TrialPoint(number, tuple(values.items()))
         kwargs = self.trials.kwargs(values, self.parent, point)
+        epochs = (kwargs["distill"] if kwargs["stage"] == "teach" else kwargs)["train"].epochs
         report = optuna_side.Report(self.args["storage"], self.args["name"], trial_id, number, self.args["prune"],
-                                    kwargs["train"].epochs)
+                                    epochs)
         return Task(point, "trial", kwargs, resume_run, (self.generation, 0), report)
 
     def tell(self, outcome: Outcome) -> None:
@@ -211,9 +243,13 @@ def _check(trials: Trials, space: Space, args: dict) -> None:
     for arch in arches:
         models.get(arch)
     resolve_device(trials.train.device)
+    if trials.student is not None:
+        with tempfile.TemporaryDirectory() as tmp:  # a teacher search's frozen student, verified once
+            modelstore.load_partner(registry.resolve(trials.student), data, "student", tmp, trials.partner_data,
+                                    trials.trust_unverified)
     if args["own_teacher"]:
         registry.check_model_name(f"{trials.data['dataset']}-search-teacher")
-        teacher_arch = args["own_teacher"]["teacher_arch"]
+        teacher_arch = dict(space).get("teacher_arch", Dist(choices=(args["own_teacher"]["teacher_arch"],))).choices[0]
         net = network(teacher_arch, data)
     elif trials.teacher is None:
         return
@@ -239,25 +275,30 @@ def search(*, space: Space, trials: int, train: TrainConfig, sampler: str = "tpe
            data_dir: str | None = None, stream: bool | None = None, partner_data: str = "same",
            trust_unverified: bool = False, name: str = "", storage: str = "", jobs: int = 2, threads: int = 0,
            cluster: str = "", cpus_per_point: float = 1.0, gpus_per_point: float = 0.0, cluster_auth: str = "token",
-           teacher_arch: str = "cnn", weight: float = 0.005, temperature: float = 4.0,
+           teacher_arch: str = "cnn", weight: float = 0.005, temperature: float = 4.0, student: str | None = None,
            resume_run: str | None = None, print_line: Callable[[str], None] = print) -> str:
     """Search ``space`` with ``trials`` trials of Optuna's ``sampler`` (seeded with ``train.seed``,
     every trial's seed), each evaluated on ``holdout`` of the training split and stopped early by
     ``prune``; with ``teacher`` a KD student of ``method`` (or of the space's ``method`` choice) from
     that teacher; without one, when the space holds a distillation parameter, from a teacher the
     search trains first (``own_teacher``: ``teacher_arch`` with ``weight`` and ``temperature``
-    against a student of ``student_arch``), else the student alone. Returns the trials' table and
+    against a student of ``student_arch``), else the student alone. With ``student`` (a model
+    reference) it searches the teacher: each trial trains a teacher against that frozen student
+    (``teacher_arch``, ``weight``, ``temperature``, unless the space holds them) and a KD student
+    from it, whose holdout accuracy is the trial's (``stages.teacher_trial``). Returns the trials' table and
     the best configuration, which the search's run also logs, with Optuna's figures. ``name``: the
     study's name in ``storage`` (defaults: the run's id; ``storage_url``). ``jobs``, ``threads``,
     ``cluster`` and the rest: where trials train, as in a sweep (``ttkd.studies.sweep``)."""
     o = optuna_side.optuna()
-    own = teacher is None and distils(space)
-    methods = tuple(methods) or ((method,) if teacher or own else ())
+    own = teacher is None and student is None and distils(space)
+    methods = tuple(methods) or ((method,) if teacher or student or own else ())
     params = method_params or {}
     pinned = registry.resolve(teacher).uri if teacher else None
-    plan = Trials("distill" if teacher or own else "baseline", student_arch, train, pinned, method,
-                  {m: dict(params.get(m, {})) for m in methods},
-                  dict(dataset=dataset, data_dir=data_dir, stream=stream), holdout, partner_data, trust_unverified)
+    frozen = registry.resolve(student).uri if student else None
+    stage = "teach" if student else "distill" if teacher or own else "baseline"
+    plan = Trials(stage, student_arch, train, pinned, method, {m: dict(params.get(m, {})) for m in methods},
+                  dict(dataset=dataset, data_dir=data_dir, stream=stream), holdout, partner_data, trust_unverified,
+                  frozen, teacher_arch, weight, temperature)
     storage = optuna_side.storage_url(storage)
     args = {"space": [[n, dataclasses.asdict(d)] for n, d in space], "trials": trials, "sampler": sampler,
             "prune": prune, "holdout": holdout, "teacher": teacher, "student_arch": student_arch, "method": method,
@@ -265,8 +306,9 @@ def search(*, space: Space, trials: int, train: TrainConfig, sampler: str = "tpe
             "stream": stream, "partner_data": partner_data, "trust_unverified": trust_unverified, "name": name,
             "storage": storage, "jobs": jobs, "threads": threads, "cluster": cluster, "cpus_per_point": cpus_per_point,
             "gpus_per_point": gpus_per_point, "cluster_auth": cluster_auth, "train": dataclasses.asdict(train),
-            "seed": train.seed, "pinned": pinned,
-            "own_teacher": dict(teacher_arch=teacher_arch, weight=weight, temperature=temperature) if own else None}
+            "seed": train.seed, "pinned": pinned, "student": student, "student_pinned": frozen,
+            "own_teacher": dict(teacher_arch=teacher_arch, weight=weight, temperature=temperature)
+            if own or student else None}
     _check(plan, space, args)
     optuna_side.check_storage(storage)
     kept = optuna_side.storage(storage)
@@ -367,10 +409,14 @@ def record(args: dict, plan: Trials, space: Space, stage: str = "search") -> Non
     log_params({"space": space_text(space), "trials": args["trials"], "sampler": args["sampler"],
                 "prune": args["prune"], "holdout": args["holdout"], "teacher": args["teacher"] or "",
                 "student_arch": args["student_arch"],
+                **({"student": args["student"], "student_pinned": args["student_pinned"]}
+                   if args.get("student") else {}),
                 "dataset": args["dataset"], "data_dir": args["data_dir"] or "", "stream": STREAM_WORDS[args["stream"]],
                 "name": args["name"], "storage": args["storage"], "jobs": args["jobs"], "threads": args["threads"],
                 "cluster": args["cluster"]} | ({"method": args["method"]} if args["methods"] else {})
-               | args["train"] | fixed | (args.get("own_teacher") or {"teacher_pinned": args["pinned"] or ""}))
+               | args["train"] | fixed | {k: v for k, v in (args.get("own_teacher") or {}).items()
+                                          if k not in dict(space)}
+               | ({} if args.get("own_teacher") else {"teacher_pinned": args["pinned"] or ""}))
     tracking.log_dict(args, "search.json")
 
 
@@ -412,5 +458,6 @@ def resume_search(reference: str, cfg: RunConfig | None = None, print_line: Call
     kw = ({k: args[k] for k in keep} | (args.get("own_teacher") or {}) | {k: v for k, v in change.items() if v}
           | {"cluster": change.get("cluster") or ""})
     return search(**kw, space=stored_space(args["space"]), train=TrainConfig.from_dict(args["train"]),
-                  teacher=args["pinned"], methods=tuple(args["methods"]), method_params=args["method_params"],
+                  teacher=args["pinned"], student=args.get("student_pinned"), methods=tuple(args["methods"]),
+                  method_params=args["method_params"],
                   resume_run=run.info.run_id, print_line=print_line)
