@@ -106,6 +106,16 @@ def test_a_planted_collapsed_seed_is_flagged_by_name_and_the_words_say_mean_and_
     json.dumps(r)
 
 
+def test_a_mean_and_median_close_together_that_disagree_say_it_by_their_verdicts_not_their_gap():
+    mean = {"n": 5, "mean": -0.50, "low": -0.95, "high": -0.05}           # worse, beyond noise
+    median = {"median": -0.56, "low": -0.83, "high": 0.0, "level": 0.94}  # within noise
+    words = report._disagreement(mean, median, [])
+    assert words.endswith("within noise) give different verdicts: they disagree.") and "apart" not in words
+    far = report._disagreement(mean | {"mean": -5.0, "low": -9.0, "high": 1.0}, median, [])
+    assert "lie 4.44 pp apart: they disagree." in far
+    assert report._disagreement(mean, median | {"high": -0.1}, []) is None  # both worse, close: they agree
+
+
 def test_far_off_points_are_tagged_on_their_runs_and_named_on_the_sweeps_run(store):
     from ttkd import studies, tracking
 

@@ -355,7 +355,9 @@ def _disagreement(mean: dict, median: dict, far: list[dict]) -> str | None:
     def said(noise: bool, centre: float) -> str:
         return "within noise" if noise else ("better" if centre > 0 else "worse") + ", beyond noise"
     why = " (seeds far from the others pull the mean: see below)" if far else ""
+    # close values can still disagree: one interval holds 0 and the other does not
+    how = f"lie {gap:.2f} pp apart" if gap > OUTLIER_MIN_PP else "give different verdicts"
     return (f"the mean ({_num(mean['mean'], True)} pp, {said(t_noise, mean['mean'])}) and the median "
             f"({_num(median['median'], True)} pp, {median['level']:.0%} rank interval {_num(median['low'], True)} "
-            f"to {_num(median['high'], True)}, {said(r_noise, median['median'])}) lie {gap:.2f} pp apart: "
+            f"to {_num(median['high'], True)}, {said(r_noise, median['median'])}) {how}: "
             f"they disagree{why}.")
