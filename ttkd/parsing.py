@@ -160,6 +160,11 @@ class Dist:
 Space = tuple[tuple[str, Dist], ...]
 
 
+def space_json(space: Space) -> list:
+    """A space as a run's JSON keeps it: ``[[NAME, {low, high, log, choices, integer}], ...]``."""
+    return [[n, dataclasses.asdict(d)] for n, d in space]
+
+
 def stored_space(space) -> Space:
     """A space as a run's JSON keeps it (lists, ``search.json``) back as :data:`Space`."""
     return tuple((n, d if isinstance(d, Dist) else Dist(d["low"], d["high"], d["log"], tuple(d["choices"]),

@@ -322,8 +322,7 @@ def _check_axes(values: dict, named: set[str]) -> None:
     """An axis is not also a fixed parameter, and a method's parameter is an axis only for a
     sweep with a method that takes it."""
     for name, _ in values["axes"]:
-        bare = name.rpartition(".")[2]
-        fixed = named & {name, bare} if "." not in name else named & {name}
+        fixed = named & {name}  # (student.lr beside lr= is allowed: lr= sets the teacher's too)
         if fixed:
             raise TTKDError(f"{name} is both an axis and a parameter ({next(iter(fixed))}=); drop one of them")
         if axis_roles(name) == {"kd"} and not any(name in method_params("sweep", m) for m in values["methods"]):
@@ -410,7 +409,7 @@ def _check_tune(values: dict, named: set[str]) -> None:
             hint = f" (name the student's: student.{name})" if "student" in roles else ""
             raise TTKDError(f"tune: {name} feeds the teachers, and the verdict tunes the students' parameters"
                             f"{hint}; make {name} an axis of an untuned sweep (axes={name}=…) instead")
-        fixed = named & {name, name.rpartition(".")[2]} if "." not in name else named & {name}
+        fixed = named & {name}
         if fixed:
             raise TTKDError(f"{name} is both in tune and a parameter ({next(iter(fixed))}=); drop one of them")
         if roles == {"kd"} and name not in ("alpha", "kd_temperature") and \

@@ -20,7 +20,7 @@ from ttkd import kd, models, tracking
 from ttkd.build import build_method, network
 from ttkd.config import TrainConfig
 from ttkd.errors import TTKDError
-from ttkd.parsing import Space, axes_text, show, space_text, stored_space
+from ttkd.parsing import Space, axes_text, show, space_json, space_text, stored_space
 from ttkd.presets import RunConfig, check_resume
 from ttkd.resuming import unfinished_run
 from ttkd.stages import STREAM_WORDS, TAG_STAGE, StageInterrupted, StageResult, default_method_params, teacher_kind
@@ -180,7 +180,7 @@ def sweep(*, student_arch: str, teacher_arch: str, student_train: TrainConfig,
             "cluster_auth": cluster_auth, "student_train": dataclasses.asdict(student_train),
             "teacher_train": dataclasses.asdict(teacher_train)}
     if tuned:
-        args |= {"tune": [[n, dataclasses.asdict(d)] for n, d in tune], "trials": trials, "sampler": sampler,
+        args |= {"tune": space_json(tune), "trials": trials, "sampler": sampler,
                  "prune": prune, "holdout": holdout, "storage": tuned.storage}
     params = ({k: (",".join(map(str, v)) if isinstance(v, list) else v) for k, v in args.items()
                if not k.endswith("_train") and k not in ("method_params", "axes", "tune")}

@@ -36,7 +36,7 @@ from ttkd import kd, models, tracking
 from ttkd.build import build_method, network
 from ttkd.config import TRAIN, TrainConfig, method_uses
 from ttkd.errors import TTKDError
-from ttkd.parsing import Dist, Space, axis_roles, show, space_text, stored_space
+from ttkd.parsing import Dist, Space, axis_roles, show, space_json, space_text, stored_space
 from ttkd.presets import RunConfig, check_resume, method_params
 from ttkd.resuming import unfinished_run
 from ttkd.stages import STREAM_WORDS, TAG_STAGE, StageInterrupted
@@ -300,7 +300,7 @@ def search(*, space: Space, trials: int, train: TrainConfig, sampler: str = "tpe
                   dict(dataset=dataset, data_dir=data_dir, stream=stream), holdout, partner_data, trust_unverified,
                   frozen, teacher_arch, weight, temperature)
     storage = optuna_side.storage_url(storage)
-    args = {"space": [[n, dataclasses.asdict(d)] for n, d in space], "trials": trials, "sampler": sampler,
+    args = {"space": space_json(space), "trials": trials, "sampler": sampler,
             "prune": prune, "holdout": holdout, "teacher": teacher, "student_arch": student_arch, "method": method,
             "methods": list(methods), "method_params": plan.method_params, "dataset": dataset, "data_dir": data_dir,
             "stream": stream, "partner_data": partner_data, "trust_unverified": trust_unverified, "name": name,

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from ttkd import tracking
 from ttkd.config import TRAIN, method_uses
 from ttkd.errors import TTKDError
-from ttkd.parsing import Space, axis_roles, show, space_text
+from ttkd.parsing import Space, axis_roles, show, space_json, space_text
 from ttkd.presets import method_params
 from ttkd.stages import StageInterrupted
 from ttkd.studies import search
@@ -150,7 +150,7 @@ def _search_arm(arm: Arm, plan: Plan, tuning: Tuning, parent_id: str, scheduler,
     trials = search.Trials("distill" if teacher else "baseline", plan.student_arch, train, teacher, method,
                            {arm.method: plan.method_params[arm.method]} if arm.method else {}, plan.data,
                            tuning.holdout)
-    args = {"space": [[n, dataclasses.asdict(d)] for n, d in arm.space], "trials": tuning.trials,
+    args = {"space": space_json(arm.space), "trials": tuning.trials,
             "sampler": tuning.sampler, "prune": tuning.prune, "holdout": tuning.holdout, "teacher": teacher,
             "pinned": teacher, "student_arch": plan.student_arch, "method": method,
             "methods": [arm.method] if arm.method else [], "method_params": trials.method_params,
@@ -189,8 +189,9 @@ def _summary(arm: Arm, plan: Plan, tuning: Tuning, parent_id: str, run_id: str, 
     study = o.load_study(study_name=_study_name(parent_id, arm), storage=optuna_side.storage(tuning.storage))
     done = study.get_trials(deepcopy=False)
     states = Counter(t.state.name.lower() for t in done)
-    first = done[0] if done and untuned(arm, plan) and done[0].state.name == "COMPLETE" else None
-    why = "not in space" if not untuned(arm, plan) else done[0].state.name.lower() if done else "not run"
+    in_space = bool(untuned(arm, plan))
+    first = done[0] if done and in_space and done[0].state.name == "COMPLETE" else None
+    why = "not in space" if not in_space else done[0].state.name.lower() if done else "not run"
     return {"arm": arm.key, "space": space_text(arm.space), "run_id": run_id, "chosen": best["params"],
             "chosen_trial": best["trial"], "holdout_acc": best["holdout_acc"],
             "untuned_holdout_acc": first.value if first else None, "untuned_state": "complete" if first else why,
